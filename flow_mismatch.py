@@ -1,0 +1,1237 @@
+"""Flow Mismatching: unsupervised anomaly detection from velocity discrepancies in a
+flow-matching model trained on normal images only.
+
+A U-Net v(x, t) learns the flow from Gaussian noise to normal images (Eq. 1). To test an
+image y we walk K straight paths x_t = (1 - t) x0 + t y from random noise x0 to y and, at
+T interior times, compare the learned velocity v(x_t, t) with the path's own velocity
+y - x0 (Eqs. 2-3). Where y holds something the normal flow would not produce, the two
+disagree; the t^2-weighted, path-aggregated squared disagreement is the heatmap H and
+its peak the image score S (Eq. 4).
+
+    python flow_mismatch.py train --data mvtec --out runs/mvtec         # one class-conditional model
+    python flow_mismatch.py test  --ckpt runs/mvtec/ckpt.pt --data mvtec --out eval/mvtec
+    python flow_mismatch.py demo                                          # tiny CPU run on generated data
+
+Sections follow the paper: config -> U-Net (App. C.1) -> CFM training (Eq. 1, App. C.2)
+-> scorer (Eqs. 2-4) -> metrics -> data -> CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------
+# Config: one dataclass per concern; the CLI reads its defaults from here.
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """U-Net shape. Preset `paper` is App. C.1 exactly."""
+
+    base_channels: int = 64
+    channel_mult: tuple = (1, 1, 2, 2, 4, 4)  # six stages, 128 -> 4 at 128^2
+    num_res_blocks: int = 3
+    attention_ds: tuple = (4, 8, 16, 32)  # downsample rates: 32^2, 16^2, 8^2, 4^2 at 128^2
+    head_channels: int = 32
+    dropout: float = 0.05
+    norm_groups: int = 32
+    in_channels: int = 3
+    num_classes: int = 0  # 0: unconditional
+
+
+PRESETS = {
+    "paper": ModelConfig(),
+    # CPU preset for real data: same blocks, half the width, four stages.
+    "small": ModelConfig(base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
+                         attention_ds=(8,), norm_groups=16),
+    # Tests and the demo: minutes on two CPU cores.
+    "tiny": ModelConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_ds=(4,), head_channels=16, norm_groups=8),
+}
+PRESET_HELP = {
+    "paper": "App. C.1, 45.3 M parameters, for GPUs (2000 epochs)",
+    "small": f"CPU preset for real photographs ({{steps}} steps by default, ~30 min on 2 cores at 128^2)",
+    "tiny": f"tests and the demo ({{steps}} steps by default, minutes on 2 cores)",
+}
+# Training length when neither --epochs nor --steps is given: the paper's 2000 epochs for
+# `paper`, a fixed step budget for the CPU presets.
+CPU_STEPS = {"small": 3000, "tiny": 1500}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Conditional flow matching (Eq. 1) with the optimiser of App. C.2."""
+
+    preset: str = "paper"
+    image_size: int = 128  # Sec. 5.1
+    batch_size: int = 32  # per process
+    epochs: int = 2000
+    steps: int = 0  # > 0 overrides epochs
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple = (0.9, 0.99)
+    eps: float = 1e-6
+    update_rms_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 1000  # steps between checkpoints
+    save_epochs: tuple = ()  # extra snapshots ckpt_epoch{E}.pt (Table 9)
+    pooled: bool = False  # one unconditional model for all categories (Table 8)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Test-time knobs of Eqs. (3)-(4); defaults are Sec. 5.1."""
+
+    K: int = 10  # paths
+    T: int = 10  # interior times j / (T + 1)
+    aggregator: str = "min"  # min | mean | quantile:ALPHA
+    weight: str = "t2"  # w(t): 1 | t | t2 | snr (= t^2 / (1 - t)^2)
+    max_batch: int = 256  # U-Net inputs per forward (memory budget)
+    seed: int = 0
+
+
+class UserError(Exception):
+    """Reported as one line without a traceback; exit status 2 for bad input."""
+
+    def __init__(self, message, status=2):
+        super().__init__(message)
+        self.status = status
+
+
+# ----------------------------------------------------------------------------
+# U-Net (App. C.1): residual blocks with scale-shift time modulation, residual
+# up/downsampling, multi-head self-attention at low resolutions.
+
+
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of 1000 t (t in [0, 1]), (N,) -> (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv; time scale-shift; dropout; optional resampling."""
+
+    def __init__(self, cin, cout, emb_dim, dropout, groups, resample=None):
+        super().__init__()
+        self.resample = resample  # None | "down" | "up"
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def _resample(self, x):
+        if self.resample == "down":
+            return F.avg_pool2d(x, 2)
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        return x
+
+    def forward(self, x, emb):
+        h = F.silu(self.norm1(x))
+        h, x = self._resample(h), self._resample(x)
+        h = self.conv1(h)
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.drop(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Self-attention over pixels, 32 channels per head, zero-initialised output."""
+
+    def __init__(self, ch, head_channels, groups):
+        super().__init__()
+        self.heads = ch // head_channels
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv1d(ch, 3 * ch, 1)
+        self.proj = nn.Conv1d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, emb=None):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x).reshape(B, C, H * W))  # (B, 3C, L)
+        q, k, v = qkv.reshape(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, C/heads)
+        h = h.transpose(2, 3).reshape(B, C, H * W)
+        return x + self.proj(h).reshape(B, C, H, W)
+
+
+class UNet(nn.Module):
+    """v_theta(x_t, t, label): (N, 3, H, W), (N,), (N,) -> (N, 3, H, W)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch0, emb_dim, g = cfg.base_channels, 4 * cfg.base_channels, cfg.norm_groups
+        self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(cfg.num_classes, emb_dim) if cfg.num_classes > 0 else None
+
+        def block(cin, cout, ds, resample=None):
+            layers = [ResBlock(cin, cout, emb_dim, cfg.dropout, g, resample)]
+            if ds in cfg.attention_ds and resample is None:
+                layers.append(Attention(cout, cfg.head_channels, g))
+            return nn.ModuleList(layers)
+
+        self.stem = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+        self.down = nn.ModuleList()
+        skips, ch, ds = [ch0], ch0, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(block(ch, mult * ch0, ds))
+                ch = mult * ch0
+                skips.append(ch)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(block(ch, ch, ds, "down"))
+                skips.append(ch)
+                ds *= 2
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, cfg.dropout, g),
+                                  Attention(ch, cfg.head_channels, g),
+                                  ResBlock(ch, ch, emb_dim, cfg.dropout, g)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = block(ch + skips.pop(), mult * ch0, ds)
+                ch = mult * ch0
+                if level > 0 and i == cfg.num_res_blocks:
+                    layers.append(ResBlock(ch, ch, emb_dim, cfg.dropout, g, "up"))
+                    ds //= 2
+                self.up.append(layers)
+        self.out = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.cfg.channel_mult) - 1)
+
+    def forward(self, x, t, labels=None):
+        emb = self.time_mlp(time_embedding(t, self.cfg.base_channels))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(labels)
+        h = self.stem(x)
+        hs = [h]
+        for layers in self.down:
+            for layer in layers:
+                h = layer(h, emb)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layers in self.up:
+            h = torch.cat([h, hs.pop()], dim=1)
+            for layer in layers:
+                h = layer(h, emb)
+        return self.out(h)
+
+
+def build_model(preset: str = "paper", num_classes: int = 0) -> UNet:
+    if preset not in PRESETS:
+        raise UserError(f"--preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    return UNet(replace(PRESETS[preset], num_classes=num_classes))
+
+
+# ----------------------------------------------------------------------------
+# Conditional flow matching (Eq. 1) and the optimiser of App. C.2.
+
+
+def cfm_loss(model, y, labels=None, generator=None):
+    """Eq. (1): regress v(x_t, t) on the path velocity y - x0, with x_t = (1 - t) x0 + t y."""
+    x0 = torch.randn(y.shape, generator=generator, device=y.device)
+    t = torch.rand(y.shape[0], generator=generator, device=y.device)
+    tb = t.view(-1, *[1] * (y.dim() - 1))
+    xt = (1 - tb) * x0 + tb * y
+    v = model(xt, t, labels)
+    return F.mse_loss(v.float(), y - x0)
+
+
+class StableAdamW(torch.optim.Optimizer):
+    """AdamW with AMSGrad and per-tensor update clipping (StableAdamW, Wortsman et al. 2023):
+    each tensor's step size is divided by max(1, RMS(g^2 / v_hat) / clip)."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-4, clip=1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(g)
+                    state["v"] = torch.zeros_like(g)
+                    state["v_max"] = torch.zeros_like(g)
+                state["step"] += 1
+                m, v, v_max = state["m"], state["v"], state["v_max"]
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                torch.maximum(v_max, v, out=v_max)  # AMSGrad
+                v_hat = v_max / (1 - b2 ** state["step"])
+                rms = (g.square() / v_hat.clamp_min(group["eps"] ** 2)).mean().sqrt()
+                lr = group["lr"] / torch.clamp(rms / group["clip"], min=1.0)  # update-RMS clipping
+                p.mul_(1 - lr * group["weight_decay"])
+                update = (m / (1 - b1 ** state["step"])) / (v_hat.sqrt() + group["eps"])
+                p.add_(-lr * update)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write a temp file, fsync, rename; a kill at any moment leaves the old file intact."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--ckpt: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"--ckpt: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:80]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"--ckpt: {path} is not a flow-mismatch checkpoint")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path="") -> UNet:
+    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
+    model = UNet(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UserError(f"--ckpt: {path} does not match its own model config (other preset or class count?)")
+    return model
+
+
+class Stop:
+    """SIGINT/SIGTERM during training: finish the step, save, exit."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world, local_rank); initialises the process group under torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device: cuda requested but no GPU is visible")
+        torch.backends.cuda.matmul.allow_tf32 = True  # App. C.2: TF32
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise UserError(f"--device: unknown device {name!r} (auto, cpu or cuda)")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 on CUDA (App. C.2), full fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=print) -> Path:
+    """Train v_theta on `data` (a Dataset of normal images) and write out/ckpt.pt.
+
+    Step s draws its batch, noise and dropout from (seed, s, rank) alone, so a run resumed
+    from any checkpoint continues exactly as if it had never stopped."""
+    rank, world, local_rank = distributed()
+    device = pick_device(device, local_rank)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path) if resume else None
+    if ckpt is not None:
+        cfg = replace(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()}),
+                      steps=cfg.steps or ckpt["train_config"]["steps"], epochs=cfg.epochs)
+        if ckpt["class_names"] != data.class_names:
+            raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
+    conditional = len(data.class_names) > 1 and not cfg.pooled
+    model = build_model(cfg.preset, len(data.class_names) if conditional else 0)
+    opt = StableAdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, clip=cfg.update_rms_clip)
+    mean, std = data.normalisation() if ckpt is None else (torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    model.to(device)
+    for s in opt.state.values():
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                s[k] = v.to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
+        if world > 1 else model
+    n = len(data)
+    steps_per_epoch = max(1, n // (cfg.batch_size * world))
+    total = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+    if rank == 0:
+        nparams = sum(p.numel() for p in model.parameters())
+        log(f"preset {cfg.preset}: {nparams:,} parameters ({nparams / 1e6:.1f} M); "
+            f"{'class-conditional on ' + str(len(data.class_names)) + ' categories' if conditional else 'unconditional'}; "
+            f"{n} images, {steps_per_epoch} steps/epoch, {total} steps on {device} x{world}")
+
+    def state(at_step):
+        return dict(model=model.state_dict(), optimizer=opt.state_dict(), model_config=asdict(model.cfg),
+                    train_config=asdict(replace(cfg, steps=total)), mean=mean.tolist(), std=std.tolist(),
+                    class_names=data.class_names, conditional=conditional, step=at_step, data=data.root)
+
+    def save(path, at_step):
+        if rank == 0:
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise UserError(f"training diverged before step {at_step}: weights are not finite; "
+                                f"the last good checkpoint is kept in {out}", status=1)
+            save_checkpoint(path, state(at_step))
+
+    stop = Stop()
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    images = data.images  # (N, 3, S, S) uint8, already resized
+    labels_all = data.labels
+    mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
+    gen = torch.Generator(device=device)
+    model.train()
+    t_start, t_log, step0 = time.time(), time.time(), step
+    try:
+        while step < total:
+            epoch, i = divmod(step, steps_per_epoch)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+            start = (i * world + rank) * cfg.batch_size
+            idx = perm[torch.arange(start, start + cfg.batch_size) % n]
+            y = (images[idx].to(device).float() / 255 - mean_d) / std_d
+            lab = labels_all[idx].to(device) if conditional else None
+            torch.manual_seed(hash((cfg.seed, step, rank)) & 0x7FFF_FFFF)  # dropout
+            gen.manual_seed(hash((cfg.seed, step, rank, 1)) & 0x7FFF_FFFF)  # x0, t
+            with autocast(device):
+                loss = cfm_loss(ddp, y, lab, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise UserError(f"training diverged: non-finite loss ({loss_value}) at step {step + 1}; "
+                                f"the last good checkpoint is kept in {out}", status=1)
+            step += 1
+            if world > 1:  # every rank stops at the same step
+                flag = torch.tensor([stop.signum], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop.signum = int(flag.item())
+            if step % cfg.save_every == 0 or step == total:
+                save(ckpt_path, step)
+            if step % steps_per_epoch == 0 and step // steps_per_epoch in cfg.save_epochs:
+                save(out / f"ckpt_epoch{step // steps_per_epoch}.pt", step)
+            if stop.signum:
+                save(ckpt_path, step)
+                if rank == 0:
+                    log(f"interrupted by {signal.Signals(stop.signum).name} at step {step}/{total}; "
+                        f"checkpoint saved, continue with: train --resume {out}")
+                raise SystemExit(128 + stop.signum)
+            if rank == 0 and (time.time() - t_log > 5 or step == total):
+                t_log = time.time()
+                rate = (step - step0) / (t_log - t_start)
+                eta = (total - step) / max(rate, 1e-9)
+                print(f"step {step}/{total}  epoch {step / steps_per_epoch:.1f}  loss {loss_value:.4f}  "
+                      f"{rate * cfg.batch_size * world:.1f} img/s  eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return ckpt_path
+
+
+# ----------------------------------------------------------------------------
+# Scorer (Eqs. 2-4): K paths x T times of velocity mismatch -> heatmap H, score S.
+
+WEIGHTS = {  # w(t) of Eq. (4); t2 is Prop. 4.4, snr the inverse-variance weight in y-space
+    "1": lambda t: torch.ones_like(t),
+    "t": lambda t: t,
+    "t2": lambda t: t**2,
+    "snr": lambda t: t**2 / (1 - t) ** 2,
+}
+
+
+def aggregator_rank(aggregator: str, K: int):
+    """Order statistic kept by Eq. (3)'s aggregator: 1 for min, ceil(alpha K) for quantile:alpha,
+    None for mean."""
+    if aggregator == "mean":
+        return None
+    if aggregator == "min":
+        return 1
+    if aggregator.startswith("quantile:"):
+        try:
+            alpha = float(aggregator.split(":", 1)[1])
+        except ValueError:
+            alpha = -1.0
+        if 0 < alpha <= 1:
+            return max(1, math.ceil(alpha * K))
+    raise UserError(f"--aggregator: {aggregator!r} is not min, mean or quantile:ALPHA with 0 < ALPHA <= 1")
+
+
+def check_score_config(cfg: ScoreConfig) -> None:
+    for flag, value in (("-K", cfg.K), ("-T", cfg.T), ("--max-batch", cfg.max_batch)):
+        if value < 1:
+            raise UserError(f"{flag}: must be at least 1, got {value}")
+    if cfg.weight not in WEIGHTS:
+        raise UserError(f"--weight: {cfg.weight!r} is not one of {', '.join(WEIGHTS)}")
+    aggregator_rank(cfg.aggregator, cfg.K)
+
+
+def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
+    """x0 of path k for the images `ids`, (len(ids), *shape): a function of (seed, image id, k)
+    only, so a heatmap does not depend on batching, chunking or the number of processes."""
+    gen = torch.Generator(device=device)
+    x0 = torch.empty((len(ids), *shape), device=device)
+    for i, image_id in enumerate(ids):
+        gen.manual_seed(hash((seed, int(image_id), k)) & 0x7FFF_FFFF_FFFF_FFFF)
+        x0[i] = torch.randn(shape, generator=gen, device=device)
+    return x0
+
+
+@torch.no_grad()
+def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+    """Heatmap H of Eq. (4) for normalised images y (B, C, H, W) -> (B, H, W) float32.
+
+    The K*T forwards of a batch run as flattened (path, image, time) batches of at most
+    cfg.max_batch inputs; paths are folded into a running order statistic (running min by
+    default), so memory does not grow with K."""
+    B, C, H, W = y.shape
+    K, T, device = cfg.K, cfg.T, y.device
+    ids = list(range(B)) if ids is None else ids
+    t = torch.arange(1, T + 1, device=device) / (T + 1)  # interior times j / (T + 1)
+    m = aggregator_rank(cfg.aggregator, K)
+    group = max(1, cfg.max_batch // (B * T))  # paths per pass
+    low, total = None, torch.zeros(B, T, H, W, device=device)
+    for k0 in range(0, K, group):
+        ks = range(k0, min(K, k0 + group))
+        x0 = torch.stack([path_noise(cfg.seed, ids, k, (C, H, W), device) for k in ks])  # (g, B, C, H, W)
+        flat = torch.arange(len(ks) * B * T, device=device)
+        z = torch.empty(len(ks), B, T, H, W, device=device)
+        for sl in flat.split(cfg.max_batch):
+            ki, bi, ji = sl // (B * T), sl // T % B, sl % T
+            tj = t[ji].view(-1, 1, 1, 1)
+            xt = (1 - tj) * x0[ki, bi] + tj * y[bi]  # Eq. (2): x_t = (1 - t) x0 + t y
+            with autocast(device):
+                v = model(xt, t[ji], None if labels is None else labels[bi])
+            g = y[bi] - x0[ki, bi]  # Eq. (2): geometric velocity
+            z.view(-1, H, W)[sl] = (v.float() - g).square().sum(1)  # Eq. (3): Z_t^(k), summed over channels
+        if m is None:
+            total += z.sum(0)
+        else:  # Eq. (3): keep the m smallest over paths; the m-th is the min (m = 1) or quantile
+            low = z if low is None else torch.cat([low, z])
+            low = low.topk(min(m, len(low)), dim=0, largest=False).values
+    delta = total / K if m is None else low.amax(0)  # (B, T, H, W)
+    return (WEIGHTS[cfg.weight](t).view(1, T, 1, 1) * delta).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
+
+
+@torch.no_grad()
+def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+    """Eqs. (2)-(4) one forward at a time: the reference the batched scorer is checked against."""
+    B, C, H, W = y.shape
+    ids = list(range(B)) if ids is None else ids
+    m = aggregator_rank(cfg.aggregator, cfg.K)
+    heat = torch.zeros(B, H, W, device=y.device)
+    for b in range(B):
+        for j in range(1, cfg.T + 1):
+            t = torch.tensor([j / (cfg.T + 1)], device=y.device)
+            zs = []
+            for k in range(cfg.K):
+                x0 = path_noise(cfg.seed, ids[b:b + 1], k, (C, H, W), y.device)
+                xt = (1 - t) * x0 + t * y[b:b + 1]
+                with autocast(y.device):
+                    v = model(xt, t, None if labels is None else labels[b:b + 1]).float()
+                zs.append((v - (y[b:b + 1] - x0)).square().sum(1)[0])
+            zs = torch.stack(zs)
+            delta = zs.mean(0) if m is None else zs.sort(0).values[m - 1]
+            heat[b] += WEIGHTS[cfg.weight](t) * delta / cfg.T
+    return heat
+
+
+def image_score(heat: torch.Tensor) -> torch.Tensor:
+    """Eq. (4): S = max H + mean of the top 1 % of H, (B, H, W) -> (B,)."""
+    flat = heat.flatten(1)
+    top = flat.topk(max(1, math.ceil(0.01 * flat.shape[1])), dim=1).values
+    return top[:, 0] + top.mean(1)
+
+
+# ----------------------------------------------------------------------------
+# Metrics: the seven numbers of Table 1, defined as in the MVTec-AD evaluation.
+
+METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+
+
+def f1_max(labels, scores) -> float:
+    """Best F1 over all thresholds."""
+    from sklearn.metrics import precision_recall_curve
+
+    p, r, _ = precision_recall_curve(labels, scores)
+    return float(np.max(2 * p * r / np.clip(p + r, 1e-12, None)))
+
+
+def aupro(masks: np.ndarray, heat: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Area under the per-region-overlap curve up to FPR 0.3, divided by 0.3.
+
+    Regions are the 8-connected components of each ground-truth mask; at every threshold PRO
+    is the mean over regions of the fraction of the region above it, FPR the fraction of
+    normal pixels above it. The curve is cut at FPR = 0.3 by linear interpolation."""
+    from scipy.ndimage import label
+
+    masks, heat = masks.astype(bool), heat.astype(np.float64)
+    region = np.zeros(masks.shape, dtype=np.float64)  # 1 / |region| on anomalous pixels
+    n_regions = 0
+    for i, mask in enumerate(masks):
+        comp, n = label(mask, structure=np.ones((3, 3)))
+        sizes = np.bincount(comp.ravel())
+        region[i][mask] = 1.0 / sizes[comp[mask]]
+        n_regions += n
+    normal = ~masks
+    if n_regions == 0 or not normal.any():
+        return float("nan")
+    order = np.argsort(-heat.ravel(), kind="stable")
+    s = heat.ravel()[order]
+    fpr = np.cumsum(normal.ravel()[order]) / normal.sum()
+    pro = np.cumsum(region.ravel()[order]) / n_regions
+    last = np.r_[s[1:] != s[:-1], True]  # one point per distinct threshold
+    fpr, pro = np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
+    cut = np.searchsorted(fpr, fpr_limit, side="right")
+    x, yv = fpr[:cut], pro[:cut]
+    if cut < len(fpr) and x[-1] < fpr_limit:
+        y_lim = np.interp(fpr_limit, fpr[cut - 1:cut + 1], pro[cut - 1:cut + 1])
+        x, yv = np.r_[x, fpr_limit], np.r_[yv, y_lim]
+    return float(np.trapezoid(yv, x) / fpr_limit)
+
+
+def evaluate(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, heat: np.ndarray) -> dict:
+    """Image metrics from the scores S; pixel metrics over every test pixel, normal images included."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    out = dict.fromkeys(METRICS, float("nan"))
+    if 0 < labels.sum() < len(labels):
+        out.update(image_auroc=roc_auc_score(labels, scores), image_ap=average_precision_score(labels, scores),
+                   image_f1max=f1_max(labels, scores))
+    gt, px = masks.ravel().astype(bool), heat.ravel()
+    if 0 < gt.sum() < gt.size:
+        out.update(pixel_auroc=roc_auc_score(gt, px), pixel_ap=average_precision_score(gt, px),
+                   pixel_f1max=f1_max(gt, px), pixel_aupro=aupro(masks, heat))
+    return {k: float(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------
+# Data: MVTec-AD and VisA (1cls split) folders as downloaded, resized to --image-size.
+#   <cat>/train/good/*.png        <cat>/test/<defect or good>/*.png
+#   <cat>/ground_truth/<defect>/<name>_mask.png   (VisA: test/{good,bad}, ground_truth/bad/<name>.png)
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    labels: torch.Tensor  # (N,) category index into class_names
+    class_names: list
+    paths: list
+    anomalous: np.ndarray = None  # (N,) 0/1, test sets only
+    masks: np.ndarray = None  # (N, S, S) uint8, test sets only
+    root: str = ""
+
+    def __len__(self):
+        return len(self.paths)
+
+    def normalisation(self):
+        """Per-channel mean and std of the training images in [0, 1] (Sec. 5.1)."""
+        x = self.images.double() / 255
+        return x.mean((0, 2, 3)).float(), x.std((0, 2, 3)).clamp_min(1e-3).float()
+
+
+def image_files(folder: Path) -> list:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def read_image(path: Path, size: int, mode="RGB"):
+    """-> (array (size, size[, 3]) uint8, original (w, h)); grayscale and RGBA become RGB."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            original = im.size
+            im = im.convert(mode)
+            im = im.resize((size, size), Image.BILINEAR if mode == "RGB" else Image.NEAREST)
+            return np.asarray(im), original
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: unreadable or corrupt image ({str(e)[:80]})")
+
+
+def find_categories(root: Path) -> list:
+    """A category folder itself, or a root whose sub-folders are categories."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data: {root} is not a folder")
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        return [root]
+    cats = sorted(d for d in root.iterdir() if d.is_dir() and ((d / "train").is_dir() or (d / "test").is_dir()))
+    if not cats:
+        raise UserError(f"--data: {root} holds no category (expected {root}/train/good or {root}/<category>/train/good)")
+    return cats
+
+
+def _load(files, size, mode="RGB"):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda f: read_image(f, size, mode), files))
+
+
+def check_image_size(size: int, preset: str) -> None:
+    factor = 2 ** (len(PRESETS[preset].channel_mult) - 1) if preset in PRESETS else 1
+    if size < factor or size % factor:
+        raise UserError(f"--image-size: {size} is not a positive multiple of {factor}, the total downsampling of "
+                        f"preset {preset} (e.g. {factor * max(1, round(size / factor))} works)")
+
+
+def load_train(root, size: int) -> Dataset:
+    images, labels, paths, names = [], [], [], []
+    for c, cat in enumerate(find_categories(root)):
+        folder = cat / "train" / "good"
+        if not folder.is_dir():
+            raise UserError(f"--data: {folder} is missing (every category needs train/good)")
+        files = image_files(folder)
+        if not files:
+            raise UserError(f"--data: {folder} holds no images")
+        images += [a for a, _ in _load(files, size)]
+        labels += [c] * len(files)
+        paths += [str(f) for f in files]
+        names.append(cat.name)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return Dataset(x, torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
+
+
+def mask_file(cat: Path, defect: str, image: Path):
+    for name in (f"{image.stem}_mask.png", f"{image.stem}.png"):
+        if (cat / "ground_truth" / defect / name).is_file():
+            return cat / "ground_truth" / defect / name
+    raise UserError(f"{image}: no mask at {cat / 'ground_truth' / defect / (image.stem + '_mask.png')}")
+
+
+def load_test(root, size: int) -> dict:
+    """{category: Dataset} with anomaly labels and masks (zeros for good images)."""
+    out = {}
+    for cat in find_categories(root):
+        folder = cat / "test"
+        if not folder.is_dir():
+            raise UserError(f"--data: {folder} is missing")
+        files, anomalous, masks = [], [], []
+        for defect in sorted(d.name for d in folder.iterdir() if d.is_dir()):
+            for f in image_files(folder / defect):
+                files.append(f)
+                anomalous.append(int(defect != "good"))
+                masks.append(mask_file(cat, defect, f) if defect != "good" else None)
+        if not files:
+            raise UserError(f"--data: {folder} holds no images")
+        loaded = _load(files, size)
+        gt = np.zeros((len(files), size, size), np.uint8)
+        mask_paths = [m for m in masks if m is not None]
+        for m, (arr, msize) in zip(mask_paths, _load(mask_paths, size, mode="L")):
+            i = masks.index(m)
+            if msize != loaded[i][1]:
+                raise UserError(f"{m}: mask is {msize[0]}x{msize[1]} but its image {files[i]} is "
+                                f"{loaded[i][1][0]}x{loaded[i][1][1]}")
+            gt[i] = arr > 127
+        x = torch.from_numpy(np.stack([a for a, _ in loaded])).permute(0, 3, 1, 2).contiguous()
+        out[cat.name] = Dataset(x, torch.zeros(len(files), dtype=torch.long), [cat.name],
+                                [str(f) for f in files], np.array(anomalous), gt)
+    return out
+
+
+def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: int = 20, seed: int = 0) -> Path:
+    """Two procedural textures with scratch and stain defects, in MVTec-AD layout (numpy only)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+
+    def texture(kind):
+        phase, jitter = rng.uniform(0, 2 * np.pi, 2), rng.normal(0, 0.03, (size, size, 1))
+        if kind == "weave":
+            v = 0.5 + 0.25 * np.sin(2 * np.pi * 8 * xx + phase[0]) * np.sin(2 * np.pi * 8 * yy + phase[1])
+            rgb = v[..., None] * np.array([0.9, 0.75, 0.5])
+        else:  # "grid"
+            v = ((np.sin(2 * np.pi * 6 * xx + phase[0]) > 0.6) | (np.sin(2 * np.pi * 6 * yy + phase[1]) > 0.6))
+            rgb = 0.35 + 0.4 * v[..., None] * np.array([0.6, 0.7, 0.9])
+        return np.clip(rgb + jitter, 0, 1)
+
+    def defect(img, kind):
+        mask = np.zeros((size, size), bool)
+        cx, cy = rng.uniform(0.2, 0.8, 2)
+        if kind == "scratch":
+            angle, length = rng.uniform(0, np.pi), rng.uniform(0.2, 0.45)
+            d = np.abs((xx - cx) * np.sin(angle) - (yy - cy) * np.cos(angle))
+            along = np.abs((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle))
+            mask = (d < 1.5 / size) & (along < length / 2)
+        else:  # "stain"
+            rx, ry = rng.uniform(0.05, 0.12, 2)
+            mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
+        img[mask] = rng.uniform(0, 1, 3)
+        return img, mask
+
+    def write(path, arr):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((arr * 255).round().astype(np.uint8)).save(path)
+
+    for cat in ("weave", "grid"):
+        for i in range(n_train):
+            write(root / cat / "train" / "good" / f"{i:03d}.png", texture(cat))
+        for i in range(n_test):
+            write(root / cat / "test" / "good" / f"{i:03d}.png", texture(cat))
+        for kind in ("scratch", "stain"):
+            for i in range(n_test // 2):
+                img, mask = defect(texture(cat), kind)
+                write(root / cat / "test" / kind / f"{i:03d}.png", img)
+                write(root / cat / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(float))
+    return root
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: score every test image of every category, write what the metrics used.
+
+
+def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None):
+    """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores
+    every world-th image and rank 0 gathers them."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
+    per_call = max(1, cfg.max_batch // (cfg.K * cfg.T))
+    mine = list(range(rank, len(data), world))
+    heat = torch.zeros(len(data), *data.images.shape[2:])
+    for i in range(0, len(mine), per_call):
+        ids = mine[i:i + per_call]
+        y = (data.images[ids].to(device).float() / 255 - mean_d) / std_d
+        labels = None if labels_for is None else torch.full((len(ids),), labels_for, device=device)
+        heat[ids] = mismatch_heat(model, y, labels, cfg, ids).cpu()
+    if world > 1:
+        heat = heat.to(device)
+        dist.all_reduce(heat)  # each image was scored by exactly one rank
+        heat = heat.cpu()
+    return heat, image_score(heat)
+
+
+def write_overlays(folder: Path, data: Dataset, heat: np.ndarray) -> None:
+    """image | ground-truth mask | heatmap over the image, one PNG per test image."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lo, hi = float(heat.min()), float(heat.max())
+    for i, path in enumerate(data.paths):
+        img = data.images[i].permute(1, 2, 0).numpy()
+        mask = np.repeat(data.masks[i][..., None] * 255, 3, axis=2).astype(np.uint8)
+        colour = colormaps["jet"]((heat[i] - lo) / max(hi - lo, 1e-12))[..., :3] * 255
+        blend = (0.5 * img + 0.5 * colour).astype(np.uint8)
+        p = Path(path)
+        Image.fromarray(np.concatenate([img, mask, blend], axis=1)).save(folder / f"{p.parent.name}_{p.stem}.png")
+
+
+def format_table(results: dict) -> str:
+    head = "| category | " + " | ".join(METRICS) + " |"
+    rows = [head, "|" + "---|" * (len(METRICS) + 1)]
+    for name, m in results.items():
+        rows.append(f"| {name} | " + " | ".join(f"{100 * m[k]:.1f}" for k in METRICS) + " |")
+    return "\n".join(rows)
+
+
+def check_out_dir(out: Path, flag="--out") -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag}: {out} exists and is not a folder")
+
+
+def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", overlays=True, log=print) -> dict:
+    """Score the test split of every category under data_root; write metrics and heatmaps to out."""
+    check_score_config(cfg)
+    check_out_dir(out)
+    rank, world, local_rank = distributed()
+    device = pick_device(device, local_rank)
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, ckpt_path).to(device).eval()
+    size = ckpt["train_config"]["image_size"]
+    tests = load_test(data_root, size)
+    for name in tests:
+        if name not in ckpt["class_names"]:
+            raise UserError(f"--data: category {name!r} is not among the checkpoint's classes {ckpt['class_names']}")
+    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+    results, t0, n_images = {}, time.time(), 0
+    for name, data in tests.items():
+        label = ckpt["class_names"].index(name) if ckpt["conditional"] else None
+        heat, scores = score_dataset(model, data, cfg, mean, std, device, label)
+        n_images += len(data)
+        if rank != 0:
+            continue
+        heat, scores = heat.numpy().astype(np.float32), scores.numpy()
+        results[name] = evaluate(data.anomalous, scores, data.masks, heat)
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "scores.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "score"])
+            w.writerows(zip(data.paths, data.anomalous.tolist(), scores.tolist()))
+        np.savez_compressed(folder / "heatmaps.npz", paths=np.array(data.paths), labels=data.anomalous.astype(np.uint8),
+                            scores=scores.astype(np.float32), heat=heat, masks=data.masks)
+        if overlays:
+            write_overlays(folder / "overlays", data, heat)
+    seconds = time.time() - t0
+    if rank != 0:
+        return {}
+    results["mean"] = {k: float(np.nanmean([r[k] for r in results.values()])) for k in METRICS}
+    table = format_table(results)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    log(table)
+    log(f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}: {n_images} images in {seconds:.1f} s "
+        f"({n_images / seconds:.2f} images/s on {device} x{world})")
+    return results
+
+
+# ----------------------------------------------------------------------------
+# Speed: the batched scorer against a naive loop over (k, t), on the same weights and images.
+
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, max_batch=256,
+          repeats=3, naive=True, train_mode=False) -> dict:
+    device = pick_device(device)
+    torch.manual_seed(0)
+    model = build_model(preset, 0).to(device)
+    nn.init.normal_(model.out[-1].weight, std=0.02)  # a non-trivial output for the comparison
+    y = torch.randn(images, 3, image_size, image_size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def timed(fn):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return out, float(np.median(times))
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(device):
+        model.eval()(y[:1], torch.full((1,), 0.5, device=device))
+    flops = counter.get_total_flops()  # one 1-image forward
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    if train_mode:
+        model.train()
+        opt = StableAdamW(model.parameters())
+        n_steps = 10
+
+        def steps():
+            for _ in range(n_steps):
+                with autocast(device):
+                    loss = cfm_loss(model, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        _, seconds = timed(steps)
+        fps = n_steps * images / seconds
+        return dict(mode="train", device=name, preset=preset, batch=images, train_fps=fps,
+                    achieved_tflops=3 * flops * fps / 1e12, peak_mem_bytes=peak_memory(device))
+    cfg = ScoreConfig(K=K, T=T, max_batch=max_batch)
+    heat, seconds = timed(lambda: mismatch_heat(model, y, cfg=cfg))
+    out = dict(mode="score", device=name, preset=preset, K=K, T=T, images=images, image_size=image_size,
+               batched_fps=images / seconds, forwards_per_s=images * K * T / seconds,
+               achieved_tflops=flops * images * K * T / seconds / 1e12, peak_mem_bytes=peak_memory(device))
+    if peak:
+        out["fraction_of_bf16_peak"] = out["achieved_tflops"] / peak
+    if naive:
+        ref, seconds_naive = timed(lambda: mismatch_heat_naive(model, y, cfg=cfg))
+        out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / seconds,
+                   max_abs_diff=float((heat - ref).abs().max()))
+    return out
+
+
+def peak_memory(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # whole process, Linux KiB
+
+
+# ----------------------------------------------------------------------------
+# CLI: a thin layer over train / run_test / mismatch_heat.
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def int_list(text):
+    try:
+        return tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+
+
+def add_score_args(p):
+    p.add_argument("-K", type=int, default=ScoreConfig.K, help="paths per image (Eq. 3)")
+    p.add_argument("-T", type=int, default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
+    p.add_argument("--aggregator", default=ScoreConfig.aggregator, help="min | mean | quantile:ALPHA (Eq. 3)")
+    p.add_argument("--weight", default=ScoreConfig.weight, help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
+    p.add_argument("--max-batch", type=int, default=ScoreConfig.max_batch, help="U-Net inputs per forward")
+    p.add_argument("--seed", type=int, default=ScoreConfig.seed, help="seed of the paths x0")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def score_config(args) -> ScoreConfig:
+    return ScoreConfig(K=args.K, T=args.T, aggregator=args.aggregator, weight=args.weight,
+                       max_batch=args.max_batch, seed=args.seed)
+
+
+def cmd_train(args):
+    out = Path(args.resume or args.out or "")
+    if not args.resume and not args.out:
+        raise UserError("--out: required (or --resume RUN_DIR)")
+    check_out_dir(out, "--resume" if args.resume else "--out")
+    if args.resume:
+        ckpt = load_checkpoint(out / "ckpt.pt")
+        data_root = args.data or ckpt.get("data")
+        size = ckpt["train_config"]["image_size"]
+    else:
+        if (out / "ckpt.pt").exists():
+            raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose another folder")
+        if args.data is None:
+            raise UserError("--data: required")
+        if args.preset not in PRESETS:
+            raise UserError(f"--preset: unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
+        check_image_size(args.image_size, args.preset)
+        data_root, size = args.data, args.image_size
+    data = load_train(data_root, size)
+    steps = args.steps if args.steps is not None else (CPU_STEPS.get(args.preset, 0) if args.epochs is None else 0)
+    cfg = TrainConfig(preset=args.preset, image_size=size, batch_size=args.batch_size,
+                      epochs=args.epochs or TrainConfig.epochs, steps=steps, lr=args.lr, seed=args.seed,
+                      save_every=args.save_every, save_epochs=args.save_epochs, pooled=args.pooled)
+    out.mkdir(parents=True, exist_ok=True)
+    path = train(data, cfg, out, args.device, resume=bool(args.resume))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_test(args):
+    run_test(args.ckpt, args.data, Path(args.out), score_config(args), args.device, overlays=not args.no_overlays)
+    return 0
+
+
+def cmd_score(args):
+    cfg = score_config(args)
+    check_score_config(cfg)
+    out = Path(args.out)
+    check_out_dir(out)
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.ckpt)
+    model = model_from_checkpoint(ckpt, args.ckpt).to(device).eval()
+    target = Path(args.images)
+    if not target.exists():
+        raise UserError(f"{target}: no such file or folder")
+    files = image_files(target) if target.is_dir() else [target]
+    if not files:
+        raise UserError(f"{target}: holds no images")
+    label = None
+    if ckpt["conditional"]:
+        if args.category not in ckpt["class_names"]:
+            raise UserError(f"--category: give one of {ckpt['class_names']} for this class-conditional model")
+        label = ckpt["class_names"].index(args.category)
+    size = ckpt["train_config"]["image_size"]
+    images = torch.from_numpy(np.stack([a for a, _ in _load(files, size)])).permute(0, 3, 1, 2).contiguous()
+    data = Dataset(images, torch.zeros(len(files), dtype=torch.long), [], [str(f) for f in files],
+                   np.zeros(len(files), int), np.zeros((len(files), size, size), np.uint8))
+    heat, scores = score_dataset(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label)
+    out.mkdir(parents=True, exist_ok=True)
+    write_overlays(out / "heatmaps", data, heat.numpy())
+    with open(out / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "score"])
+        w.writerows(zip(data.paths, scores.tolist()))
+    for path, s in zip(data.paths, scores.tolist()):
+        print(f"{s:.6g}\t{path}")
+    return 0
+
+
+def cmd_demo(args):
+    out = Path(args.out)
+    check_out_dir(out)
+    data = out / "data"
+    if not data.exists():
+        make_demo_dataset(data, size=args.image_size)
+    run = out / "run"
+    if (run / "ckpt.pt").exists():
+        (run / "ckpt.pt").unlink()
+    run.mkdir(parents=True, exist_ok=True)
+    train(load_train(data, args.image_size), TrainConfig(preset="tiny", image_size=args.image_size, steps=args.steps,
+                                                         seed=args.seed, save_every=args.steps), run, args.device)
+    results = run_test(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
+    print(f"demo: image AUROC {100 * results['mean']['image_auroc']:.1f}, pixel AUROC "
+          f"{100 * results['mean']['pixel_auroc']:.1f}; heatmaps under {out / 'eval'}")
+    return 0
+
+
+def cmd_bench(args):
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset: unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
+    check_score_config(ScoreConfig(K=args.K, T=args.T, max_batch=args.max_batch))
+    check_image_size(args.image_size, args.preset)
+    r = bench(args.preset, args.device, args.K, args.T, args.images, args.image_size, args.max_batch,
+              args.repeats, naive=not args.no_naive, train_mode=args.train)
+    r.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    for k, v in r.items():
+        print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    return 0
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="flow_mismatch.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
+    presets = "; ".join(f"{k}: {v.format(steps=CPU_STEPS.get(k))}" for k, v in PRESET_HELP.items())
+
+    p = sub.add_parser("train", help="train the flow on normal images (Eq. 1)")
+    p.add_argument("--data", help="a category folder (mvtec/bottle) or a root of categories (mvtec)")
+    p.add_argument("--out", help="run folder; writes RUN_DIR/ckpt.pt")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--preset", default=TrainConfig.preset, help=presets)
+    p.add_argument("--epochs", type=positive_int, help=f"epochs (paper: {TrainConfig.epochs})")
+    p.add_argument("--steps", type=positive_int, help="optimiser steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size, help="images per process and step")
+    p.add_argument("--image-size", type=int, default=TrainConfig.image_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--pooled", action="store_true", help="one unconditional model for all categories (Table 8)")
+    p.add_argument("--save-every", type=positive_int, default=TrainConfig.save_every, help="steps between checkpoints")
+    p.add_argument("--save-epochs", type=int_list, default=(), help="also keep ckpt_epochE.pt at these epochs")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("test", help="score the test split and print the seven metrics")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True, help="a category folder or a root of categories")
+    p.add_argument("--out", required=True, help="evaluation folder")
+    p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
+    add_score_args(p)
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("score", help="heatmaps and scores for new, unlabelled images")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("images", help="an image or a folder of images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--category", help="category label for a class-conditional model")
+    add_score_args(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("demo", help="generate textures with defects, train `tiny` on CPU, test")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--steps", type=positive_int, default=600)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="images/s of the batched scorer vs a naive (k, t) loop")
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-K", type=int, default=ScoreConfig.K)
+    p.add_argument("-T", type=int, default=ScoreConfig.T)
+    p.add_argument("--images", type=positive_int, default=4)
+    p.add_argument("--image-size", type=int, default=TrainConfig.image_size)
+    p.add_argument("--max-batch", type=int, default=ScoreConfig.max_batch)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
+    p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")
+    p.add_argument("--json", help="also write the figures to this file")
+    p.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"flow_mismatch.py: error: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print("flow_mismatch.py: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
