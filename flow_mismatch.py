@@ -65,13 +65,13 @@ PRESETS = {
                         attention_ds=(4,), head_channels=16, norm_groups=8),
 }
 PRESET_HELP = {
-    "paper": "App. C.1, 45.3 M parameters, for GPUs (2000 epochs)",
-    "small": f"CPU preset for real photographs ({{steps}} steps by default, ~30 min on 2 cores at 128^2)",
-    "tiny": f"tests and the demo ({{steps}} steps by default, minutes on 2 cores)",
+    "paper": "App. C.1, 45.3 M parameters, for GPUs (2000 epochs at 128^2)",
+    "small": "5.2 M parameters, for a machine with more cores (1000 steps at 64^2, about an hour on 2 cores)",
+    "tiny": "0.35 M parameters, the CPU preset, the demo and the tests (1000 steps at 64^2, ~15 min on 2 cores)",
 }
-# Training length when neither --epochs nor --steps is given: the paper's 2000 epochs for
-# `paper`, a fixed step budget for the CPU presets.
-CPU_STEPS = {"small": 3000, "tiny": 1500}
+# Image size and training length of the CPU presets when --image-size, --epochs and --steps
+# are not given; `paper` uses TrainConfig's (the paper's) values.
+CPU_RECIPES = {"small": dict(image_size=64, steps=1000), "tiny": dict(image_size=64, steps=1000)}
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class ScoreConfig:
     T: int = 10  # interior times j / (T + 1)
     aggregator: str = "min"  # min | mean | quantile:ALPHA
     weight: str = "t2"  # w(t): 1 | t | t2 | snr (= t^2 / (1 - t)^2)
-    max_batch: int = 256  # U-Net inputs per forward (memory budget)
+    max_batch: int = 0  # U-Net inputs per forward (memory budget); 0: 32 on CPU, 512 on CUDA
     seed: int = 0
 
 
@@ -391,12 +391,14 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
     device = pick_device(device, local_rank)
     ckpt_path = out / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path) if resume else None
+    out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
         cfg = replace(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()}),
                       steps=cfg.steps or ckpt["train_config"]["steps"], epochs=cfg.epochs)
         if ckpt["class_names"] != data.class_names:
             raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
     conditional = len(data.class_names) > 1 and not cfg.pooled
+    torch.manual_seed(cfg.seed)  # initial weights
     model = build_model(cfg.preset, len(data.class_names) if conditional else 0)
     opt = StableAdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, clip=cfg.update_rms_clip)
@@ -432,7 +434,11 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise UserError(f"training diverged before step {at_step}: weights are not finite; "
                                 f"the last good checkpoint is kept in {out}", status=1)
-            save_checkpoint(path, state(at_step))
+            try:
+                save_checkpoint(path, state(at_step))
+            except OSError as e:
+                raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact",
+                                status=1)
 
     stop = Stop()
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -517,12 +523,19 @@ def aggregator_rank(aggregator: str, K: int):
 
 
 def check_score_config(cfg: ScoreConfig) -> None:
-    for flag, value in (("-K", cfg.K), ("-T", cfg.T), ("--max-batch", cfg.max_batch)):
+    for flag, value in (("-K", cfg.K), ("-T", cfg.T)):
         if value < 1:
             raise UserError(f"{flag}: must be at least 1, got {value}")
+    if cfg.max_batch < 0:
+        raise UserError(f"--max-batch: must be 0 (automatic) or positive, got {cfg.max_batch}")
     if cfg.weight not in WEIGHTS:
         raise UserError(f"--weight: {cfg.weight!r} is not one of {', '.join(WEIGHTS)}")
     aggregator_rank(cfg.aggregator, cfg.K)
+
+
+def forward_batch(cfg: ScoreConfig, device) -> int:
+    """U-Net inputs per forward: small batches stay in a CPU's caches, large ones fill a GPU."""
+    return cfg.max_batch or (512 if torch.device(device).type == "cuda" else 32)
 
 
 def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
@@ -548,14 +561,15 @@ def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=N
     ids = list(range(B)) if ids is None else ids
     t = torch.arange(1, T + 1, device=device) / (T + 1)  # interior times j / (T + 1)
     m = aggregator_rank(cfg.aggregator, K)
-    group = max(1, cfg.max_batch // (B * T))  # paths per pass
+    max_batch = forward_batch(cfg, device)
+    group = max(1, max_batch // (B * T))  # paths per pass
     low, total = None, torch.zeros(B, T, H, W, device=device)
     for k0 in range(0, K, group):
         ks = range(k0, min(K, k0 + group))
         x0 = torch.stack([path_noise(cfg.seed, ids, k, (C, H, W), device) for k in ks])  # (g, B, C, H, W)
         flat = torch.arange(len(ks) * B * T, device=device)
         z = torch.empty(len(ks), B, T, H, W, device=device)
-        for sl in flat.split(cfg.max_batch):
+        for sl in flat.split(max_batch):
             ki, bi, ji = sl // (B * T), sl // T % B, sl % T
             tj = t[ji].view(-1, 1, 1, 1)
             xt = (1 - tj) * x0[ki, bi] + tj * y[bi]  # Eq. (2): x_t = (1 - t) x0 + t y
@@ -733,8 +747,9 @@ def _load(files, size, mode="RGB"):
 def check_image_size(size: int, preset: str) -> None:
     factor = 2 ** (len(PRESETS[preset].channel_mult) - 1) if preset in PRESETS else 1
     if size < factor or size % factor:
+        below = factor * max(1, size // factor)
         raise UserError(f"--image-size: {size} is not a positive multiple of {factor}, the total downsampling of "
-                        f"preset {preset} (e.g. {factor * max(1, round(size / factor))} works)")
+                        f"preset {preset} ({below} or {below + factor} would work)")
 
 
 def load_train(root, size: int) -> Dataset:
@@ -848,7 +863,7 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
     every world-th image and rank 0 gathers them."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
-    per_call = max(1, cfg.max_batch // (cfg.K * cfg.T))
+    per_call = max(1, forward_batch(cfg, device) // (cfg.K * cfg.T))
     mine = list(range(rank, len(data), world))
     heat = torch.zeros(len(data), *data.images.shape[2:])
     for i in range(0, len(mine), per_call):
@@ -944,12 +959,14 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 
 
-def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, max_batch=256,
+def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, max_batch=0,
           repeats=3, naive=True, train_mode=False) -> dict:
     device = pick_device(device)
     torch.manual_seed(0)
     model = build_model(preset, 0).to(device)
-    nn.init.normal_(model.out[-1].weight, std=0.02)  # a non-trivial output for the comparison
+    for p in model.parameters():
+        if not p.any():  # undo the zero initialisations: a non-trivial output to compare
+            nn.init.normal_(p, std=0.02)
     y = torch.randn(images, 3, image_size, image_size, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -1041,7 +1058,8 @@ def add_score_args(p):
     p.add_argument("-T", type=int, default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
     p.add_argument("--aggregator", default=ScoreConfig.aggregator, help="min | mean | quantile:ALPHA (Eq. 3)")
     p.add_argument("--weight", default=ScoreConfig.weight, help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
-    p.add_argument("--max-batch", type=int, default=ScoreConfig.max_batch, help="U-Net inputs per forward")
+    p.add_argument("--max-batch", type=int, default=ScoreConfig.max_batch,
+                   help="U-Net inputs per forward, the memory budget (0: 32 on CPU, 512 on CUDA)")
     p.add_argument("--seed", type=int, default=ScoreConfig.seed, help="seed of the paths x0")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
@@ -1067,10 +1085,12 @@ def cmd_train(args):
             raise UserError("--data: required")
         if args.preset not in PRESETS:
             raise UserError(f"--preset: unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
-        check_image_size(args.image_size, args.preset)
-        data_root, size = args.data, args.image_size
+        recipe = CPU_RECIPES.get(args.preset, {})
+        size = args.image_size or recipe.get("image_size", TrainConfig.image_size)
+        check_image_size(size, args.preset)
+        data_root = args.data
     data = load_train(data_root, size)
-    steps = args.steps if args.steps is not None else (CPU_STEPS.get(args.preset, 0) if args.epochs is None else 0)
+    steps = args.steps or (CPU_RECIPES.get(args.preset, {}).get("steps", 0) if args.epochs is None else 0)
     cfg = TrainConfig(preset=args.preset, image_size=size, batch_size=args.batch_size,
                       epochs=args.epochs or TrainConfig.epochs, steps=steps, lr=args.lr, seed=args.seed,
                       save_every=args.save_every, save_epochs=args.save_epochs, pooled=args.pooled)
@@ -1158,7 +1178,7 @@ def build_parser() -> Parser:
     ap = Parser(prog="flow_mismatch.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
-    presets = "; ".join(f"{k}: {v.format(steps=CPU_STEPS.get(k))}" for k, v in PRESET_HELP.items())
+    presets = "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items())
 
     p = sub.add_parser("train", help="train the flow on normal images (Eq. 1)")
     p.add_argument("--data", help="a category folder (mvtec/bottle) or a root of categories (mvtec)")
@@ -1168,7 +1188,7 @@ def build_parser() -> Parser:
     p.add_argument("--epochs", type=positive_int, help=f"epochs (paper: {TrainConfig.epochs})")
     p.add_argument("--steps", type=positive_int, help="optimiser steps (overrides --epochs)")
     p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size, help="images per process and step")
-    p.add_argument("--image-size", type=int, default=TrainConfig.image_size)
+    p.add_argument("--image-size", type=int, help=f"square size images are resized to (paper: {TrainConfig.image_size})")
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--pooled", action="store_true", help="one unconditional model for all categories (Table 8)")
@@ -1195,7 +1215,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("demo", help="generate textures with defects, train `tiny` on CPU, test")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--steps", type=positive_int, default=600)
+    p.add_argument("--steps", type=positive_int, default=160)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -33,8 +33,9 @@ def test_output_shape_and_zero_initialised_output():
 def test_class_label_changes_the_output_once_trained():
     torch.manual_seed(0)
     model = fm.build_model("tiny", num_classes=2)
-    torch.nn.init.normal_(model.out[-1].weight, std=0.1)
-    torch.nn.init.normal_(model.label_emb.weight)
+    for p in model.parameters():
+        if not p.any():  # undo the zero initialisations
+            torch.nn.init.normal_(p, std=0.1)
     x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
     assert not torch.allclose(model(x, t, torch.tensor([0])), model(x, t, torch.tensor([1])))
 
@@ -97,5 +98,5 @@ def test_stable_adamw_divides_the_step_by_update_rms():
     v_hat = state["v_max"] / (1 - 0.99 ** 21)
     rms = (1e-2 / v_hat).mean().sqrt().item()
     assert rms > 2
-    assert abs(clipped * rms - free) <= 1e-6 * free
+    assert abs(clipped * rms - free) <= 1e-5 * free  # float32 rounding
     assert torch.all(state["v_max"] >= state["v"])

@@ -12,7 +12,9 @@ import flow_mismatch as fm
 def model():
     torch.manual_seed(0)
     m = fm.build_model("tiny", num_classes=2).eval()
-    torch.nn.init.normal_(m.out[-1].weight, std=0.05)  # non-zero velocities
+    for p in m.parameters():
+        if not p.any():  # undo the zero initialisations: non-trivial velocities
+            torch.nn.init.normal_(p, std=0.05)
     return m
 
 
