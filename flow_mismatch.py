@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -104,6 +105,9 @@ class ScoreConfig:
     weight: str = "t2"  # w(t): 1 | t | t2 | snr (= t^2 / (1 - t)^2)
     max_batch: int = 0  # U-Net inputs per forward (memory budget); 0: 32 on CPU, 512 on CUDA
     seed: int = 0
+    score: str = "mismatch"  # mismatch (Eqs. 2-4) | recon (App. C.2) | onestep (RADAR-style)
+    t0: float = 0.5  # start time of the recon and onestep baselines
+    ode_steps: int = 10  # Euler steps of the recon baseline from t0 to 1
 
 
 class UserError(Exception):
@@ -531,6 +535,12 @@ def check_score_config(cfg: ScoreConfig) -> None:
     if cfg.weight not in WEIGHTS:
         raise UserError(f"--weight: {cfg.weight!r} is not one of {', '.join(WEIGHTS)}")
     aggregator_rank(cfg.aggregator, cfg.K)
+    if cfg.score not in SCORERS:
+        raise UserError(f"--score: {cfg.score!r} is not one of {', '.join(SCORERS)}")
+    if not 0 < cfg.t0 < 1:
+        raise UserError(f"--t0: must lie in (0, 1), got {cfg.t0}")
+    if cfg.ode_steps < 1:
+        raise UserError(f"--ode-steps: must be at least 1, got {cfg.ode_steps}")
 
 
 def forward_batch(cfg: ScoreConfig, device) -> int:
@@ -607,6 +617,79 @@ def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(),
             delta = zs.mean(0) if m is None else zs.sort(0).values[m - 1]
             heat[b] += WEIGHTS[cfg.weight](t) * delta / cfg.T
     return heat
+
+
+# Baselines on the same trained model (Table 2): only the test-time rule changes. Both start
+# from K noisy copies y_t0 = (1 - t0) x0 + t0 y of the image, with x0 = path_noise(seed, i, k),
+# and keep the order statistic of `aggregator` over the K per-path maps (min by default).
+
+
+def aggregate_paths(h: torch.Tensor, aggregator: str) -> torch.Tensor:
+    """(K, B, H, W) -> (B, H, W): mean, min or the ceil(alpha K)-th smallest over paths."""
+    m = aggregator_rank(aggregator, len(h))
+    return h.mean(0) if m is None else h.sort(0).values[m - 1]
+
+
+def noisy_copies(y, cfg: ScoreConfig, ids):
+    """(K*B, C, H, W) path-major copies y_t0 = (1 - t0) x0 + t0 y (Eq. 28), and t0 per row."""
+    B, C, H, W = y.shape
+    x0 = torch.cat([path_noise(cfg.seed, ids, k, (C, H, W), y.device) for k in range(cfg.K)])
+    return (1 - cfg.t0) * x0 + cfg.t0 * y.repeat(cfg.K, 1, 1, 1), torch.full((cfg.K * B,), cfg.t0, device=y.device)
+
+
+@torch.no_grad()
+def recon_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+    """ReconFlow (App. C.2): Euler-integrate the learned ODE from y_t0 to t = 1 (Eq. 28) and map
+    h = ||y - y_hat||_2 over channels (Eq. 29), (B, C, H, W) -> (B, H, W)."""
+    B = y.shape[0]
+    ids = list(range(B)) if ids is None else ids
+    x, t = noisy_copies(y, cfg, ids)
+    labels = None if labels is None else labels.repeat(cfg.K)
+    dt = (1 - cfg.t0) / cfg.ode_steps
+    for _ in range(cfg.ode_steps):
+        v = torch.cat([velocity(model, x[sl], t[sl], labels, sl)
+                       for sl in chunks(len(x), forward_batch(cfg, y.device))])
+        x, t = x + dt * v, t + dt
+    h = (y.repeat(cfg.K, 1, 1, 1) - x).square().sum(1).sqrt()  # Eq. (29)
+    return aggregate_paths(h.view(cfg.K, B, *h.shape[1:]), cfg.aggregator)
+
+
+@torch.no_grad()
+def onestep_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+    """RADAR-style, reconstruction-free: one velocity at t0 gives the clean-image estimate
+    y_hat = x_t + (1 - t) v (on a straight path y = x_t + (1 - t)(y - x0), with v in place of
+    y - x0); the map is ||y - y_hat||_2 plus the same norm of the difference of Sobel gradients,
+    (B, C, H, W) -> (B, H, W)."""
+    B = y.shape[0]
+    ids = list(range(B)) if ids is None else ids
+    xt, t = noisy_copies(y, cfg, ids)
+    labels = None if labels is None else labels.repeat(cfg.K)
+    v = torch.cat([velocity(model, xt[sl], t[sl], labels, sl) for sl in chunks(len(xt), forward_batch(cfg, y.device))])
+    d = y.repeat(cfg.K, 1, 1, 1) - (xt + (1 - cfg.t0) * v)  # y - y_hat, (K*B, C, H, W)
+    h = d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt()
+    return aggregate_paths(h.view(cfg.K, B, *h.shape[1:]), cfg.aggregator)
+
+
+def chunks(n: int, size: int):
+    """Slices of at most `size` rows covering range(n)."""
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def velocity(model, x, t, labels, sl):
+    """v(x, t) in fp32 for the rows `sl` of a path-major batch."""
+    with autocast(x.device):
+        return model(x, t, None if labels is None else labels[sl]).float()
+
+
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    """Horizontal and vertical Sobel derivatives per channel, (N, C, H, W) -> (N, 2C, H, W)."""
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device) / 8
+    C = x.shape[1]
+    w = torch.stack([k, k.T])[:, None].repeat(C, 1, 1, 1)  # (2C, 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), w, groups=C)
+
+
+SCORERS = {"mismatch": mismatch_heat, "recon": recon_heat, "onestep": onestep_heat}
 
 
 def inference_model(model: UNet, device, compile=False):
@@ -871,14 +954,14 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
     every world-th image and rank 0 gathers them."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
-    per_call = max(1, forward_batch(cfg, device) // (cfg.K * cfg.T))
+    per_call = max(1, forward_batch(cfg, device) // (cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K))
     mine = list(range(rank, len(data), world))
     heat = torch.zeros(len(data), *data.images.shape[2:])
     for i in range(0, len(mine), per_call):
         ids = mine[i:i + per_call]
         y = (data.images[ids].to(device).float() / 255 - mean_d) / std_d
         labels = None if labels_for is None else torch.full((len(ids),), labels_for, device=device)
-        heat[ids] = mismatch_heat(model, y, labels, cfg, ids).cpu()
+        heat[ids] = SCORERS[cfg.score](model, y, labels, cfg, ids).cpu()
     if world > 1:
         heat = heat.to(device)
         dist.all_reduce(heat)  # each image was scored by exactly one rank
@@ -915,6 +998,36 @@ def check_out_dir(out: Path, flag="--out") -> None:
         raise UserError(f"{flag}: {out} exists and is not a folder")
 
 
+def load_for_test(ckpt_path, device, compile=False):
+    """(checkpoint dict, inference model) of a checkpoint path."""
+    ckpt = load_checkpoint(ckpt_path)
+    return ckpt, inference_model(model_from_checkpoint(ckpt, ckpt_path), device, compile)
+
+
+def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
+    """{category: (heat (N, S, S) float32, scores (N,))} on rank 0, {} on other ranks."""
+    for name in tests:
+        if name not in ckpt["class_names"]:
+            raise UserError(f"--data: category {name!r} is not among the checkpoint's classes {ckpt['class_names']}")
+    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = {}
+    for name, data in tests.items():
+        label = ckpt["class_names"].index(name) if ckpt["conditional"] else None
+        heat, scores = score_dataset(model, data, cfg, mean, std, device, label)
+        if rank == 0:
+            out[name] = heat.numpy().astype(np.float32), scores.numpy()
+    return out
+
+
+def metrics_of(tests: dict, scored: dict) -> dict:
+    """The seven metrics per category and their mean over categories."""
+    results = {name: evaluate(tests[name].anomalous, scores, tests[name].masks, heat)
+               for name, (heat, scores) in scored.items()}
+    results["mean"] = {k: float(np.nanmean([r[k] for r in results.values()])) for k in METRICS}
+    return results
+
+
 def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", overlays=True, compile=False,
              log=print) -> dict:
     """Score the test split of every category under data_root; write metrics and heatmaps to out."""
@@ -922,24 +1035,15 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     check_out_dir(out)
     rank, world, local_rank = distributed()
     device = pick_device(device, local_rank)
-    ckpt = load_checkpoint(ckpt_path)
-    model = inference_model(model_from_checkpoint(ckpt, ckpt_path), device, compile)
-    size = ckpt["train_config"]["image_size"]
-    tests = load_test(data_root, size)
-    for name in tests:
-        if name not in ckpt["class_names"]:
-            raise UserError(f"--data: category {name!r} is not among the checkpoint's classes {ckpt['class_names']}")
-    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
-    results, t0, n_images = {}, time.time(), 0
-    for name, data in tests.items():
-        label = ckpt["class_names"].index(name) if ckpt["conditional"] else None
-        heat, scores = score_dataset(model, data, cfg, mean, std, device, label)
-        n_images += len(data)
-        if rank != 0:
-            continue
-        heat, scores = heat.numpy().astype(np.float32), scores.numpy()
-        results[name] = evaluate(data.anomalous, scores, data.masks, heat)
-        folder = out / name
+    ckpt, model = load_for_test(ckpt_path, device, compile)
+    tests = load_test(data_root, ckpt["train_config"]["image_size"])
+    t0 = time.time()
+    scored = score_tests(model, ckpt, tests, cfg, device)
+    seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
+    if rank != 0:
+        return {}
+    for name, (heat, scores) in scored.items():
+        data, folder = tests[name], out / name
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "scores.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -949,17 +1053,61 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
                             scores=scores.astype(np.float32), heat=heat, masks=data.masks)
         if overlays:
             write_overlays(folder / "overlays", data, heat)
-    seconds = time.time() - t0
-    if rank != 0:
-        return {}
-    results["mean"] = {k: float(np.nanmean([r[k] for r in results.values()])) for k in METRICS}
+    results = metrics_of(tests, scored)
     table = format_table(results)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(table + "\n")
     log(table)
-    log(f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}: {n_images} images in {seconds:.1f} s "
-        f"({n_images / seconds:.2f} images/s on {device} x{world})")
+    rule = (f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}" if cfg.score == "mismatch" else
+            f"{cfg.score}: K={cfg.K} t0={cfg.t0}{f' steps={cfg.ode_steps}' * (cfg.score == 'recon')} "
+            f"aggregator={cfg.aggregator}")
+    log(f"{rule}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.2f} images/s on {device} x{world})")
     return results
+
+
+# Ablations (Tables 6-9, the baselines of Table 2): one loaded test set, each model loaded once,
+# a row per setting with the mean over categories of the seven metrics and the scoring speed.
+def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, device="auto", compile=False,
+              log=print) -> list:
+    """Every checkpoint x the Cartesian product of `grid` ({ScoreConfig field: values}, fields not
+    given stay as in `base`); writes out/sweep.md and out/sweep.json (per-category results too)."""
+    check_out_dir(out)
+    settings = [replace(base, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+    for cfg in settings:
+        check_score_config(cfg)
+    rank, world, local_rank = distributed()
+    device = pick_device(device, local_rank)
+    rows, tests = [], {}
+    for path in ckpt_paths:
+        ckpt, model = load_for_test(path, device, compile)
+        size = ckpt["train_config"]["image_size"]
+        if size not in tests:
+            tests[size] = load_test(data_root, size)
+        n_images = sum(len(d) for d in tests[size].values())
+        for cfg in settings:
+            t0 = time.time()
+            scored = score_tests(model, ckpt, tests[size], cfg, device)
+            fps = n_images / (time.time() - t0)
+            if rank == 0:
+                setting = {"ckpt": str(path)} if len(ckpt_paths) > 1 else {}
+                setting.update({f: getattr(cfg, f) for f in grid})
+                rows.append(dict(setting=setting, images_per_s=fps, results=metrics_of(tests[size], scored)))
+                print(f"{setting}: image AUROC {100 * rows[-1]['results']['mean']['image_auroc']:.1f}, "
+                      f"{fps:.2f} images/s", file=sys.stderr, flush=True)
+    if rank != 0:
+        return []
+    keys = list(rows[0]["setting"])
+    table = ["| " + " | ".join(keys + list(METRICS)) + " | images/s |", "|" + "---|" * (len(keys) + len(METRICS) + 1)]
+    for r in rows:
+        m = r["results"]["mean"]
+        table.append("| " + " | ".join([str(r["setting"][k]) for k in keys] + [f"{100 * m[k]:.1f}" for k in METRICS])
+                     + f" | {r['images_per_s']:.2f} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.md").write_text("\n".join(table) + "\n")
+    (out / "sweep.json").write_text(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2))
+    log("\n".join(table))
+    return rows
 
 
 # ----------------------------------------------------------------------------
@@ -1063,6 +1211,24 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
 
 
+def listed(item):
+    """argparse type of a comma-separated list; each item passes `item`, an error names the flag."""
+    def parse(text):
+        try:
+            return tuple(item(v) for v in text.split(","))
+        except (UserError, ValueError, argparse.ArgumentTypeError) as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {str(e).split(': ', 1)[-1]}")
+    return parse
+
+
+def checked(field):
+    """Item check for a list of ScoreConfig values: the rules of check_score_config."""
+    def item(text):
+        check_score_config(replace(ScoreConfig(), **{field: text}))
+        return text
+    return item
+
+
 def add_score_args(p):
     p.add_argument("-K", type=int, default=ScoreConfig.K, help="paths per image (Eq. 3)")
     p.add_argument("-T", type=int, default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
@@ -1071,13 +1237,18 @@ def add_score_args(p):
     p.add_argument("--max-batch", type=int, default=ScoreConfig.max_batch,
                    help="U-Net inputs per forward, the memory budget (0: 32 on CPU, 512 on CUDA)")
     p.add_argument("--seed", type=int, default=ScoreConfig.seed, help="seed of the paths x0")
+    p.add_argument("--score", default=ScoreConfig.score,
+                   help="mismatch (Eqs. 2-4) | recon (ReconFlow, App. C.2) | onestep (RADAR-style) baseline")
+    p.add_argument("--t0", type=float, default=ScoreConfig.t0, help="start time of recon and onestep")
+    p.add_argument("--ode-steps", type=int, default=ScoreConfig.ode_steps, help="Euler steps of recon from t0 to 1")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (worth it for large test sets)")
 
 
 def score_config(args) -> ScoreConfig:
     return ScoreConfig(K=args.K, T=args.T, aggregator=args.aggregator, weight=args.weight,
-                       max_batch=args.max_batch, seed=args.seed)
+                       max_batch=args.max_batch, seed=args.seed, score=args.score, t0=args.t0,
+                       ode_steps=args.ode_steps)
 
 
 def cmd_train(args):
@@ -1113,8 +1284,14 @@ def cmd_train(args):
 
 
 def cmd_test(args):
-    run_test(args.ckpt, args.data, Path(args.out), score_config(args), args.device, overlays=not args.no_overlays,
-             compile=args.compile)
+    sweeps = {"score": args.scores, "K": args.grid_K, "T": args.grid_T, "aggregator": args.aggregators,
+              "weight": args.weights}
+    grid = {field: values for field, values in sweeps.items() if values is not None}
+    if grid or len(args.ckpt) > 1:
+        run_sweep(args.ckpt, args.data, Path(args.out), score_config(args), grid, args.device, args.compile)
+    else:
+        run_test(args.ckpt[0], args.data, Path(args.out), score_config(args), args.device,
+                 overlays=not args.no_overlays, compile=args.compile)
     return 0
 
 
@@ -1209,12 +1386,23 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("test", help="score the test split and print the seven metrics")
-    p.add_argument("--ckpt", required=True)
+    p = sub.add_parser("test", help="score the test split and print the seven metrics",
+                       epilog="Any of --scores, --grid-K, --grid-T, --aggregators, --weights, or several --ckpt, "
+                              "turns `test` into an ablation: one row per setting (mean over categories, "
+                              "images/s) in OUT/sweep.md and OUT/sweep.json.")
+    p.add_argument("--ckpt", required=True, action="append",
+                   help="checkpoint; repeat it for a row per checkpoint (Table 8: pooled vs conditional, "
+                        "Table 9: ckpt_epochE.pt)")
     p.add_argument("--data", required=True, help="a category folder or a root of categories")
     p.add_argument("--out", required=True, help="evaluation folder")
     p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
     add_score_args(p)
+    p.add_argument("--scores", type=listed(checked("score")), help="scorers to compare (Table 2)")
+    p.add_argument("--grid-K", type=listed(positive_int), help="values of K (Table 6)")
+    p.add_argument("--grid-T", type=listed(positive_int), help="values of T (Table 6)")
+    p.add_argument("--aggregators", type=listed(checked("aggregator")),
+                   help="e.g. min,mean,quantile:0.1 (Table 7)")
+    p.add_argument("--weights", type=listed(checked("weight")), help="e.g. 1,t,t2,snr")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("score", help="heatmaps and scores for new, unlabelled images")
