@@ -1188,6 +1188,46 @@ def peak_memory(device) -> int:
 
 
 # ----------------------------------------------------------------------------
+# The paper's numbers ("Ours", percent, in METRICS order): the mean rows of Table 1 and the
+# per-category MVTec-AD rows of Tables 4 (image) and 5 (pixel).
+
+PAPER = {
+    "mvtec": {
+        "mean": (98.7, 99.5, 97.7, 97.7, 67.5, 64.8, 91.9),
+        "bottle": (99.1, 99.7, 97.6, 97.8, 76.8, 69.9, 93.0),
+        "cable": (93.2, 96.6, 90.8, 95.1, 51.8, 51.3, 82.1),
+        "capsule": (97.4, 99.5, 96.4, 97.9, 48.5, 51.5, 94.0),
+        "carpet": (95.4, 98.7, 93.0, 97.2, 70.0, 67.6, 83.3),
+        "grid": (100.0, 100.0, 100.0, 99.4, 55.7, 55.1, 96.4),
+        "hazelnut": (99.9, 99.9, 99.3, 99.1, 69.2, 70.1, 89.7),
+        "leather": (100.0, 100.0, 100.0, 99.7, 68.8, 66.9, 98.9),
+        "metal_nut": (99.8, 100.0, 99.5, 97.3, 85.5, 79.1, 93.5),
+        "pill": (99.3, 99.9, 98.9, 99.3, 84.2, 77.3, 97.2),
+        "screw": (97.8, 99.2, 96.7, 99.4, 55.3, 54.1, 96.9),
+        "tile": (99.9, 100.0, 99.4, 94.8, 74.4, 68.1, 82.5),
+        "toothbrush": (99.4, 99.8, 98.4, 99.2, 63.5, 65.4, 94.8),
+        "transistor": (99.7, 99.6, 97.5, 93.7, 58.1, 56.1, 88.7),
+        "wood": (99.3, 99.8, 98.4, 95.7, 70.9, 65.4, 91.4),
+        "zipper": (99.9, 100.0, 99.6, 99.1, 79.3, 74.2, 96.8),
+    },
+    "visa": {"mean": (98.0, 98.4, 95.2, 97.5, 40.2, 45.8, 90.6)},
+}
+
+
+def compare(results: dict, dataset: str) -> str:
+    """Our metrics beside the paper's for the categories both have: rows ours, paper, ours - paper."""
+    head = "| category | | " + " | ".join(METRICS) + " |"
+    rows = [head, "|" + "---|" * (len(METRICS) + 2)]
+    for name in results:
+        if name not in PAPER[dataset]:
+            continue
+        paper, ours = PAPER[dataset][name], [100 * results[name][k] for k in METRICS]
+        for label, values in (("ours", ours), ("paper", paper), ("ours - paper", np.subtract(ours, paper))):
+            rows.append(f"| {name} | {label} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------
 # CLI: a thin layer over train / run_test / mismatch_heat.
 
 
@@ -1348,6 +1388,23 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_compare(args):
+    path = Path(args.metrics)
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable metrics.json ({type(e).__name__})")
+    if not isinstance(results, dict) or not all(isinstance(r, dict) and set(METRICS) <= set(r)
+                                                for r in results.values()):
+        raise UserError(f"{path}: not a metrics.json written by `test`")
+    if not set(PAPER[args.dataset]) & set(results):
+        raise UserError(f"{path}: no category in common with the paper's {args.dataset} rows")
+    table = compare(results, args.dataset)
+    (path.parent / f"compare_{args.dataset}.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
 def cmd_bench(args):
     if args.preset not in PRESETS:
         raise UserError(f"--preset: unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
@@ -1420,6 +1477,11 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compare", help="our metrics.json beside the paper's Tables 1, 4 and 5")
+    p.add_argument("metrics", help="EVAL_DIR/metrics.json written by `test`; writes EVAL_DIR/compare_DATASET.md")
+    p.add_argument("--dataset", required=True, choices=list(PAPER), help="whose paper numbers to show")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="images/s of the batched scorer vs a naive (k, t) loop")
     p.add_argument("--preset", default="paper")
