@@ -7,8 +7,10 @@
 #
 # Tables land in $OUT (default repro/): OUT/<table>/table.md for a plain `test` (per category),
 # OUT/<table>/sweep.md for an ablation (a row per setting, mean over categories, images/s).
-# --quick: measured 75 s on 2 CPU cores (Intel Xeon, torch 2.13 CPU). Paper-scale times are the
-# paper's own (Table 6: 3.87 images/s at K = T = 10 on its GPU, i.e. ~7.5 min per MVTec-AD test).
+# --quick: measured 103 s on 2 AMD EPYC cores shared with another job (torch 2.13 CPU); the
+# quick times below are from that run, each including ~4 s of Python start-up. Paper-scale times
+# were not measured here; the scoring ones follow the paper's Table 6 (3.87 images/s at
+# K = T = 10 on its GPU, i.e. ~7.5 min per MVTec-AD test pass of 1725 images).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-repro}
@@ -39,7 +41,7 @@ MVTEC=${DATA[0]}  # MVTec-AD, or the generated data with --quick
 RUNS=$OUT/runs
 
 # Training (Eq. 1). One class-conditional model per dataset (§5.1), keeping the snapshots of
-# Table 9, and one pooled unconditional model (Table 8). quick: ~15 s each; paper: not measured here.
+# Table 9, and one pooled unconditional model (Table 8). quick: ~20 s each; paper: 2000 epochs, not measured here.
 for i in "${!DATA[@]}"; do
   run=$RUNS/${NAMES[$i]}
   [[ -f $run/ckpt.pt ]] || "${FM[@]}" train --data "${DATA[$i]}" --out "$run" "${TRAIN[@]}" --save-epochs "$EPOCHS"
@@ -47,18 +49,18 @@ for i in "${!DATA[@]}"; do
 done
 
 # Table 1 (and the "Ours" columns of Tables 4, 5): the seven metrics per category, then beside
-# the paper's numbers. quick: ~4 s; paper: ~7.5 min for MVTec-AD.
+# the paper's numbers. quick: ~8 s; paper: ~7.5 min for MVTec-AD.
 for i in "${!DATA[@]}"; do
   "${FM[@]}" test --ckpt "$RUNS/${NAMES[$i]}/ckpt.pt" --data "${DATA[$i]}" --out "$OUT/table1/${NAMES[$i]}" "${SCORE[@]}"
   "${FM[@]}" compare "$OUT/table1/${NAMES[$i]}/metrics.json" --dataset "${NAMES[$i]/demo/mvtec}"
 done
 
 # Table 2 (inference-only rows): Flow Mismatching vs ReconFlow (App. C.2, t0 = 0.5, 10 Euler
-# steps) vs a RADAR-style one-step scorer, on the same model. quick: ~5 s.
+# steps) vs a RADAR-style one-step scorer, on the same model. quick: ~7 s.
 "${FM[@]}" test --ckpt "$RUNS/${NAMES[0]}/ckpt.pt" --data "$MVTEC" --out "$OUT/table2" "${SCORE[@]}" \
   --scores mismatch,recon,onestep
 
-# Table 6: test-time compute, K x T. quick: the full 3 x 3 grid, ~6 s. paper: the three slices
+# Table 6: test-time compute, K x T. quick: the full 3 x 3 grid, ~9 s. paper: the three slices
 # of the table (K = 5 with T = 2..20, T = 5 with K = 2..20, K = T = 2..20), hours in all.
 if [[ ${#GRID[@]} -gt 0 ]]; then
   "${FM[@]}" test --ckpt "$RUNS/${NAMES[0]}/ckpt.pt" --data "$MVTEC" --out "$OUT/table6" "${SCORE[@]}" "${GRID[@]}"
@@ -72,25 +74,25 @@ else
 fi
 
 # Table 7: path aggregator, per dataset, with K = 10 paths as in the paper (quantile:ALPHA keeps
-# the ceil(ALPHA K)-th smallest path). quick: ~10 s each.
+# the ceil(ALPHA K)-th smallest path). quick: ~25 s each.
 for i in "${!DATA[@]}"; do
   "${FM[@]}" test --ckpt "$RUNS/${NAMES[$i]}/ckpt.pt" --data "${DATA[$i]}" --out "$OUT/table7/${NAMES[$i]}" \
     "${SCORE[@]}" -K 10 --aggregators mean,quantile:0.3,quantile:0.2,quantile:0.1,min
 done
 
 # Table 8: pooled unconditional vs class-conditional model, per dataset (per-category rows are
-# in sweep.json). quick: ~3 s each.
+# in sweep.json). quick: ~7 s each.
 for i in "${!DATA[@]}"; do
   "${FM[@]}" test --ckpt "$RUNS/${NAMES[$i]}-pooled/ckpt.pt" --ckpt "$RUNS/${NAMES[$i]}/ckpt.pt" \
     --data "${DATA[$i]}" --out "$OUT/table8/${NAMES[$i]}" "${SCORE[@]}"
 done
 
-# Table 9: metrics against training epochs, the snapshots ckpt_epochE.pt. quick: ~4 s.
+# Table 9: metrics against training epochs, the snapshots ckpt_epochE.pt. quick: ~8 s.
 CKPTS=()
 for e in ${EPOCHS//,/ }; do CKPTS+=(--ckpt "$RUNS/${NAMES[0]}/ckpt_epoch$e.pt"); done
 "${FM[@]}" test "${CKPTS[@]}" --data "$MVTEC" --out "$OUT/table9" "${SCORE[@]}"
 
-# Time weighting w(t) of Eq. (4): 1, t, t^2 (default, Prop. 4.4), t^2 / (1 - t)^2. quick: ~4 s.
+# Time weighting w(t) of Eq. (4): 1, t, t^2 (default, Prop. 4.4), t^2 / (1 - t)^2. quick: ~9 s.
 "${FM[@]}" test --ckpt "$RUNS/${NAMES[0]}/ckpt.pt" --data "$MVTEC" --out "$OUT/weights" "${SCORE[@]}" \
   --weights 1,t,t2,snr
 
