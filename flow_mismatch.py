@@ -639,8 +639,8 @@ def noisy_copies(y, cfg: ScoreConfig, ids):
 
 @torch.no_grad()
 def recon_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """ReconFlow (App. C.2): Euler-integrate the learned ODE from y_t0 to t = 1 (Eq. 28) and map
-    h = ||y - y_hat||_2 over channels (Eq. 29), (B, C, H, W) -> (B, H, W)."""
+    """ReconFlow (App. C.2): Euler-integrate the learned ODE from y_t0 to t = 1 for y_hat and map
+    the reconstruction error, (B, C, H, W) -> (B, H, W)."""
     B = y.shape[0]
     ids = list(range(B)) if ids is None else ids
     x, t = noisy_copies(y, cfg, ids)
@@ -650,7 +650,7 @@ def recon_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None
         v = torch.cat([velocity(model, x[sl], t[sl], labels, sl)
                        for sl in chunks(len(x), forward_batch(cfg, y.device))])
         x, t = x + dt * v, t + dt
-    h = (y.repeat(cfg.K, 1, 1, 1) - x).square().sum(1).sqrt()  # Eq. (29)
+    h = (y.repeat(cfg.K, 1, 1, 1) - x).square().sum(1).sqrt()  # Eq. (29): ||y - y_hat||_2 over channels
     return aggregate_paths(h.view(cfg.K, B, *h.shape[1:]), cfg.aggregator)
 
 
