@@ -495,6 +495,8 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    if world > 1:
+        dist.barrier()  # the other ranks wait for rank 0's last checkpoint before they exit
     return ckpt_path
 
 
@@ -975,7 +977,7 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray) -> None:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    lo, hi = float(heat.min()), float(heat.max())
+    lo, hi = float(heat.min()), float(np.percentile(heat, 99.9))  # shared by the category
     for i, path in enumerate(data.paths):
         img = data.images[i].permute(1, 2, 0).numpy()
         mask = np.repeat(data.masks[i][..., None] * 255, 3, axis=2).astype(np.uint8)
@@ -1409,8 +1411,9 @@ def cmd_bench(args):
     if args.preset not in PRESETS:
         raise UserError(f"--preset: unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
     check_score_config(ScoreConfig(K=args.K, T=args.T, max_batch=args.max_batch))
-    check_image_size(args.image_size, args.preset)
-    r = bench(args.preset, args.device, args.K, args.T, args.images, args.image_size, args.max_batch,
+    size = args.image_size or CPU_RECIPES.get(args.preset, {}).get("image_size", TrainConfig.image_size)
+    check_image_size(size, args.preset)
+    r = bench(args.preset, args.device, args.K, args.T, args.images, size, args.max_batch,
               args.repeats, naive=not args.no_naive, train_mode=args.train, compile=args.compile)
     r.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     for k, v in r.items():
@@ -1489,7 +1492,7 @@ def build_parser() -> Parser:
     p.add_argument("-K", type=int, default=ScoreConfig.K)
     p.add_argument("-T", type=int, default=ScoreConfig.T)
     p.add_argument("--images", type=positive_int, default=4)
-    p.add_argument("--image-size", type=int, default=TrainConfig.image_size)
+    p.add_argument("--image-size", type=int, help="default: the preset's training size (paper: 128, CPU presets: 64)")
     p.add_argument("--max-batch", type=int, default=ScoreConfig.max_batch)
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
