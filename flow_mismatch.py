@@ -103,7 +103,7 @@ class ScoreConfig:
     T: int = 10  # interior times j / (T + 1)
     aggregator: str = "min"  # min | mean | quantile:ALPHA
     weight: str = "t2"  # w(t): 1 | t | t2 | snr (= t^2 / (1 - t)^2)
-    max_batch: int = 0  # U-Net inputs per forward (memory budget); 0: 32 on CPU, 512 on CUDA
+    max_batch: int = 0  # U-Net inputs per forward (memory budget); 0: automatic, see forward_batch
     seed: int = 0
     score: str = "mismatch"  # mismatch (Eqs. 2-4) | recon (App. C.2) | onestep (RADAR-style)
     t0: float = 0.5  # start time of the recon and onestep baselines
@@ -412,7 +412,7 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     for s in opt.state.values():
         for k, v in s.items():
             if torch.is_tensor(v):
@@ -545,9 +545,15 @@ def check_score_config(cfg: ScoreConfig) -> None:
         raise UserError(f"--ode-steps: must be at least 1, got {cfg.ode_steps}")
 
 
-def forward_batch(cfg: ScoreConfig, device) -> int:
-    """U-Net inputs per forward: small batches stay in a CPU's caches, large ones fill a GPU."""
-    return cfg.max_batch or (512 if torch.device(device).type == "cuda" else 32)
+def forward_batch(cfg: ScoreConfig, model, y) -> int:
+    """U-Net inputs per forward for images y: 512 fill a GPU; on a CPU, as many as keep one
+    full-resolution activation (base_channels x H x W per input) within 2^21 numbers, the
+    batch that measured fastest for every preset (BENCHMARKS.md): larger ones leave the caches."""
+    if cfg.max_batch:
+        return cfg.max_batch
+    if y.device.type == "cuda":
+        return 512
+    return max(1, 2**21 // (model.cfg.base_channels * y.shape[-2] * y.shape[-1]))
 
 
 def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
@@ -573,7 +579,7 @@ def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=N
     ids = list(range(B)) if ids is None else ids
     t = torch.arange(1, T + 1, device=device) / (T + 1)  # interior times j / (T + 1)
     m = aggregator_rank(cfg.aggregator, K)
-    max_batch = forward_batch(cfg, device)
+    max_batch = forward_batch(cfg, model, y)
     group = max(1, max_batch // (B * T))  # paths per pass
     low, total = None, torch.zeros(B, T, H, W, device=device)
     for k0 in range(0, K, group):
@@ -650,7 +656,7 @@ def recon_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None
     dt = (1 - cfg.t0) / cfg.ode_steps
     for _ in range(cfg.ode_steps):
         v = torch.cat([velocity(model, x[sl], t[sl], labels, sl)
-                       for sl in chunks(len(x), forward_batch(cfg, y.device))])
+                       for sl in chunks(len(x), forward_batch(cfg, model, y))])
         x, t = x + dt * v, t + dt
     h = (y.repeat(cfg.K, 1, 1, 1) - x).square().sum(1).sqrt()  # Eq. (29): ||y - y_hat||_2 over channels
     return aggregate_paths(h.view(cfg.K, B, *h.shape[1:]), cfg.aggregator)
@@ -666,7 +672,7 @@ def onestep_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=No
     ids = list(range(B)) if ids is None else ids
     xt, t = noisy_copies(y, cfg, ids)
     labels = None if labels is None else labels.repeat(cfg.K)
-    v = torch.cat([velocity(model, xt[sl], t[sl], labels, sl) for sl in chunks(len(xt), forward_batch(cfg, y.device))])
+    v = torch.cat([velocity(model, xt[sl], t[sl], labels, sl) for sl in chunks(len(xt), forward_batch(cfg, model, y))])
     d = y.repeat(cfg.K, 1, 1, 1) - (xt + (1 - cfg.t0) * v)  # y - y_hat, (K*B, C, H, W)
     h = d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt()
     return aggregate_paths(h.view(cfg.K, B, *h.shape[1:]), cfg.aggregator)
@@ -695,10 +701,9 @@ SCORERS = {"mismatch": mismatch_heat, "recon": recon_heat, "onestep": onestep_he
 
 
 def inference_model(model: UNet, device, compile=False):
-    """Eval mode on `device`; on CUDA the channels_last layout, and torch.compile on request."""
-    model = model.to(device).eval()
-    if torch.device(device).type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    """Eval mode on `device` in the channels_last layout (faster on CPU and GPU), and
+    torch.compile on request."""
+    model = model.to(device, memory_format=torch.channels_last).eval()
     return torch.compile(model) if compile else model
 
 
@@ -956,7 +961,7 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
     every world-th image and rank 0 gathers them."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
-    per_call = max(1, forward_batch(cfg, device) // (cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K))
+    per_call = max(1, forward_batch(cfg, model, data.images[:1].to(device)) // (cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K))
     mine = list(range(rank, len(data), world))
     heat = torch.zeros(len(data), *data.images.shape[2:])
     for i in range(0, len(mine), per_call):
@@ -1277,7 +1282,7 @@ def add_score_args(p):
     p.add_argument("--aggregator", default=ScoreConfig.aggregator, help="min | mean | quantile:ALPHA (Eq. 3)")
     p.add_argument("--weight", default=ScoreConfig.weight, help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
     p.add_argument("--max-batch", type=int, default=ScoreConfig.max_batch,
-                   help="U-Net inputs per forward, the memory budget (0: 32 on CPU, 512 on CUDA)")
+                   help="U-Net inputs per forward, the memory budget (0: 512 on CUDA; on CPU by image size, 32 for tiny at 64^2)")
     p.add_argument("--seed", type=int, default=ScoreConfig.seed, help="seed of the paths x0")
     p.add_argument("--score", default=ScoreConfig.score,
                    help="mismatch (Eqs. 2-4) | recon (ReconFlow, App. C.2) | onestep (RADAR-style) baseline")

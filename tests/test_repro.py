@@ -43,7 +43,7 @@ def noises(cfg, y):
 
 @pytest.mark.parametrize("score", ["recon", "onestep"])
 def test_baselines_vanish_for_a_perfect_model(y, score):
-    cfg = fm.ScoreConfig(K=3, t0=0.3, ode_steps=4, score=score)
+    cfg = fm.ScoreConfig(K=3, t0=0.3, ode_steps=4, score=score, max_batch=8)
     heat = fm.SCORERS[score](Oracle(y), y, cfg=cfg)
     assert heat.shape == (2, 8, 8)
     assert heat.abs().max() < 1e-4
@@ -51,14 +51,14 @@ def test_baselines_vanish_for_a_perfect_model(y, score):
 
 def test_recon_of_a_zero_velocity_is_the_noisy_image(y):
     """v = 0 leaves y_t0 in place: h = (1 - t0) ||y - x0|| (Eq. 29), minimum over the K paths."""
-    cfg = fm.ScoreConfig(K=3, t0=0.3, ode_steps=2, score="recon")
+    cfg = fm.ScoreConfig(K=3, t0=0.3, ode_steps=2, score="recon", max_batch=8)
     want = ((1 - cfg.t0) * (y - noises(cfg, y)).square().sum(2).sqrt()).min(0).values
     torch.testing.assert_close(fm.recon_heat(Zero(), y, cfg=cfg), want)
 
 
 def test_onestep_adds_the_sobel_term_computed_by_scipy(y):
     """v = 0: y_hat = y_t0, d = (1 - t0)(y - x0); h = ||d|| + ||Sobel d|| (scipy, edges replicated)."""
-    cfg = fm.ScoreConfig(K=2, t0=0.6, score="onestep", aggregator="mean")
+    cfg = fm.ScoreConfig(K=2, t0=0.6, score="onestep", aggregator="mean", max_batch=8)
     d = ((1 - cfg.t0) * (y - noises(cfg, y))).numpy()  # (K, B, C, H, W)
     grad = np.stack([[ndimage.sobel(img, axis=a, mode="nearest") / 8 for img in d.reshape(-1, 8, 8)]
                      for a in (-1, -2)]).reshape(2, *d.shape)

@@ -85,8 +85,8 @@ def test_time_grid_and_weight_follow_eq_4():
     mean over the T times of the same Z, with w = t2 it is scaled by mean_j (j/(T+1))^2."""
     zero = lambda xt, t, labels=None: torch.zeros_like(xt)  # noqa: E731
     y = torch.randn(1, 3, 8, 8)
-    flat = fm.mismatch_heat(zero, y, cfg=fm.ScoreConfig(K=1, T=4, weight="1"))
-    t2 = fm.mismatch_heat(zero, y, cfg=fm.ScoreConfig(K=1, T=4, weight="t2"))
+    flat = fm.mismatch_heat(zero, y, cfg=fm.ScoreConfig(K=1, T=4, weight="1", max_batch=8))
+    t2 = fm.mismatch_heat(zero, y, cfg=fm.ScoreConfig(K=1, T=4, weight="t2", max_batch=8))
     x0 = fm.path_noise(0, [0], 0, (3, 8, 8), "cpu")
     assert torch.allclose(flat, (y - x0).square().sum(1), rtol=1e-6)
     scale = sum((j / 5) ** 2 for j in range(1, 5)) / 4
@@ -112,3 +112,16 @@ def test_quantile_is_the_ceil_alpha_K_order_statistic():
     assert fm.aggregator_rank("quantile:0.25", 10) == math.ceil(2.5)
     assert fm.aggregator_rank("quantile:0.01", 10) == 1
     assert fm.aggregator_rank("min", 10) == 1 and fm.aggregator_rank("mean", 10) is None
+
+
+@pytest.mark.parametrize("preset,size", [("tiny", 64), ("tiny", 16), ("small", 64), ("paper", 128), ("paper", 2048)])
+def test_automatic_cpu_batch_keeps_one_activation_within_budget(preset, size):
+    """--max-batch 0 on CPU: the largest batch whose full-resolution activation
+    (batch x base_channels x H x W) fits 2^21 numbers, and never less than one input."""
+    model = fm.build_model(preset)
+    n = fm.forward_batch(fm.ScoreConfig(), model, torch.zeros(1, 3, size, size))
+    per_input = model.cfg.base_channels * size * size
+    assert n >= 1
+    assert n * per_input <= 2**21 or n == 1
+    assert (n + 1) * per_input > 2**21
+    assert fm.forward_batch(fm.ScoreConfig(max_batch=5), model, torch.zeros(1, 3, size, size)) == 5
