@@ -108,6 +108,7 @@ class ScoreConfig:
     score: str = "mismatch"  # mismatch (Eqs. 2-4) | recon (App. C.2) | onestep (RADAR-style)
     t0: float = 0.5  # start time of the recon and onestep baselines
     ode_steps: int = 10  # Euler steps of the recon baseline from t0 to 1
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
 
 
 class UserError(Exception):
@@ -381,9 +382,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(device: torch.device):
-    """bf16 on CUDA (App. C.2), full fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, precision="auto"):
+    """bf16 on CUDA (App. C.2), full fp32 on CPU; precision "fp32" or "bf16" forces one."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=print) -> Path:
@@ -543,6 +545,8 @@ def check_score_config(cfg: ScoreConfig) -> None:
         raise UserError(f"--t0: must lie in (0, 1), got {cfg.t0}")
     if cfg.ode_steps < 1:
         raise UserError(f"--ode-steps: must be at least 1, got {cfg.ode_steps}")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--precision: {cfg.precision!r} is not auto, fp32 or bf16")
 
 
 def forward_batch(cfg: ScoreConfig, model, y) -> int:
@@ -591,7 +595,7 @@ def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=N
             ki, bi, ji = sl // (B * T), sl // T % B, sl % T
             tj = t[ji].view(-1, 1, 1, 1)
             xt = (1 - tj) * x0[ki, bi] + tj * y[bi]  # Eq. (2): x_t = (1 - t) x0 + t y
-            with autocast(device):
+            with autocast(device, cfg.precision):
                 v = model(xt, t[ji], None if labels is None else labels[bi])
             g = y[bi] - x0[ki, bi]  # Eq. (2): geometric velocity
             z.view(-1, H, W)[sl] = (v.float() - g).square().sum(1)  # Eq. (3): Z_t^(k), summed over channels
@@ -618,7 +622,7 @@ def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(),
             for k in range(cfg.K):
                 x0 = path_noise(cfg.seed, ids[b:b + 1], k, (C, H, W), y.device)
                 xt = (1 - t) * x0 + t * y[b:b + 1]
-                with autocast(y.device):
+                with autocast(y.device, cfg.precision):
                     v = model(xt, t, None if labels is None else labels[b:b + 1]).float()
                 zs.append((v - (y[b:b + 1] - x0)).square().sum(1)[0])
             zs = torch.stack(zs)
@@ -655,7 +659,7 @@ def recon_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None
     labels = None if labels is None else labels.repeat(cfg.K)
     dt = (1 - cfg.t0) / cfg.ode_steps
     for _ in range(cfg.ode_steps):
-        v = torch.cat([velocity(model, x[sl], t[sl], labels, sl)
+        v = torch.cat([velocity(model, x[sl], t[sl], labels, sl, cfg.precision)
                        for sl in chunks(len(x), forward_batch(cfg, model, y))])
         x, t = x + dt * v, t + dt
     h = (y.repeat(cfg.K, 1, 1, 1) - x).square().sum(1).sqrt()  # Eq. (29): ||y - y_hat||_2 over channels
@@ -672,7 +676,7 @@ def onestep_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=No
     ids = list(range(B)) if ids is None else ids
     xt, t = noisy_copies(y, cfg, ids)
     labels = None if labels is None else labels.repeat(cfg.K)
-    v = torch.cat([velocity(model, xt[sl], t[sl], labels, sl) for sl in chunks(len(xt), forward_batch(cfg, model, y))])
+    v = torch.cat([velocity(model, xt[sl], t[sl], labels, sl, cfg.precision) for sl in chunks(len(xt), forward_batch(cfg, model, y))])
     d = y.repeat(cfg.K, 1, 1, 1) - (xt + (1 - cfg.t0) * v)  # y - y_hat, (K*B, C, H, W)
     h = d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt()
     return aggregate_paths(h.view(cfg.K, B, *h.shape[1:]), cfg.aggregator)
@@ -683,9 +687,9 @@ def chunks(n: int, size: int):
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def velocity(model, x, t, labels, sl):
-    """v(x, t) in fp32 for the rows `sl` of a path-major batch."""
-    with autocast(x.device):
+def velocity(model, x, t, labels, sl, precision):
+    """v(x, t), returned in fp32, for the rows `sl` of a path-major batch."""
+    with autocast(x.device, precision):
         return model(x, t, None if labels is None else labels[sl]).float()
 
 
@@ -700,10 +704,10 @@ def sobel(x: torch.Tensor) -> torch.Tensor:
 SCORERS = {"mismatch": mismatch_heat, "recon": recon_heat, "onestep": onestep_heat}
 
 
-def inference_model(model: UNet, device, compile=False):
-    """Eval mode on `device` in the channels_last layout (faster on CPU and GPU), and
-    torch.compile on request."""
-    model = model.to(device, memory_format=torch.channels_last).eval()
+def inference_model(model: UNet, device, compile=False, channels_last=True):
+    """Eval mode on `device` in the channels_last layout (faster on CPU and GPU; BENCHMARKS.md),
+    and torch.compile on request."""
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     return torch.compile(model) if compile else model
 
 
@@ -1124,7 +1128,7 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, max_batch=0,
-          repeats=3, naive=True, train_mode=False, compile=False) -> dict:
+          repeats=3, naive=True, train_mode=False, compile=False, channels_last=True) -> dict:
     device = pick_device(device)
     torch.manual_seed(0)
     model = build_model(preset, 0).to(device)
@@ -1154,8 +1158,9 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     flops = counter.get_total_flops()  # one 1-image forward
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    layout = "channels_last" if channels_last else "nchw"
     if train_mode:
-        model.train()
+        model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
         opt = StableAdamW(model.parameters())
         n_steps = 10
 
@@ -1169,16 +1174,28 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
 
         _, seconds = timed(steps)
         fps = n_steps * images / seconds
-        return dict(mode="train", device=name, preset=preset, batch=images, train_fps=fps,
+        return dict(mode="train", device=name, preset=preset, layout=layout, batch=images, train_fps=fps,
                     achieved_tflops=3 * flops * fps / 1e12, peak_mem_bytes=peak_memory(device))
     cfg = ScoreConfig(K=K, T=T, max_batch=max_batch)
-    fast = inference_model(model, device, compile)
+    fast = inference_model(model, device, compile, channels_last)
     heat, seconds = timed(lambda: mismatch_heat(fast, y, cfg=cfg))
-    out = dict(mode="score", device=name, preset=preset, K=K, T=T, images=images, image_size=image_size,
+    out = dict(mode="score", device=name, preset=preset, layout=layout, compile=compile, K=K, T=T, images=images,
+               image_size=image_size, max_batch=forward_batch(cfg, model, y),
                batched_fps=images / seconds, forwards_per_s=images * K * T / seconds,
                achieved_tflops=flops * images * K * T / seconds / 1e12, peak_mem_bytes=peak_memory(device))
     if peak:
         out["fraction_of_bf16_peak"] = out["achieved_tflops"] / peak
+    # The same batched scorer in the other precision: its speed, and how far bf16 moves the numbers.
+    bf16 = device.type == "cuda"
+    other = replace(cfg, precision="fp32" if bf16 else "bf16")
+    heat_other, seconds_other = timed(lambda: mismatch_heat(fast, y, cfg=other))
+    h32, h16 = (heat_other, heat) if bf16 else (heat, heat_other)
+    s32, s16 = image_score(h32), image_score(h16)
+    out.update(precision="bf16" if bf16 else "fp32", other_precision=other.precision,
+               other_precision_fps=images / seconds_other,
+               bf16_heat_max_rel_diff=float((h16 - h32).abs().max() / h32.abs().max()),
+               bf16_score_max_rel_diff=float(((s16 - s32).abs() / s32.abs()).max()),
+               bf16_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
     if naive:
         ref, seconds_naive = timed(lambda: mismatch_heat_naive(model, y, cfg=cfg))
         out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / seconds,
@@ -1290,12 +1307,13 @@ def add_score_args(p):
     p.add_argument("--ode-steps", type=int, default=ScoreConfig.ode_steps, help="Euler steps of recon from t0 to 1")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (worth it for large test sets)")
+    p.add_argument("--precision", default=ScoreConfig.precision, help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
 
 
 def score_config(args) -> ScoreConfig:
     return ScoreConfig(K=args.K, T=args.T, aggregator=args.aggregator, weight=args.weight,
                        max_batch=args.max_batch, seed=args.seed, score=args.score, t0=args.t0,
-                       ode_steps=args.ode_steps)
+                       ode_steps=args.ode_steps, precision=args.precision)
 
 
 def cmd_train(args):
@@ -1419,7 +1437,8 @@ def cmd_bench(args):
     size = args.image_size or CPU_RECIPES.get(args.preset, {}).get("image_size", TrainConfig.image_size)
     check_image_size(size, args.preset)
     r = bench(args.preset, args.device, args.K, args.T, args.images, size, args.max_batch,
-              args.repeats, naive=not args.no_naive, train_mode=args.train, compile=args.compile)
+              args.repeats, naive=not args.no_naive, train_mode=args.train, compile=args.compile,
+              channels_last=not args.nchw)
     r.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     for k, v in r.items():
         print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
@@ -1503,6 +1522,7 @@ def build_parser() -> Parser:
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
     p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net of the batched scorer")
+    p.add_argument("--nchw", action="store_true", help="keep the NCHW layout instead of channels_last (to measure it)")
     p.add_argument("--json", help="also write the figures to this file")
     p.set_defaults(func=cmd_bench)
     return ap

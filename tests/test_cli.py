@@ -112,3 +112,5 @@ def test_bench_reports_agreement_of_batched_and_naive(tmp_path):
     for key in ("naive_fps", "batched_fps", "speedup", "max_abs_diff", "peak_mem_bytes", "device", "preset", "K", "T"):
         assert key in b
     assert b["max_abs_diff"] <= 1e-5 and b["K"] == 2 and b["preset"] == "tiny"
+    assert b["precision"] == "fp32" and b["other_precision"] == "bf16" and b["layout"] == "channels_last"
+    assert 0 < b["bf16_heat_max_rel_diff"] < 0.02  # bf16 unit roundoff is 0.4 %; see test_scorer

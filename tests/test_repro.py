@@ -112,6 +112,7 @@ def test_compare_puts_the_papers_numbers_beside_ours(tmp_path):
     (["--weights", "1,t3"], "--weights"),
     (["--t0", "1"], "--t0"),
     (["--ode-steps", "0"], "--ode-steps"),
+    (["--precision", "fp16"], "--precision"),
 ])
 def test_bad_ablation_flags(trained, mvtec, tmp_path, flags, needle):
     r = run_cli("test", "--ckpt", trained, "--data", mvtec, "--out", tmp_path / "out", *flags)
