@@ -134,5 +134,6 @@ def test_test_category_absent_from_checkpoint(trained, visa, tmp_path):
 def test_unknown_preset_and_flag_values(mvtec, tmp_path):
     assert_user_error(run_cli("train", "--data", mvtec, "--out", tmp_path / "r", "--preset", "huge"), "--preset")
     assert_user_error(run_cli("train", "--data", mvtec, "--out", tmp_path / "r", "--steps", "0"), "--steps")
+    assert_user_error(run_cli("train", "--data", mvtec, "--out", tmp_path / "r", "--lr", "-1e-4"), "--lr")
     assert_user_error(run_cli("test", "--ckpt", "x"), "required")
     assert not (tmp_path / "r").exists()
