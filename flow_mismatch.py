@@ -68,7 +68,7 @@ PRESETS = {
 PRESET_HELP = {
     "paper": "App. C.1, 45.3 M parameters, for GPUs (2000 epochs at 128^2)",
     "small": "5.2 M parameters, for a machine with more cores (1000 steps at 64^2, about an hour on 2 cores)",
-    "tiny": "0.35 M parameters, the CPU preset, the demo and the tests (1000 steps at 64^2, ~15 min on 2 cores)",
+    "tiny": "0.35 M parameters, the CPU preset, the demo and the tests (1000 steps at 64^2, ~12 min on 2 cores)",
 }
 # Image size, training length and learning rate of the CPU presets when --image-size, --epochs,
 # --steps and --lr are not given; `paper` uses TrainConfig's (the paper's) values. 1000 steps are
