@@ -678,7 +678,8 @@ def onestep_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=No
     ids = list(range(B)) if ids is None else ids
     xt, t = noisy_copies(y, cfg, ids)
     labels = None if labels is None else labels.repeat(cfg.K)
-    v = torch.cat([velocity(model, xt[sl], t[sl], labels, sl, cfg.precision) for sl in chunks(len(xt), forward_batch(cfg, model, y))])
+    v = torch.cat([velocity(model, xt[sl], t[sl], labels, sl, cfg.precision)
+                   for sl in chunks(len(xt), forward_batch(cfg, model, y))])
     d = y.repeat(cfg.K, 1, 1, 1) - (xt + (1 - cfg.t0) * v)  # y - y_hat, (K*B, C, H, W)
     h = d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt()
     return aggregate_paths(h.view(cfg.K, B, *h.shape[1:]), cfg.aggregator)
@@ -967,7 +968,8 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
     every world-th image and rank 0 gathers them."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
-    per_call = max(1, forward_batch(cfg, model, data.images[:1].to(device)) // (cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K))
+    inputs_per_image = cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K
+    per_call = max(1, forward_batch(cfg, model, data.images[:1].to(device)) // inputs_per_image)
     mine = list(range(rank, len(data), world))
     heat = torch.zeros(len(data), *data.images.shape[2:])
     for i in range(0, len(mine), per_call):
@@ -1308,7 +1310,8 @@ def add_score_args(p):
     p.add_argument("--aggregator", default=ScoreConfig.aggregator, help="min | mean | quantile:ALPHA (Eq. 3)")
     p.add_argument("--weight", default=ScoreConfig.weight, help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
     p.add_argument("--max-batch", type=int, default=ScoreConfig.max_batch,
-                   help="U-Net inputs per forward, the memory budget (0: 512 on CUDA; on CPU by image size, 32 for tiny at 64^2)")
+                   help="U-Net inputs per forward, the memory budget (0: automatic, 512 on CUDA, "
+                        "by image size on CPU: 32 for tiny at 64^2)")
     p.add_argument("--seed", type=int, default=ScoreConfig.seed, help="seed of the paths x0")
     p.add_argument("--score", default=ScoreConfig.score,
                    help="mismatch (Eqs. 2-4) | recon (ReconFlow, App. C.2) | onestep (RADAR-style) baseline")
@@ -1473,7 +1476,8 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=positive_int, help="optimiser steps (overrides --epochs)")
     p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size, help="images per process and step")
     p.add_argument("--image-size", type=int, help=f"square size images are resized to (paper: {TrainConfig.image_size})")
-    p.add_argument("--lr", type=positive_float, help=f"learning rate (paper: {TrainConfig.lr}; CPU presets: 5e-4)")
+    p.add_argument("--lr", type=positive_float,
+                   help=f"learning rate (paper: {TrainConfig.lr}; CPU presets: {CPU_RECIPES['tiny']['lr']})")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--pooled", action="store_true", help="one unconditional model for all categories (Table 8)")
     p.add_argument("--save-every", type=positive_int, default=TrainConfig.save_every, help="steps between checkpoints")
