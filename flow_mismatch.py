@@ -12,8 +12,23 @@ its peak the image score S (Eq. 4).
     python flow_mismatch.py test  --ckpt runs/mvtec/ckpt.pt --data mvtec --out eval/mvtec
     python flow_mismatch.py demo                                          # tiny CPU run on generated data
 
-Sections follow the paper: config -> U-Net (App. C.1) -> CFM training (Eq. 1, App. C.2)
--> scorer (Eqs. 2-4) -> metrics -> data -> CLI.
+Contents. The method, in the paper's order:
+    Config              one dataclass per concern; presets (App. C.1), CPU recipes
+    U-Net               App. C.1: residual blocks, time modulation, attention
+    CFM loss            Eq. (1)
+    Scorer              Eqs. (2)-(4): paths x_t, mismatch Z_t, min over paths, heatmap H, score S
+The machinery:
+    Scorer machinery    forward batch, precision, input checks, the naive reference loop
+    Training loop       StableAdamW (App. C.2), seeded and resumable steps, signals
+    Checkpoints         atomic saves, readable load errors
+    Devices and DDP     torchrun process groups, device choice
+    Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
+    Metrics             the seven numbers of Table 1
+    Data                MVTec-AD / VisA folders, the demo's generated data
+    Evaluation          scoring test sets, overlays, tables; ablation sweeps (Tables 6-9)
+    Speed               bench: batched scorer against the naive loop
+    The paper's numbers Tables 1, 4, 5 for `compare`
+    CLI                 train, test, score, demo, compare, bench
 """
 
 from __future__ import annotations
@@ -37,9 +52,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # ----------------------------------------------------------------------------
 # Config: one dataclass per concern; the CLI reads its defaults from here.
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -65,11 +80,15 @@ PRESETS = {
     "tiny": ModelConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                         attention_ds=(4,), head_channels=16, norm_groups=8),
 }
+
+
 PRESET_HELP = {
     "paper": "App. C.1, 45.3 M parameters, for GPUs (2000 epochs at 128^2)",
     "small": "5.2 M parameters, for a machine with more cores (1000 steps at 64^2, about an hour on 2 cores)",
     "tiny": "0.35 M parameters, the CPU preset, the demo and the tests (1000 steps at 64^2, ~12 min on 2 cores)",
 }
+
+
 # Image size, training length and learning rate of the CPU presets when --image-size, --epochs,
 # --steps and --lr are not given; `paper` uses TrainConfig's (the paper's) values. 1000 steps are
 # 10-30x fewer than the paper's 2000 epochs, and at lr 1e-4 the model is far from fitted then; 5e-4
@@ -124,7 +143,6 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------
 # U-Net (App. C.1): residual blocks with scale-shift time modulation, residual
 # up/downsampling, multi-head self-attention at low resolutions.
-
 
 def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of 1000 t (t in [0, 1]), (N,) -> (N, dim)."""
@@ -262,8 +280,7 @@ def build_model(preset: str = "paper", num_classes: int = 0) -> UNet:
 
 
 # ----------------------------------------------------------------------------
-# Conditional flow matching (Eq. 1) and the optimiser of App. C.2.
-
+# CFM loss (Eq. 1): the whole training objective.
 
 def cfm_loss(model, y, labels=None, generator=None):
     """Eq. (1): regress v(x_t, t) on the path velocity y - x0, with x_t = (1 - t) x0 + t y."""
@@ -274,6 +291,165 @@ def cfm_loss(model, y, labels=None, generator=None):
     v = model(xt, t, labels)
     return F.mse_loss(v.float(), y - x0)
 
+
+# ----------------------------------------------------------------------------
+# Scorer (Eqs. 2-4): K paths x T times of velocity mismatch -> heatmap H, score S.
+
+WEIGHTS = {  # w(t) of Eq. (4); t2 is Prop. 4.4, snr the inverse-variance weight in y-space
+    "1": lambda t: torch.ones_like(t),
+    "t": lambda t: t,
+    "t2": lambda t: t**2,
+    "snr": lambda t: t**2 / (1 - t) ** 2,
+}
+
+
+def aggregator_rank(aggregator: str, K: int):
+    """Order statistic kept by Eq. (3)'s aggregator: 1 for min, ceil(alpha K) for quantile:alpha,
+    None for mean."""
+    if aggregator == "mean":
+        return None
+    if aggregator == "min":
+        return 1
+    if aggregator.startswith("quantile:"):
+        try:
+            alpha = float(aggregator.split(":", 1)[1])
+        except ValueError:
+            alpha = -1.0
+        if 0 < alpha <= 1:
+            return max(1, math.ceil(alpha * K))
+    raise UserError(f"--aggregator: {aggregator!r} is not min, mean or quantile:ALPHA with 0 < ALPHA <= 1")
+
+
+def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
+    """x0 of path k for the images `ids`, (len(ids), *shape): a function of (seed, image id, k)
+    only, so a heatmap does not depend on batching, chunking or the number of processes."""
+    gen = torch.Generator(device=device)
+    x0 = torch.empty((len(ids), *shape), device=device)
+    for i, image_id in enumerate(ids):
+        gen.manual_seed(hash((seed, int(image_id), k)) & 0x7FFF_FFFF_FFFF_FFFF)
+        x0[i] = torch.randn(shape, generator=gen, device=device)
+    return x0
+
+
+@torch.no_grad()
+def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+    """Heatmap H of Eq. (4) for normalised images y (B, C, H, W) -> (B, H, W) float32.
+
+    The K*T forwards of a batch run as flattened (path, image, time) batches of at most
+    cfg.max_batch inputs; paths are folded into a running order statistic (running min by
+    default), so memory does not grow with K."""
+    B, C, H, W = y.shape
+    K, T, device = cfg.K, cfg.T, y.device
+    ids = list(range(B)) if ids is None else ids
+    t = torch.arange(1, T + 1, device=device) / (T + 1)  # interior times j / (T + 1)
+    m = aggregator_rank(cfg.aggregator, K)
+    max_batch = forward_batch(cfg, model, y)
+    group = max(1, max_batch // (B * T))  # paths per pass
+    low, total = None, torch.zeros(B, T, H, W, device=device)
+    for k0 in range(0, K, group):
+        ks = range(k0, min(K, k0 + group))
+        x0 = torch.stack([path_noise(cfg.seed, ids, k, (C, H, W), device) for k in ks])  # (g, B, C, H, W)
+        flat = torch.arange(len(ks) * B * T, device=device)
+        z = torch.empty(len(ks), B, T, H, W, device=device)
+        for sl in flat.split(max_batch):
+            ki, bi, ji = sl // (B * T), sl // T % B, sl % T
+            tj = t[ji].view(-1, 1, 1, 1)
+            xt = (1 - tj) * x0[ki, bi] + tj * y[bi]  # Eq. (2): x_t = (1 - t) x0 + t y
+            with autocast(device, cfg.precision):
+                v = model(xt, t[ji], None if labels is None else labels[bi])
+            g = y[bi] - x0[ki, bi]  # Eq. (2): geometric velocity
+            z.view(-1, H, W)[sl] = (v.float() - g).square().sum(1)  # Eq. (3): Z_t^(k), summed over channels
+        if m is None:
+            total += z.sum(0)
+        else:  # Eq. (3): keep the m smallest over paths; the m-th is the min (m = 1) or quantile
+            low = z if low is None else torch.cat([low, z])
+            low = low.topk(min(m, len(low)), dim=0, largest=False).values
+    delta = total / K if m is None else low.amax(0)  # (B, T, H, W)
+    return (WEIGHTS[cfg.weight](t).view(1, T, 1, 1) * delta).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
+
+
+def image_score(heat: torch.Tensor) -> torch.Tensor:
+    """Eq. (4): S = max H + mean of the top 1 % of H, (B, H, W) -> (B,)."""
+    flat = heat.flatten(1)
+    top = flat.topk(max(1, math.ceil(0.01 * flat.shape[1])), dim=1).values
+    return top[:, 0] + top.mean(1)
+
+
+# ----------------------------------------------------------------------------
+# End of the method. The machinery follows: how the scorer is batched and checked, training,
+# checkpoints, devices and DDP, baselines, metrics, data, evaluation, speed, the paper's numbers, CLI.
+#
+# Scorer machinery: forward batch size, precision, input checks, the one-forward-at-a-time reference.
+
+
+def forward_batch(cfg: ScoreConfig, model, y) -> int:
+    """U-Net inputs per forward for images y: 512 fill a GPU; on a CPU, as many as keep one
+    full-resolution activation (base_channels x H x W per input) within 2^21 numbers, the
+    batch that measured fastest for every preset (BENCHMARKS.md): larger ones leave the caches."""
+    if cfg.max_batch:
+        return cfg.max_batch
+    if y.device.type == "cuda":
+        return 512
+    return max(1, 2**21 // (model.cfg.base_channels * y.shape[-2] * y.shape[-1]))
+
+
+def autocast(device: torch.device, precision="auto"):
+    """bf16 on CUDA (App. C.2), full fp32 on CPU; precision "fp32" or "bf16" forces one."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def check_score_config(cfg: ScoreConfig) -> None:
+    for flag, value in (("-K", cfg.K), ("-T", cfg.T)):
+        if value < 1:
+            raise UserError(f"{flag}: must be at least 1, got {value}")
+    if cfg.max_batch < 0:
+        raise UserError(f"--max-batch: must be 0 (automatic) or positive, got {cfg.max_batch}")
+    if cfg.weight not in WEIGHTS:
+        raise UserError(f"--weight: {cfg.weight!r} is not one of {', '.join(WEIGHTS)}")
+    aggregator_rank(cfg.aggregator, cfg.K)
+    if cfg.score not in SCORERS:
+        raise UserError(f"--score: {cfg.score!r} is not one of {', '.join(SCORERS)}")
+    if not 0 < cfg.t0 < 1:
+        raise UserError(f"--t0: must lie in (0, 1), got {cfg.t0}")
+    if cfg.ode_steps < 1:
+        raise UserError(f"--ode-steps: must be at least 1, got {cfg.ode_steps}")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--precision: {cfg.precision!r} is not auto, fp32 or bf16")
+
+
+def inference_model(model: UNet, device, compile=False, channels_last=True):
+    """Eval mode on `device` in the channels_last layout (faster on CPU and GPU; BENCHMARKS.md),
+    and torch.compile on request."""
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    return torch.compile(model) if compile else model
+
+
+@torch.no_grad()
+def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+    """Eqs. (2)-(4) one forward at a time: the reference the batched scorer is checked against."""
+    B, C, H, W = y.shape
+    ids = list(range(B)) if ids is None else ids
+    m = aggregator_rank(cfg.aggregator, cfg.K)
+    heat = torch.zeros(B, H, W, device=y.device)
+    for b in range(B):
+        for j in range(1, cfg.T + 1):
+            t = torch.tensor([j / (cfg.T + 1)], device=y.device)
+            zs = []
+            for k in range(cfg.K):
+                x0 = path_noise(cfg.seed, ids[b:b + 1], k, (C, H, W), y.device)
+                xt = (1 - t) * x0 + t * y[b:b + 1]
+                with autocast(y.device, cfg.precision):
+                    v = model(xt, t, None if labels is None else labels[b:b + 1]).float()
+                zs.append((v - (y[b:b + 1] - x0)).square().sum(1)[0])
+            zs = torch.stack(zs)
+            delta = zs.mean(0) if m is None else zs.sort(0).values[m - 1]
+            heat[b] += WEIGHTS[cfg.weight](t) * delta / cfg.T
+    return heat
+
+
+# ----------------------------------------------------------------------------
+# Training loop: the optimiser of App. C.2 and a loop that survives interruption.
 
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with AMSGrad and per-tensor update clipping (StableAdamW, Wortsman et al. 2023):
@@ -309,48 +485,6 @@ class StableAdamW(torch.optim.Optimizer):
                 p.add_(-lr * update)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temp file, fsync, rename; a kill at any moment leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
-
-
-def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--ckpt: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"--ckpt: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:80]})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise UserError(f"--ckpt: {path} is not a flow-mismatch checkpoint")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, path="") -> UNet:
-    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
-    model = UNet(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise UserError(f"--ckpt: {path} does not match its own model config (other preset or class count?)")
-    return model
-
-
 class Stop:
     """SIGINT/SIGTERM during training: finish the step, save, exit."""
 
@@ -359,35 +493,6 @@ class Stop:
 
     def __call__(self, signum, frame):
         self.signum = signum
-
-
-def distributed() -> tuple[int, int, int]:
-    """(rank, world, local_rank); initialises the process group under torchrun."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device: cuda requested but no GPU is visible")
-        torch.backends.cuda.matmul.allow_tf32 = True  # App. C.2: TF32
-        torch.backends.cudnn.allow_tf32 = True
-        return torch.device("cuda", local_rank)
-    if name != "cpu":
-        raise UserError(f"--device: unknown device {name!r} (auto, cpu or cuda)")
-    return torch.device("cpu")
-
-
-def autocast(device: torch.device, precision="auto"):
-    """bf16 on CUDA (App. C.2), full fp32 on CPU; precision "fp32" or "bf16" forces one."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=print) -> Path:
@@ -505,134 +610,77 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
 
 
 # ----------------------------------------------------------------------------
-# Scorer (Eqs. 2-4): K paths x T times of velocity mismatch -> heatmap H, score S.
+# Checkpoints: atomic writes, readable errors.
 
-WEIGHTS = {  # w(t) of Eq. (4); t2 is Prop. 4.4, snr the inverse-variance weight in y-space
-    "1": lambda t: torch.ones_like(t),
-    "t": lambda t: t,
-    "t2": lambda t: t**2,
-    "snr": lambda t: t**2 / (1 - t) ** 2,
-}
-
-
-def aggregator_rank(aggregator: str, K: int):
-    """Order statistic kept by Eq. (3)'s aggregator: 1 for min, ceil(alpha K) for quantile:alpha,
-    None for mean."""
-    if aggregator == "mean":
-        return None
-    if aggregator == "min":
-        return 1
-    if aggregator.startswith("quantile:"):
-        try:
-            alpha = float(aggregator.split(":", 1)[1])
-        except ValueError:
-            alpha = -1.0
-        if 0 < alpha <= 1:
-            return max(1, math.ceil(alpha * K))
-    raise UserError(f"--aggregator: {aggregator!r} is not min, mean or quantile:ALPHA with 0 < ALPHA <= 1")
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write a temp file, fsync, rename; a kill at any moment leaves the old file intact."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
 
 
-def check_score_config(cfg: ScoreConfig) -> None:
-    for flag, value in (("-K", cfg.K), ("-T", cfg.T)):
-        if value < 1:
-            raise UserError(f"{flag}: must be at least 1, got {value}")
-    if cfg.max_batch < 0:
-        raise UserError(f"--max-batch: must be 0 (automatic) or positive, got {cfg.max_batch}")
-    if cfg.weight not in WEIGHTS:
-        raise UserError(f"--weight: {cfg.weight!r} is not one of {', '.join(WEIGHTS)}")
-    aggregator_rank(cfg.aggregator, cfg.K)
-    if cfg.score not in SCORERS:
-        raise UserError(f"--score: {cfg.score!r} is not one of {', '.join(SCORERS)}")
-    if not 0 < cfg.t0 < 1:
-        raise UserError(f"--t0: must lie in (0, 1), got {cfg.t0}")
-    if cfg.ode_steps < 1:
-        raise UserError(f"--ode-steps: must be at least 1, got {cfg.ode_steps}")
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"--precision: {cfg.precision!r} is not auto, fp32 or bf16")
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--ckpt: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"--ckpt: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:80]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"--ckpt: {path} is not a flow-mismatch checkpoint")
+    return ckpt
 
 
-def forward_batch(cfg: ScoreConfig, model, y) -> int:
-    """U-Net inputs per forward for images y: 512 fill a GPU; on a CPU, as many as keep one
-    full-resolution activation (base_channels x H x W per input) within 2^21 numbers, the
-    batch that measured fastest for every preset (BENCHMARKS.md): larger ones leave the caches."""
-    if cfg.max_batch:
-        return cfg.max_batch
-    if y.device.type == "cuda":
-        return 512
-    return max(1, 2**21 // (model.cfg.base_channels * y.shape[-2] * y.shape[-1]))
+def model_from_checkpoint(ckpt: dict, path="") -> UNet:
+    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
+    model = UNet(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UserError(f"--ckpt: {path} does not match its own model config (other preset or class count?)")
+    return model
 
 
-def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
-    """x0 of path k for the images `ids`, (len(ids), *shape): a function of (seed, image id, k)
-    only, so a heatmap does not depend on batching, chunking or the number of processes."""
-    gen = torch.Generator(device=device)
-    x0 = torch.empty((len(ids), *shape), device=device)
-    for i, image_id in enumerate(ids):
-        gen.manual_seed(hash((seed, int(image_id), k)) & 0x7FFF_FFFF_FFFF_FFFF)
-        x0[i] = torch.randn(shape, generator=gen, device=device)
-    return x0
+# ----------------------------------------------------------------------------
+# Devices and DDP (torchrun).
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world, local_rank); initialises the process group under torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
-@torch.no_grad()
-def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """Heatmap H of Eq. (4) for normalised images y (B, C, H, W) -> (B, H, W) float32.
-
-    The K*T forwards of a batch run as flattened (path, image, time) batches of at most
-    cfg.max_batch inputs; paths are folded into a running order statistic (running min by
-    default), so memory does not grow with K."""
-    B, C, H, W = y.shape
-    K, T, device = cfg.K, cfg.T, y.device
-    ids = list(range(B)) if ids is None else ids
-    t = torch.arange(1, T + 1, device=device) / (T + 1)  # interior times j / (T + 1)
-    m = aggregator_rank(cfg.aggregator, K)
-    max_batch = forward_batch(cfg, model, y)
-    group = max(1, max_batch // (B * T))  # paths per pass
-    low, total = None, torch.zeros(B, T, H, W, device=device)
-    for k0 in range(0, K, group):
-        ks = range(k0, min(K, k0 + group))
-        x0 = torch.stack([path_noise(cfg.seed, ids, k, (C, H, W), device) for k in ks])  # (g, B, C, H, W)
-        flat = torch.arange(len(ks) * B * T, device=device)
-        z = torch.empty(len(ks), B, T, H, W, device=device)
-        for sl in flat.split(max_batch):
-            ki, bi, ji = sl // (B * T), sl // T % B, sl % T
-            tj = t[ji].view(-1, 1, 1, 1)
-            xt = (1 - tj) * x0[ki, bi] + tj * y[bi]  # Eq. (2): x_t = (1 - t) x0 + t y
-            with autocast(device, cfg.precision):
-                v = model(xt, t[ji], None if labels is None else labels[bi])
-            g = y[bi] - x0[ki, bi]  # Eq. (2): geometric velocity
-            z.view(-1, H, W)[sl] = (v.float() - g).square().sum(1)  # Eq. (3): Z_t^(k), summed over channels
-        if m is None:
-            total += z.sum(0)
-        else:  # Eq. (3): keep the m smallest over paths; the m-th is the min (m = 1) or quantile
-            low = z if low is None else torch.cat([low, z])
-            low = low.topk(min(m, len(low)), dim=0, largest=False).values
-    delta = total / K if m is None else low.amax(0)  # (B, T, H, W)
-    return (WEIGHTS[cfg.weight](t).view(1, T, 1, 1) * delta).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device: cuda requested but no GPU is visible")
+        torch.backends.cuda.matmul.allow_tf32 = True  # App. C.2: TF32
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise UserError(f"--device: unknown device {name!r} (auto, cpu or cuda)")
+    return torch.device("cpu")
 
 
-@torch.no_grad()
-def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """Eqs. (2)-(4) one forward at a time: the reference the batched scorer is checked against."""
-    B, C, H, W = y.shape
-    ids = list(range(B)) if ids is None else ids
-    m = aggregator_rank(cfg.aggregator, cfg.K)
-    heat = torch.zeros(B, H, W, device=y.device)
-    for b in range(B):
-        for j in range(1, cfg.T + 1):
-            t = torch.tensor([j / (cfg.T + 1)], device=y.device)
-            zs = []
-            for k in range(cfg.K):
-                x0 = path_noise(cfg.seed, ids[b:b + 1], k, (C, H, W), y.device)
-                xt = (1 - t) * x0 + t * y[b:b + 1]
-                with autocast(y.device, cfg.precision):
-                    v = model(xt, t, None if labels is None else labels[b:b + 1]).float()
-                zs.append((v - (y[b:b + 1] - x0)).square().sum(1)[0])
-            zs = torch.stack(zs)
-            delta = zs.mean(0) if m is None else zs.sort(0).values[m - 1]
-            heat[b] += WEIGHTS[cfg.weight](t) * delta / cfg.T
-    return heat
-
-
+# ----------------------------------------------------------------------------
 # Baselines on the same trained model (Table 2): only the test-time rule changes. Both start
 # from K noisy copies y_t0 = (1 - t0) x0 + t0 y of the image, with x0 = path_noise(seed, i, k),
 # and keep the order statistic of `aggregator` over the K per-path maps (min by default).
@@ -705,20 +753,6 @@ def sobel(x: torch.Tensor) -> torch.Tensor:
 
 
 SCORERS = {"mismatch": mismatch_heat, "recon": recon_heat, "onestep": onestep_heat}
-
-
-def inference_model(model: UNet, device, compile=False, channels_last=True):
-    """Eval mode on `device` in the channels_last layout (faster on CPU and GPU; BENCHMARKS.md),
-    and torch.compile on request."""
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return torch.compile(model) if compile else model
-
-
-def image_score(heat: torch.Tensor) -> torch.Tensor:
-    """Eq. (4): S = max H + mean of the top 1 % of H, (B, H, W) -> (B,)."""
-    flat = heat.flatten(1)
-    top = flat.topk(max(1, math.ceil(0.01 * flat.shape[1])), dim=1).values
-    return top[:, 0] + top.mean(1)
 
 
 # ----------------------------------------------------------------------------
@@ -961,7 +995,6 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
 
 # ----------------------------------------------------------------------------
 # Evaluation: score every test image of every category, write what the metrics used.
-
 
 def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None):
     """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores
@@ -1257,7 +1290,6 @@ def compare(results: dict, dataset: str) -> str:
 
 # ----------------------------------------------------------------------------
 # CLI: a thin layer over train / run_test / mismatch_heat.
-
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2
