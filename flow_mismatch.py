@@ -34,17 +34,23 @@ The machinery:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback; main() restores it
+    signal.signal(signal.SIGINT, lambda *_: (print("flow_mismatch.py: interrupted", file=sys.stderr), os._exit(130)))
 
 import numpy as np
 import torch
@@ -495,6 +501,37 @@ class Stop:
         self.signum = signum
 
 
+@contextlib.contextmanager
+def run_lock(out: Path, flag="--out"):
+    """One `train` per run folder: an exclusive OS lock (flock) on RUN_DIR/.lock, which holds the
+    holder's pid, for as long as the block runs; the OS drops it when the process dies, kill -9
+    included, so no stale lock survives. A run folder made here and left empty is removed again."""
+    if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
+        yield
+        return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{flag}: {out} is in use by another train (pid {holder}); wait for it or choose another folder")
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        if made and [p.name for p in out.iterdir()] == [".lock"]:
+            path.unlink()
+            out.rmdir()
+        f.close()
+
+
 def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=print) -> Path:
     """Train v_theta on `data` (a Dataset of normal images) and write out/ckpt.pt.
 
@@ -542,11 +579,15 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
                     train_config=asdict(replace(cfg, steps=total)), mean=mean.tolist(), std=std.tolist(),
                     class_names=data.class_names, conditional=conditional, step=at_step, data=data.root)
 
+    def kept():
+        return (f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else
+                "no checkpoint had been written yet")
+
     def save(path, at_step):
         if rank == 0:
             if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise UserError(f"training diverged before step {at_step}: weights are not finite; "
-                                f"the last good checkpoint is kept in {out}", status=1)
+                raise UserError(f"training diverged before step {at_step}: weights are not finite; {kept()}",
+                                status=1)
             try:
                 save_checkpoint(path, state(at_step))
             except OSError as e:
@@ -578,9 +619,14 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
             opt.step()
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise UserError(f"training diverged: non-finite loss ({loss_value}) at step {step + 1}; "
-                                f"the last good checkpoint is kept in {out}", status=1)
+                raise UserError(f"training diverged: non-finite loss ({loss_value}) at step {step + 1}; {kept()}",
+                                status=1)
             step += 1
+            if step - step0 == 2 and rank == 0 and device.type == "cpu" and cfg.preset not in CPU_RECIPES:
+                hours = (time.time() - t_start) / 2 * (total - step) / 3600
+                log(f"preset {cfg.preset} on a CPU: about {hours:,.1f} h for the remaining {total - step:,} steps "
+                    f"(timed over the first 2); the CPU preset, --preset tiny, trains in minutes "
+                    f"(--preset small on more cores); continuing, Ctrl-C saves a checkpoint and stops")
             if world > 1:  # every rank stops at the same step
                 flag = torch.tensor([stop.signum], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -620,6 +666,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the mode any new file of the user gets
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -859,7 +908,7 @@ def read_image(path: Path, size: int, mode="RGB"):
             im = im.convert(mode)
             im = im.resize((size, size), Image.BILINEAR if mode == "RGB" else Image.NEAREST)
             return np.asarray(im), original
-    except (OSError, ValueError, SyntaxError) as e:
+    except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, DecompressionBombError...)
         raise UserError(f"{path}: unreadable or corrupt image ({str(e)[:80]})")
 
 
@@ -876,11 +925,20 @@ def find_categories(root: Path) -> list:
     return cats
 
 
-def _load(files, size, mode="RGB"):
+def _load(files, size, mode="RGB", skip=False):
+    """read_image of every file, in threads; with skip, an unreadable file is None and one warning line."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def read(f):
+        try:
+            return read_image(f, size, mode)
+        except UserError as e:
+            if not skip:
+                raise
+            print(f"flow_mismatch.py: warning: {e}; skipped", file=sys.stderr, flush=True)
+
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda f: read_image(f, size, mode), files))
+        return list(pool.map(read, files))
 
 
 def check_image_size(size: int, preset: str) -> None:
@@ -903,7 +961,7 @@ def load_train(root, size: int) -> Dataset:
         images += [a for a, _ in _load(files, size)]
         labels += [c] * len(files)
         paths += [str(f) for f in files]
-        names.append(cat.name)
+        names.append(cat.resolve().name)  # `--data .` is the folder's own name
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return Dataset(x, torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
 
@@ -940,7 +998,8 @@ def load_test(root, size: int) -> dict:
                                 f"{loaded[i][1][0]}x{loaded[i][1][1]}")
             gt[i] = arr > 127
         x = torch.from_numpy(np.stack([a for a, _ in loaded])).permute(0, 3, 1, 2).contiguous()
-        out[cat.name] = Dataset(x, torch.zeros(len(files), dtype=torch.long), [cat.name],
+        name = cat.resolve().name  # `--data .` or `..` name the folder itself, never a path out of --out
+        out[name] = Dataset(x, torch.zeros(len(files), dtype=torch.long), [name],
                                 [str(f) for f in files], np.array(anomalous), gt)
     return out
 
@@ -1018,19 +1077,22 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
 
 
 def write_overlays(folder: Path, data: Dataset, heat: np.ndarray) -> None:
-    """image | ground-truth mask | heatmap over the image, one PNG per test image."""
+    """image | ground-truth mask | heatmap over the image, one PNG per test image, named by the
+    image's path below the images' common folder plus .png (test/scratch/000.png ->
+    scratch/000.png.png), so no two images share one."""
     from matplotlib import colormaps
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
+    top = os.path.commonpath([os.path.dirname(p) for p in data.paths]) or os.curdir
     lo, hi = float(heat.min()), float(np.percentile(heat, 99.9))  # shared by the category
     for i, path in enumerate(data.paths):
         img = data.images[i].permute(1, 2, 0).numpy()
         mask = np.repeat(data.masks[i][..., None] * 255, 3, axis=2).astype(np.uint8)
         colour = colormaps["jet"]((heat[i] - lo) / max(hi - lo, 1e-12))[..., :3] * 255
         blend = (0.5 * img + 0.5 * colour).astype(np.uint8)
-        p = Path(path)
-        Image.fromarray(np.concatenate([img, mask, blend], axis=1)).save(folder / f"{p.parent.name}_{p.stem}.png")
+        name = folder / (os.path.relpath(path, top) + ".png")
+        name.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate([img, mask, blend], axis=1)).save(name)
 
 
 def format_table(results: dict) -> str:
@@ -1042,8 +1104,38 @@ def format_table(results: dict) -> str:
 
 
 def check_out_dir(out: Path, flag="--out") -> None:
-    if out.exists() and not out.is_dir():
+    """Before any work: `out` is a folder, or can be made one, and this user may write in it."""
+    out = Path(out)
+    if os.path.exists(out) and not out.is_dir():
         raise UserError(f"{flag}: {out} exists and is not a folder")
+    have = Path(os.path.abspath(out))
+    while not os.path.exists(have):
+        have = have.parent
+    if not have.is_dir():
+        raise UserError(f"{flag}: {out} cannot be made: {have} is a file")
+    if not os.access(have, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: {out} cannot be written: no write permission in {have} (or a read-only disk)")
+
+
+# A rerun replaces an output folder as a whole: the new contents are written aside, then swapped
+# in, so old and new files never mix, and an error or Ctrl-C while writing leaves the old folder.
+
+def aside(folder: Path) -> Path:
+    """An empty hidden folder beside `folder` to write its new contents in (one left by an
+    interrupted run is cleared)."""
+    tmp = folder.parent / f".{folder.name}.new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def swap(tmp: Path, folder: Path) -> None:
+    old = folder.parent / f".{folder.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_for_test(ckpt_path, device, compile=False):
@@ -1091,8 +1183,7 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     if rank != 0:
         return {}
     for name, (heat, scores) in scored.items():
-        data, folder = tests[name], out / name
-        folder.mkdir(parents=True, exist_ok=True)
+        data, folder = tests[name], aside(out / name)
         with open(folder / "scores.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path", "label", "score"])
@@ -1101,6 +1192,7 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
                             scores=scores.astype(np.float32), heat=heat, masks=data.masks)
         if overlays:
             write_overlays(folder / "overlays", data, heat)
+        swap(folder, out / name)
     results = metrics_of(tests, scored)
     table = format_table(results)
     out.mkdir(parents=True, exist_ok=True)
@@ -1291,6 +1383,14 @@ def compare(results: dict, dataset: str) -> str:
 # ----------------------------------------------------------------------------
 # CLI: a thin layer over train / run_test / mismatch_heat.
 
+# Exit statuses: 0 done; 1 the run failed (training diverged, disk full, out of memory); 2 bad input
+# or flags, nothing done; 3 `score` wrote results but skipped unreadable images; 128 + signal
+# interrupted (130 Ctrl-C, 143 SIGTERM).
+SKIPPED = 3
+SEEDS = (0, 2**32 - 1)  # torch takes 64-bit seeds; training derives seed * 100003 + epoch from it
+DEVICES = ("auto", "cpu", "cuda")
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -1311,11 +1411,24 @@ def positive_float(text):
     return value
 
 
-def int_list(text):
-    try:
-        return tuple(int(v) for v in text.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+def int_in(lo, hi):
+    """argparse type: an integer in [lo, hi]."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be from {lo} to {hi}, got {value}")
+        return value
+    return parse
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
 
 
 def listed(item):
@@ -1329,29 +1442,36 @@ def listed(item):
 
 
 def checked(field):
-    """Item check for a list of ScoreConfig values: the rules of check_score_config."""
+    """argparse type of a text ScoreConfig value: the rules of check_score_config."""
     def item(text):
-        check_score_config(replace(ScoreConfig(), **{field: text}))
+        try:
+            check_score_config(replace(ScoreConfig(), **{field: text}))
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1])
         return text
     return item
 
 
 def add_score_args(p):
-    p.add_argument("-K", type=int, default=ScoreConfig.K, help="paths per image (Eq. 3)")
-    p.add_argument("-T", type=int, default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
-    p.add_argument("--aggregator", default=ScoreConfig.aggregator, help="min | mean | quantile:ALPHA (Eq. 3)")
-    p.add_argument("--weight", default=ScoreConfig.weight, help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
-    p.add_argument("--max-batch", type=int, default=ScoreConfig.max_batch,
+    p.add_argument("-K", type=int_in(1, 1000), default=ScoreConfig.K, help="paths per image (Eq. 3)")
+    p.add_argument("-T", type=int_in(1, 1000), default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
+    p.add_argument("--aggregator", type=checked("aggregator"), default=ScoreConfig.aggregator,
+                   help="min | mean | quantile:ALPHA (Eq. 3)")
+    p.add_argument("--weight", type=checked("weight"), default=ScoreConfig.weight,
+                   help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
+    p.add_argument("--max-batch", type=int_in(0, 2**20), default=ScoreConfig.max_batch,
                    help="U-Net inputs per forward, the memory budget (0: automatic, 512 on CUDA, "
                         "by image size on CPU: 32 for tiny at 64^2)")
-    p.add_argument("--seed", type=int, default=ScoreConfig.seed, help="seed of the paths x0")
-    p.add_argument("--score", default=ScoreConfig.score,
+    p.add_argument("--seed", type=int_in(*SEEDS), default=ScoreConfig.seed, help="seed of the paths x0")
+    p.add_argument("--score", type=checked("score"), default=ScoreConfig.score,
                    help="mismatch (Eqs. 2-4) | recon (ReconFlow, App. C.2) | onestep (RADAR-style) baseline")
-    p.add_argument("--t0", type=float, default=ScoreConfig.t0, help="start time of recon and onestep")
-    p.add_argument("--ode-steps", type=int, default=ScoreConfig.ode_steps, help="Euler steps of recon from t0 to 1")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--t0", type=fraction, default=ScoreConfig.t0, help="start time of recon and onestep")
+    p.add_argument("--ode-steps", type=int_in(1, 1000), default=ScoreConfig.ode_steps,
+                   help="Euler steps of recon from t0 to 1")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (worth it for large test sets)")
-    p.add_argument("--precision", default=ScoreConfig.precision, help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
+    p.add_argument("--precision", type=checked("precision"), default=ScoreConfig.precision,
+                   help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
 
 
 def score_config(args) -> ScoreConfig:
@@ -1364,30 +1484,30 @@ def cmd_train(args):
     out = Path(args.resume or args.out or "")
     if not args.resume and not args.out:
         raise UserError("--out: required (or --resume RUN_DIR)")
-    check_out_dir(out, "--resume" if args.resume else "--out")
-    if args.resume:
-        ckpt = load_checkpoint(out / "ckpt.pt")
-        data_root = args.data or ckpt.get("data")
-        size = ckpt["train_config"]["image_size"]
-    else:
-        if (out / "ckpt.pt").exists():
-            raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose another folder")
+    flag = "--resume" if args.resume else "--out"
+    check_out_dir(out, flag)
+    pick_device(args.device)
+    if not args.resume:
         if args.data is None:
             raise UserError("--data: required")
-        if args.preset not in PRESETS:
-            raise UserError(f"--preset: unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
         recipe = CPU_RECIPES.get(args.preset, {})
         size = args.image_size or recipe.get("image_size", TrainConfig.image_size)
         check_image_size(size, args.preset)
         data_root = args.data
-    data = load_train(data_root, size)
-    steps = args.steps or (CPU_RECIPES.get(args.preset, {}).get("steps", 0) if args.epochs is None else 0)
-    cfg = TrainConfig(preset=args.preset, image_size=size, batch_size=args.batch_size,
-                      epochs=args.epochs or TrainConfig.epochs, steps=steps,
-                      lr=args.lr or CPU_RECIPES.get(args.preset, {}).get("lr", TrainConfig.lr), seed=args.seed,
-                      save_every=args.save_every, save_epochs=args.save_epochs, pooled=args.pooled)
-    out.mkdir(parents=True, exist_ok=True)
-    path = train(data, cfg, out, args.device, resume=bool(args.resume))
+    with run_lock(out, flag):  # held until training ends
+        if args.resume:
+            ckpt = load_checkpoint(out / "ckpt.pt")
+            data_root = args.data or ckpt.get("data")
+            size = ckpt["train_config"]["image_size"]
+        elif (out / "ckpt.pt").exists():
+            raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose another folder")
+        data = load_train(data_root, size)
+        steps = args.steps or (CPU_RECIPES.get(args.preset, {}).get("steps", 0) if args.epochs is None else 0)
+        cfg = TrainConfig(preset=args.preset, image_size=size, batch_size=args.batch_size,
+                          epochs=args.epochs or TrainConfig.epochs, steps=steps,
+                          lr=args.lr or CPU_RECIPES.get(args.preset, {}).get("lr", TrainConfig.lr), seed=args.seed,
+                          save_every=args.save_every, save_epochs=args.save_epochs, pooled=args.pooled)
+        path = train(data, cfg, out, args.device, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
     return 0
@@ -1424,35 +1544,50 @@ def cmd_score(args):
         if args.category not in ckpt["class_names"]:
             raise UserError(f"--category: give one of {ckpt['class_names']} for this class-conditional model")
         label = ckpt["class_names"].index(args.category)
+    elif args.category is not None:
+        if args.category not in ckpt["class_names"]:
+            raise UserError(f"--category: {args.category!r} is not what this model was trained on "
+                            f"({', '.join(ckpt['class_names'])})")
+        print(f"flow_mismatch.py: warning: --category {args.category} has no effect: the model is unconditional "
+              f"(trained on {', '.join(ckpt['class_names'])})", file=sys.stderr)
     size = ckpt["train_config"]["image_size"]
-    images = torch.from_numpy(np.stack([a for a, _ in _load(files, size)])).permute(0, 3, 1, 2).contiguous()
-    data = Dataset(images, torch.zeros(len(files), dtype=torch.long), [], [str(f) for f in files],
-                   np.zeros(len(files), int), np.zeros((len(files), size, size), np.uint8))
+    loaded = _load(files, size, skip=True)  # an inspection line: a bad file is named, the rest scored
+    good = [f for f, r in zip(files, loaded) if r is not None]
+    if not good:
+        raise UserError(f"{target}: no readable image")
+    images = torch.from_numpy(np.stack([r[0] for r in loaded if r is not None])).permute(0, 3, 1, 2).contiguous()
+    data = Dataset(images, torch.zeros(len(good), dtype=torch.long), [], [str(f) for f in good],
+                   np.zeros(len(good), int), np.zeros((len(good), size, size), np.uint8))
     heat, scores = score_dataset(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label)
     out.mkdir(parents=True, exist_ok=True)
-    write_overlays(out / "heatmaps", data, heat.numpy())
+    folder = aside(out / "heatmaps")
+    write_overlays(folder, data, heat.numpy())
+    swap(folder, out / "heatmaps")
+    by_path = dict(zip(data.paths, scores.tolist()))
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "score"])
-        w.writerows(zip(data.paths, scores.tolist()))
+        w.writerows((str(p), by_path.get(str(p), "")) for p in files)  # empty: skipped, unreadable
     for path, s in zip(data.paths, scores.tolist()):
         print(f"{s:.6g}\t{path}")
-    return 0
+    return SKIPPED if len(good) < len(files) else 0
 
 
 def cmd_demo(args):
     out = Path(args.out)
     check_out_dir(out)
+    check_image_size(args.image_size, "tiny")
+    pick_device(args.device)
     data = out / "data"
     if not data.exists():
         make_demo_dataset(data, size=args.image_size)
     run = out / "run"
-    if (run / "ckpt.pt").exists():
-        (run / "ckpt.pt").unlink()
-    run.mkdir(parents=True, exist_ok=True)
-    train(load_train(data, args.image_size), TrainConfig(preset="tiny", image_size=args.image_size, steps=args.steps,
-                                                         lr=CPU_RECIPES["tiny"]["lr"], seed=args.seed,
-                                                         save_every=args.steps), run, args.device)
+    with run_lock(run):
+        if (run / "ckpt.pt").exists():
+            (run / "ckpt.pt").unlink()
+        train(load_train(data, args.image_size), TrainConfig(preset="tiny", image_size=args.image_size,
+                                                             steps=args.steps, lr=CPU_RECIPES["tiny"]["lr"],
+                                                             seed=args.seed, save_every=args.steps), run, args.device)
     results = run_test(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
     print(f"demo: image AUROC {100 * results['mean']['image_auroc']:.1f}, pixel AUROC "
           f"{100 * results['mean']['pixel_auroc']:.1f}; heatmaps under {out / 'eval'}")
@@ -1461,6 +1596,7 @@ def cmd_demo(args):
 
 def cmd_compare(args):
     path = Path(args.metrics)
+    check_out_dir(path.parent, args.metrics)
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -1477,9 +1613,10 @@ def cmd_compare(args):
 
 
 def cmd_bench(args):
-    if args.preset not in PRESETS:
-        raise UserError(f"--preset: unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
-    check_score_config(ScoreConfig(K=args.K, T=args.T, max_batch=args.max_batch))
+    if args.json:
+        if os.path.isdir(args.json):
+            raise UserError(f"--json: {args.json} is a folder; name a file")
+        check_out_dir(Path(args.json).parent, "--json")
     size = args.image_size or CPU_RECIPES.get(args.preset, {}).get("image_size", TrainConfig.image_size)
     check_image_size(size, args.preset)
     r = bench(args.preset, args.device, args.K, args.T, args.images, size, args.max_batch,
@@ -1489,6 +1626,7 @@ def cmd_bench(args):
     for k, v in r.items():
         print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(r, indent=2))
     return 0
 
@@ -1503,18 +1641,20 @@ def build_parser() -> Parser:
     p.add_argument("--data", help="a category folder (mvtec/bottle) or a root of categories (mvtec)")
     p.add_argument("--out", help="run folder; writes RUN_DIR/ckpt.pt")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    p.add_argument("--preset", default=TrainConfig.preset, help=presets)
+    p.add_argument("--preset", choices=list(PRESETS), default=TrainConfig.preset, help=presets)
     p.add_argument("--epochs", type=positive_int, help=f"epochs (paper: {TrainConfig.epochs})")
     p.add_argument("--steps", type=positive_int, help="optimiser steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size, help="images per process and step")
-    p.add_argument("--image-size", type=int, help=f"square size images are resized to (paper: {TrainConfig.image_size})")
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=TrainConfig.batch_size,
+                   help="images per process and step")
+    p.add_argument("--image-size", type=int_in(1, 1024),
+                   help=f"square size images are resized to (paper: {TrainConfig.image_size})")
     p.add_argument("--lr", type=positive_float,
                    help=f"learning rate (paper: {TrainConfig.lr}; CPU presets: {CPU_RECIPES['tiny']['lr']})")
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--seed", type=int_in(*SEEDS), default=TrainConfig.seed)
     p.add_argument("--pooled", action="store_true", help="one unconditional model for all categories (Table 8)")
     p.add_argument("--save-every", type=positive_int, default=TrainConfig.save_every, help="steps between checkpoints")
-    p.add_argument("--save-epochs", type=int_list, default=(), help="also keep ckpt_epochE.pt at these epochs")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--save-epochs", type=listed(positive_int), default=(), help="also keep ckpt_epochE.pt at these epochs")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score the test split and print the seven metrics",
@@ -1546,10 +1686,10 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("demo", help="generate textures with defects, train `tiny` on CPU, test")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--steps", type=positive_int, default=160)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int_in(1, 10**6), default=160)
+    p.add_argument("--image-size", type=int_in(4, 256), default=64, help="a multiple of 4")
+    p.add_argument("--seed", type=int_in(*SEEDS), default=0)
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("compare", help="our metrics.json beside the paper's Tables 1, 4 and 5")
@@ -1558,14 +1698,15 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="images/s of the batched scorer vs a naive (k, t) loop")
-    p.add_argument("--preset", default="paper")
-    p.add_argument("--device", default="auto")
-    p.add_argument("-K", type=int, default=ScoreConfig.K)
-    p.add_argument("-T", type=int, default=ScoreConfig.T)
-    p.add_argument("--images", type=positive_int, default=4)
-    p.add_argument("--image-size", type=int, help="default: the preset's training size (paper: 128, CPU presets: 64)")
-    p.add_argument("--max-batch", type=int, default=ScoreConfig.max_batch)
-    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--preset", choices=list(PRESETS), default="paper")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("-K", type=int_in(1, 1000), default=ScoreConfig.K)
+    p.add_argument("-T", type=int_in(1, 1000), default=ScoreConfig.T)
+    p.add_argument("--images", type=int_in(1, 4096), default=4)
+    p.add_argument("--image-size", type=int_in(1, 1024),
+                   help="default: the preset's training size (paper: 128, CPU presets: 64)")
+    p.add_argument("--max-batch", type=int_in(0, 2**20), default=ScoreConfig.max_batch)
+    p.add_argument("--repeats", type=int_in(1, 1000), default=3)
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
     p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net of the batched scorer")
@@ -1576,13 +1717,21 @@ def build_parser() -> Parser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs a command; returns its exit status (SKIPPED and the others above the Parser)."""
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"flow_mismatch.py: error: {e}", file=sys.stderr)
         return e.status
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"flow_mismatch.py: error: out of memory ({str(e).splitlines()[0][:100]}); a smaller --batch-size, "
+              f"--max-batch or --image-size needs less", file=sys.stderr)
+        return 1
+    except OSError as e:  # the disk, not the input: full, gone, or refused mid-run
+        print(f"flow_mismatch.py: error: {e.filename or 'writing output'}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("flow_mismatch.py: interrupted", file=sys.stderr)
         return 130
@@ -1592,4 +1741,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C is KeyboardInterrupt again
     sys.exit(main())

@@ -50,7 +50,7 @@ def test_test_writes_every_output(evaluated, mvtec):
         assert npz["masks"].shape == (8, 16, 16) and npz["masks"].dtype == np.uint8
         assert npz["labels"].tolist() == [int(row["label"]) for row in rows]
         assert np.allclose(npz["scores"], [float(row["score"]) for row in rows])
-        assert len(list((out / cat / "overlays").glob("*.png"))) == 8
+        assert len(list((out / cat / "overlays").rglob("*.png"))) == 8
 
 
 def test_saved_heatmaps_reproduce_the_reported_metrics(evaluated):
