@@ -151,7 +151,8 @@ def test_score_names_each_unreadable_file_and_scores_the_rest(trained, mvtec, tm
 # 6. Ranges at parse time, no traceback, nothing written; one line on interrupt -------------------
 
 def bad_invocations(d):
-    """(argv, the flag or path the one line must name); d: a folder with data, a file and a folder."""
+    """(argv, what the one line must say: the flag or path at fault, or a tuple of phrases); d holds data/
+    and file.txt. Each fails before reading a checkpoint or data, or the line would name those."""
     data, ck, f = d / "data", d / "missing.pt", d / "file.txt"
     tr = ["train", "--data", data, "--out", d / "run", "--preset", "tiny"]
     te = ["test", "--ckpt", ck, "--data", data, "--out", d / "ev"]
@@ -162,24 +163,24 @@ def bad_invocations(d):
         (tr + ["--seed", 2**70], "--seed"), (tr + ["--steps", 0], "--steps"), (tr + ["--epochs", "x"], "--epochs"),
         (tr + ["--batch-size", 0], "--batch-size"), (tr + ["--save-epochs", "5,a"], "--save-epochs"),
         (tr + ["--device", "tpu"], "--device"), (tr + ["--lr", "nan"], "--lr"), (tr + ["--save-every", 0], "--save-every"),
-        (["train", "--data", data, "--out", f / "run"], "--out"), (["train", "--resume", d / "nothing"], "--ckpt"),
+        (["train", "--data", data, "--out", f / "run"], ("--out", "file.txt is a file")), (["train", "--resume", d / "nothing"], "--ckpt"),
         (["train", "--data", data, "--preset", "huge", "--out", d / "run"], "--preset"),
         (te + ["-K", 0], "-K"), (te + ["-T", 1001], "-T"), (te + ["--max-batch", -1], "--max-batch"),
         (te + ["--seed", 2**40], "--seed"), (te + ["--t0", 1.5], "--t0"), (te + ["--ode-steps", 0], "--ode-steps"),
         (te + ["--aggregator", "median"], "--aggregator"), (te + ["--precision", "fp8"], "--precision"),
         (te + ["--score", "x"], "--score"), (te + ["--grid-K", "2,0"], "--grid-K"), (te + ["--device", "tpu"], "--device"),
-        (["test", "--ckpt", ck, "--data", d / "none", "--out", f / "ev"], "--out"),
+        (["test", "--ckpt", ck, "--data", d / "none", "--out", f / "ev"], ("--out", "file.txt is a file")),
         (sc + ["--seed", -5], "--seed"), (sc + ["-T", 0], "-T"),
-        (["score", "--ckpt", ck, d / "none", "--out", f], "--out"),
+        (["score", "--ckpt", ck, d / "none", "--out", f], ("--out", "not a folder")),
         (["demo", "--out", d / "demo", "--image-size", 0], "--image-size"),
         (["demo", "--out", d / "demo", "--image-size", 18], "--image-size"),
         (["demo", "--out", d / "demo", "--steps", 0], "--steps"), (["demo", "--out", d / "demo", "--seed", -1], "--seed"),
-        (["demo", "--out", d / "demo", "--device", "tpu"], "--device"), (["demo", "--out", f / "demo"], "--out"),
+        (["demo", "--out", d / "demo", "--device", "tpu"], "--device"), (["demo", "--out", f / "demo"], ("--out", "file.txt is a file")),
         (["bench", "--images", 0], "--images"), (["bench", "--repeats", 0], "--repeats"), (["bench", "-K", 0], "-K"),
         (["bench", "--image-size", 0], "--image-size"), (["bench", "--image-size", 18], "--image-size"),
         (["bench", "--max-batch", -1], "--max-batch"), (["bench", "--preset", "huge"], "--preset"),
         (["bench", "--device", "tpu"], "--device"), (["bench", "--json", data], "--json"),
-        (["bench", "--json", f / "b.json"], "--json"),
+        (["bench", "--json", f / "b.json"], ("--json", "file.txt exists and is not a folder")),
         (["compare", d / "none.json", "--dataset", "mvtec"], "none.json"),
         (["compare", f / "metrics.json", "--dataset", "mvtec"], "file.txt"),
         (["compare", f, "--dataset", "nope"], "--dataset"),
@@ -193,7 +194,8 @@ def test_bad_invocations_exit_2_with_one_line_and_write_nothing(mvtec, tmp_path,
     before = files_under(tmp_path)
     for argv, culprit in bad_invocations(tmp_path):
         rc, err = cli(argv, capsys)
-        assert rc == 2 and len(err) == 1 and culprit in err[0], (argv, rc, err)
+        needles = culprit if isinstance(culprit, tuple) else (culprit,)
+        assert rc == 2 and len(err) == 1 and all(n in err[0] for n in needles), (argv, rc, err)
         assert files_under(tmp_path) == before, argv
     assert (tmp_path / "file.txt").read_text() == "keep me"
 
