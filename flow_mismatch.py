@@ -519,7 +519,8 @@ def run_lock(out: Path, flag="--out"):
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise UserError(f"{flag}: {out} is in use by another train (pid {holder}); wait for it or choose another folder")
+        raise UserError(f"{flag}: {out} is in use by another train (pid {holder}); wait for it or choose "
+                        f"another folder")
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
@@ -1496,6 +1497,8 @@ def cmd_train(args):
         data_root = args.data
     with run_lock(out, flag):  # held until training ends
         if args.resume:
+            if not (out / "ckpt.pt").is_file():
+                raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
             ckpt = load_checkpoint(out / "ckpt.pt")
             data_root = args.data or ckpt.get("data")
             size = ckpt["train_config"]["image_size"]
@@ -1653,7 +1656,8 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int_in(*SEEDS), default=TrainConfig.seed)
     p.add_argument("--pooled", action="store_true", help="one unconditional model for all categories (Table 8)")
     p.add_argument("--save-every", type=positive_int, default=TrainConfig.save_every, help="steps between checkpoints")
-    p.add_argument("--save-epochs", type=listed(positive_int), default=(), help="also keep ckpt_epochE.pt at these epochs")
+    p.add_argument("--save-epochs", type=listed(positive_int), default=(),
+                   help="also keep ckpt_epochE.pt at these epochs")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_train)
 
@@ -1725,9 +1729,11 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"flow_mismatch.py: error: {e}", file=sys.stderr)
         return e.status
-    except (MemoryError, torch.OutOfMemoryError) as e:
-        print(f"flow_mismatch.py: error: out of memory ({str(e).splitlines()[0][:100]}); a smaller --batch-size, "
-              f"--max-batch or --image-size needs less", file=sys.stderr)
+    except (MemoryError, RuntimeError) as e:  # CUDA's and the CPU allocator's failures are RuntimeErrors
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        print(f"flow_mismatch.py: error: out of memory; a smaller --batch-size, --max-batch or --image-size "
+              f"needs less", file=sys.stderr)
         return 1
     except OSError as e:  # the disk, not the input: full, gone, or refused mid-run
         print(f"flow_mismatch.py: error: {e.filename or 'writing output'}: {e.strerror or e}", file=sys.stderr)

@@ -162,20 +162,27 @@ def bad_invocations(d):
         (tr + ["--image-size", 18], "--image-size"), (tr + ["--seed", -1], "--seed"),
         (tr + ["--seed", 2**70], "--seed"), (tr + ["--steps", 0], "--steps"), (tr + ["--epochs", "x"], "--epochs"),
         (tr + ["--batch-size", 0], "--batch-size"), (tr + ["--save-epochs", "5,a"], "--save-epochs"),
-        (tr + ["--device", "tpu"], "--device"), (tr + ["--lr", "nan"], "--lr"), (tr + ["--save-every", 0], "--save-every"),
-        (["train", "--data", data, "--out", f / "run"], ("--out", "file.txt is a file")), (["train", "--resume", d / "nothing"], "--ckpt"),
+        (tr + ["--device", "tpu"], "--device"),
+        (tr + ["--lr", "nan"], "--lr"),
+        (tr + ["--save-every", 0], "--save-every"),
+        (["train", "--data", data, "--out", f / "run"], ("--out", "file.txt is a file")),
+        (["train", "--resume", d / "nothing"], "--resume"),
         (["train", "--data", data, "--preset", "huge", "--out", d / "run"], "--preset"),
         (te + ["-K", 0], "-K"), (te + ["-T", 1001], "-T"), (te + ["--max-batch", -1], "--max-batch"),
         (te + ["--seed", 2**40], "--seed"), (te + ["--t0", 1.5], "--t0"), (te + ["--ode-steps", 0], "--ode-steps"),
         (te + ["--aggregator", "median"], "--aggregator"), (te + ["--precision", "fp8"], "--precision"),
-        (te + ["--score", "x"], "--score"), (te + ["--grid-K", "2,0"], "--grid-K"), (te + ["--device", "tpu"], "--device"),
+        (te + ["--score", "x"], "--score"),
+        (te + ["--grid-K", "2,0"], "--grid-K"),
+        (te + ["--device", "tpu"], "--device"),
         (["test", "--ckpt", ck, "--data", d / "none", "--out", f / "ev"], ("--out", "file.txt is a file")),
         (sc + ["--seed", -5], "--seed"), (sc + ["-T", 0], "-T"),
         (["score", "--ckpt", ck, d / "none", "--out", f], ("--out", "not a folder")),
         (["demo", "--out", d / "demo", "--image-size", 0], "--image-size"),
         (["demo", "--out", d / "demo", "--image-size", 18], "--image-size"),
-        (["demo", "--out", d / "demo", "--steps", 0], "--steps"), (["demo", "--out", d / "demo", "--seed", -1], "--seed"),
-        (["demo", "--out", d / "demo", "--device", "tpu"], "--device"), (["demo", "--out", f / "demo"], ("--out", "file.txt is a file")),
+        (["demo", "--out", d / "demo", "--steps", 0], "--steps"),
+        (["demo", "--out", d / "demo", "--seed", -1], "--seed"),
+        (["demo", "--out", d / "demo", "--device", "tpu"], "--device"),
+        (["demo", "--out", f / "demo"], ("--out", "file.txt is a file")),
         (["bench", "--images", 0], "--images"), (["bench", "--repeats", 0], "--repeats"), (["bench", "-K", 0], "-K"),
         (["bench", "--image-size", 0], "--image-size"), (["bench", "--image-size", 18], "--image-size"),
         (["bench", "--max-batch", -1], "--max-batch"), (["bench", "--preset", "huge"], "--preset"),
@@ -198,6 +205,17 @@ def test_bad_invocations_exit_2_with_one_line_and_write_nothing(mvtec, tmp_path,
         assert rc == 2 and len(err) == 1 and all(n in err[0] for n in needles), (argv, rc, err)
         assert files_under(tmp_path) == before, argv
     assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("fault", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"),
+                                   OSError(28, "No space left on device", "out/x.json")])
+def test_memory_and_disk_failures_are_one_line_with_status_1(monkeypatch, capsys, fault):
+    def fails(*args, **kw):
+        raise fault
+
+    monkeypatch.setattr(fm, "bench", fails)
+    rc, err = cli(["bench", "--preset", "tiny", "--device", "cpu"], capsys)
+    assert rc == 1 and len(err) == 1 and ("out of memory" in err[0] or "No space left" in err[0]), err
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
