@@ -19,7 +19,7 @@ Contents. The method, in the paper's order:
     Scorer              Eqs. (2)-(4): paths x_t, mismatch Z_t, min over paths, heatmap H, score S
 The machinery:
     Scorer machinery    forward batch, precision, input checks, the naive reference loop
-    Training loop       StableAdamW (App. C.2), seeded and resumable steps, signals
+    Training loop       StableAdamW (App. C.2), seeded and resumable steps, signals, one run per folder
     Checkpoints         atomic saves, readable load errors
     Devices and DDP     torchrun process groups, device choice
     Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
@@ -1673,8 +1673,8 @@ def build_parser() -> Parser:
     p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
     add_score_args(p)
     p.add_argument("--scores", type=listed(checked("score")), help="scorers to compare (Table 2)")
-    p.add_argument("--grid-K", type=listed(positive_int), help="values of K (Table 6)")
-    p.add_argument("--grid-T", type=listed(positive_int), help="values of T (Table 6)")
+    p.add_argument("--grid-K", type=listed(int_in(1, 1000)), help="values of K (Table 6)")
+    p.add_argument("--grid-T", type=listed(int_in(1, 1000)), help="values of T (Table 6)")
     p.add_argument("--aggregators", type=listed(checked("aggregator")),
                    help="e.g. min,mean,quantile:0.1 (Table 7)")
     p.add_argument("--weights", type=listed(checked("weight")), help="e.g. 1,t,t2,snr")
