@@ -940,8 +940,11 @@ def _load(files, size, mode="RGB", skip=False):
                 raise
             print(f"flow_mismatch.py: warning: {e}; skipped", file=sys.stderr, flush=True)
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
         return list(pool.map(read, files))
+    finally:
+        pool.shutdown(cancel_futures=True)  # an error or Ctrl-C stops now, not after every queued file
 
 
 def check_image_size(size: int, preset: str) -> None:
