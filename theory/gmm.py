@@ -118,3 +118,25 @@ def random_gmm(rng: np.random.Generator, d: int, k: int, spread: float = 2.0,
     B = rng.standard_normal((k, d, d))
     covs = B @ B.transpose(0, 2, 1) / d + 0.1 * np.eye(d)
     return GMM(rng.dirichlet(2.0 * np.ones(k)), means, covs)
+
+
+def low_rank_covs(rng: np.random.Generator, k: int, d: int, rank: int, floor: float = 1e-6) -> np.ndarray:
+    """k image-like covariances U diag(l) U^T: `rank` eigenvalues log-uniform in [0.2, 2], the
+    other d - rank equal to `floor` (a near-degenerate direction, as pixels of natural images
+    have), U a random rotation per component. Shape (k, d, d)."""
+    covs = np.empty((k, d, d))
+    for j in range(k):
+        U, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        lam = np.full(d, floor)
+        lam[:rank] = np.exp(rng.uniform(np.log(0.2), np.log(2.0), rank))
+        covs[j] = (U * lam) @ U.T
+    return (covs + covs.transpose(0, 2, 1)) / 2
+
+
+def image_like_gmm(rng: np.random.Generator, d: int, k: int, rank: int, floor: float = 1e-6,
+                   spread: float = 2.0, shift=0.0) -> GMM:
+    """A mixture of k nearly low-rank components (rank `rank`, other eigenvalues `floor`): a
+    union of thin slabs around affine subspaces, the Gaussian stand-in for data near a
+    low-dimensional set. Means ~ shift + spread * N(0, I), weights ~ Dirichlet(2, ..., 2)."""
+    means = shift + spread * rng.standard_normal((k, d))
+    return GMM(rng.dirichlet(2.0 * np.ones(k)), means, low_rank_covs(rng, k, d, rank, floor))
