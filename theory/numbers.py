@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given
 from scipy.optimize import brentq
 
-from theory.gmm import GMM, gaussian_fisher, gaussian_weighted_denoising, random_gmm
+from theory.gmm import gaussian_fisher, gaussian_weighted_denoising, random_gmm
 from theory.pixel_law import PixelLaw
 from theory.strategies import FAMILIES, THEORY, mean_se, quantile, scenes
 from theory.test_theory_cor_a_6 import LAWS, failure
