@@ -1,6 +1,6 @@
 """Mutation testing of the theory checks: every claim's tests must catch small formula errors.
 
-    python theory/mutate.py            # all 34 mutations, 2 at a time
+    python theory/mutate.py            # all 36 mutations, 2 at a time
     python theory/mutate.py -k 4.3     # only the claims whose name contains "4.3"
 
 Each mutation is one small textual change to a formula in theory/ (a power of t, a sign, a
@@ -63,6 +63,10 @@ MUTATIONS = [
      "    k = (1 - t) / t\n    U = E / k", "    k = t / (1 - t)\n    U = E / k"),
     ("Prop A.2", "test_theory_prop_a_2.py", "test_theory_prop_a_2.py",
      "lhs_hi = quantile(L, a + b + e, axis=1)", "lhs_hi = quantile(L, a + e, axis=1)"),
+    ("A.4 display", "test_theory_prop_a_2.py::test_prop_a_2_display_before_eq_9_typo", "test_theory_prop_a_2.py",
+     "assert np.all(quantile(E**2, a + b, axis=1) == 0)", "assert np.all(quantile(L**2, a + b, axis=1) == 0)"),
+    ("A.4 display", "test_theory_prop_a_2.py::test_prop_a_2_display_before_eq_9_typo", "test_theory_prop_a_2.py",
+     "rhs = k**2 * np.maximum(quantile(G, a, axis=1)", "rhs = k**2 * np.maximum(quantile(G, a + 2 * b, axis=1)"),
     ("Lemma A.4", "test_theory_lemma_a_4.py", "test_theory_lemma_a_4.py",
      "C = 1 / 6  #", "C = 1  #"),
     ("Lemma A.4", "test_theory_lemma_a_4.py", "test_theory_lemma_a_4.py",

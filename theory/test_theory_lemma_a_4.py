@@ -80,7 +80,8 @@ def test_lemma_a_4_exact_tail_matches_sampling():
     """The laboratory behind the lemma's tests: the exact tail (pixel_law.PixelLaw.tail,
     noncentral chi-square) against the frequency over R = 20000 sampled K-path means
     (residuals from GMM conditioning), K = 1, 4, 16, 64, e/nu = 0.1, 0.3, 1, for the
-    anomalous late pixel (largest noncentrality). Binomial: |freq - P| <= 5 sqrt(P(1-P)/R) + 1/R.
+    anomalous early pixel (largest noncentrality). Binomial: |freq - P| <= 5 sqrt(P(1-P)/R) + 1/R,
+    the 1/R (one replicate, the resolution of a frequency) for tails so small that 5 SE < 1/R.
     """
     law = PixelLaw(0.3, 4.0, 0.5)
     nu, rng, R = law.psi1(), np.random.default_rng(6), 20_000

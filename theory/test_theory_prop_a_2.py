@@ -106,7 +106,7 @@ def test_prop_a_2_display_before_eq_9_typo():
     Q_{a+b}((E~)^2 | Y) >= ((1-t)^2/t^2) [Q_a(G | Y) - Q_{1-b}(U | Y)]_+^2 with E~ = ||v_theta - v_p||.
     Read literally this is false: for v_theta = v_p the left side is 0 while the right side is
     ((1-t)^2/t^2) Q_a(G)^2 > 0. With L~ (the residual) in place of E~ it is Eq. (12) rescaled,
-    which holds (checked above). This test pins the counterexample recorded in the README.
+    which holds ((11) squared). This test pins the counterexample recorded in the README.
     """
     t, a, b = 0.5, 0.1, 0.1
     L, E, G = bridge_draws(t, 0.0)
