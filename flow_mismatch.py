@@ -331,9 +331,15 @@ def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
     return x0
 
 
+def interior_times(T: int, device=None) -> torch.Tensor:
+    """The T interior times j / (T + 1), j = 1..T, (T,)."""
+    return torch.arange(1, T + 1, device=device) / (T + 1)
+
+
 @torch.no_grad()
-def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """Heatmap H of Eq. (4) for normalised images y (B, C, H, W) -> (B, H, W) float32.
+def mismatch_delta(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+    """Path-aggregated mismatch delta_t of Eq. (3) at every interior time, for normalised
+    images y (B, C, H, W) -> (B, T, H, W) float32.
 
     The K*T forwards of a batch run as flattened (path, image, time) batches of at most
     cfg.max_batch inputs; paths are folded into a running order statistic (running min by
@@ -341,7 +347,7 @@ def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=N
     B, C, H, W = y.shape
     K, T, device = cfg.K, cfg.T, y.device
     ids = list(range(B)) if ids is None else ids
-    t = torch.arange(1, T + 1, device=device) / (T + 1)  # interior times j / (T + 1)
+    t = interior_times(T, device)
     m = aggregator_rank(cfg.aggregator, K)
     max_batch = forward_batch(cfg, model, y)
     group = max(1, max_batch // (B * T))  # paths per pass
@@ -364,8 +370,13 @@ def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=N
         else:  # Eq. (3): keep the m smallest over paths; the m-th is the min (m = 1) or quantile
             low = z if low is None else torch.cat([low, z])
             low = low.topk(min(m, len(low)), dim=0, largest=False).values
-    delta = total / K if m is None else low.amax(0)  # (B, T, H, W)
-    return (WEIGHTS[cfg.weight](t).view(1, T, 1, 1) * delta).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
+    return total / K if m is None else low.amax(0)  # (B, T, H, W)
+
+
+def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+    """Heatmap H of Eq. (4) for normalised images y (B, C, H, W) -> (B, H, W) float32."""
+    w = WEIGHTS[cfg.weight](interior_times(cfg.T, y.device)).view(1, -1, 1, 1)
+    return (w * mismatch_delta(model, y, labels, cfg, ids)).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
 
 
 def image_score(heat: torch.Tensor) -> torch.Tensor:
@@ -769,12 +780,11 @@ def f1_max(labels, scores) -> float:
     return float(np.max(2 * p * r / np.clip(p + r, 1e-12, None)))
 
 
-def aupro(masks: np.ndarray, heat: np.ndarray, fpr_limit: float = 0.3) -> float:
-    """Area under the per-region-overlap curve up to FPR 0.3, divided by 0.3.
-
-    Regions are the 8-connected components of each ground-truth mask; at every threshold PRO
-    is the mean over regions of the fraction of the region above it, FPR the fraction of
-    normal pixels above it. The curve is cut at FPR = 0.3 by linear interpolation."""
+def pro_curve(masks: np.ndarray, heat: np.ndarray):
+    """(FPR, PRO) at every distinct threshold of heat, from (0, 0); None without a region or a
+    normal pixel. Regions are the 8-connected components of each ground-truth mask; at every
+    threshold PRO is the mean over regions of the fraction of the region above it, FPR the
+    fraction of normal pixels above it."""
     from scipy.ndimage import label
 
     masks, heat = masks.astype(bool), heat.astype(np.float64)
@@ -787,13 +797,22 @@ def aupro(masks: np.ndarray, heat: np.ndarray, fpr_limit: float = 0.3) -> float:
         n_regions += n
     normal = ~masks
     if n_regions == 0 or not normal.any():
-        return float("nan")
+        return None
     order = np.argsort(-heat.ravel(), kind="stable")
     s = heat.ravel()[order]
     fpr = np.cumsum(normal.ravel()[order]) / normal.sum()
     pro = np.cumsum(region.ravel()[order]) / n_regions
     last = np.r_[s[1:] != s[:-1], True]  # one point per distinct threshold
-    fpr, pro = np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
+    return np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
+
+
+def aupro(masks: np.ndarray, heat: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Area under the per-region-overlap curve up to FPR 0.3, divided by 0.3; the curve is cut
+    at FPR = 0.3 by linear interpolation."""
+    curve = pro_curve(masks, heat)
+    if curve is None:
+        return float("nan")
+    fpr, pro = curve
     cut = np.searchsorted(fpr, fpr_limit, side="right")
     x, yv = fpr[:cut], pro[:cut]
     if cut < len(fpr) and x[-1] < fpr_limit:
@@ -1017,8 +1036,14 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
     return heat, image_score(heat)
 
 
+def overlay_name(path) -> str:
+    p = Path(path)
+    return f"{p.parent.name}_{p.stem}.png"
+
+
 def write_overlays(folder: Path, data: Dataset, heat: np.ndarray) -> None:
-    """image | ground-truth mask | heatmap over the image, one PNG per test image."""
+    """image | ground-truth mask | heatmap over the image, one PNG per test image, enlarged
+    (nearest pixel) to at least 256 pixels high for the eye; the metrics never see it."""
     from matplotlib import colormaps
     from PIL import Image
 
@@ -1029,8 +1054,9 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray) -> None:
         mask = np.repeat(data.masks[i][..., None] * 255, 3, axis=2).astype(np.uint8)
         colour = colormaps["jet"]((heat[i] - lo) / max(hi - lo, 1e-12))[..., :3] * 255
         blend = (0.5 * img + 0.5 * colour).astype(np.uint8)
-        p = Path(path)
-        Image.fromarray(np.concatenate([img, mask, blend], axis=1)).save(folder / f"{p.parent.name}_{p.stem}.png")
+        strip = Image.fromarray(np.concatenate([img, mask, blend], axis=1))
+        scale = -(-256 // strip.height)
+        strip.resize((scale * strip.width, scale * strip.height), Image.NEAREST).save(folder / overlay_name(path))
 
 
 def format_table(results: dict) -> str:
@@ -1050,6 +1076,69 @@ def load_for_test(ckpt_path, device, compile=False):
     """(checkpoint dict, inference model) of a checkpoint path."""
     ckpt = load_checkpoint(ckpt_path)
     return ckpt, inference_model(model_from_checkpoint(ckpt, ckpt_path), device, compile)
+
+
+def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: ScoreConfig, overlays=True) -> None:
+    """out/report.html, a static page to read the evaluation by eye: the metrics table, each
+    category's image ROC, pixel ROC and PRO curves (out/report/CATEGORY.png) and its overlays,
+    worst first: normal images by falling score, then defective images by rising score."""
+    from html import escape
+    from urllib.parse import quote
+
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    (out / "report").mkdir(parents=True, exist_ok=True)
+
+    def pct(v):
+        return "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
+
+    page = ["<!doctype html><html><head><meta charset='utf-8'><title>flow-mismatch evaluation</title><style>",
+            "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #bbb;"
+            "padding:3px 8px;text-align:right}figure{display:inline-block;margin:4px}"
+            "figure img{height:160px;image-rendering:pixelated}figcaption{font-size:12px}</style></head><body>",
+            f"<h1>flow-mismatch evaluation</h1><p>{escape(out.name)}: score {escape(cfg.score)}, K={cfg.K}, "
+            f"T={cfg.T}, aggregator {escape(cfg.aggregator)}, w(t) = {escape(cfg.weight)}, seed {cfg.seed}. "
+            "Metrics in %; '-': not computable on this test set.</p>",
+            "<table><tr><th>category</th>" + "".join(f"<th>{m}</th>" for m in METRICS) + "</tr>"]
+    page += [f"<tr><th>{escape(name)}</th>" + "".join(f"<td>{pct(r.get(m))}</td>" for m in METRICS) + "</tr>"
+             for name, r in results.items()]
+    page.append("</table>")
+    for name, (heat, scores) in scored.items():
+        data, r = tests[name], results.get(name, {})
+        fig = Figure(figsize=(12, 3.6), layout="constrained")
+        axes = fig.subplots(1, 3)
+        curves = [("image ROC", "image_auroc", data.anomalous, scores),
+                  ("pixel ROC", "pixel_auroc", data.masks.ravel(), heat.ravel())]
+        for ax, (title, key, truth, pred) in zip(axes, curves):
+            if 0 < truth.sum() < truth.size:
+                fpr, tpr, _ = roc_curve(truth.astype(bool), pred)
+                ax.plot(fpr, tpr)
+            ax.set(title=f"{title}, AUROC {pct(r.get(key))}", xlabel="false positive rate",
+                   ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
+        curve = pro_curve(data.masks, heat)
+        if curve is not None:
+            axes[2].plot(*curve)
+        axes[2].axvline(0.3, color="grey", ls=":")
+        axes[2].set(title=f"PRO, AUPRO (FPR <= 0.3) {pct(r.get('pixel_aupro'))}", xlabel="false positive rate",
+                    ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
+        fig.savefig(out / "report" / f"{name}.png", dpi=80)
+        page.append(f"<h2>{escape(name)}</h2><img src='report/{quote(name)}.png' alt='curves of {escape(name)}'>")
+        if not overlays:
+            continue
+        normal, defect = np.flatnonzero(data.anomalous == 0), np.flatnonzero(data.anomalous == 1)
+        for title, order in (("normal images, highest score first", normal[np.argsort(-scores[normal], kind="stable")]),
+                             ("defective images, lowest score first", defect[np.argsort(scores[defect], kind="stable")])):
+            page.append(f"<h3>{escape(name)}: {title} (image | ground truth | heatmap)</h3><div>")
+            for i in order:
+                p = Path(data.paths[i])
+                rel = f"{p.parent.name}/{p.name}"
+                src = f"{quote(name)}/overlays/{quote(overlay_name(data.paths[i]))}"
+                page.append(f"<figure><img src='{src}' loading='lazy' alt='{escape(rel)}'>"
+                            f"<figcaption>S = {scores[i]:.4g} &middot; {escape(rel)}</figcaption></figure>")
+            page.append("</div>")
+    page.append("</body></html>")
+    (out / "report.html").write_text("\n".join(page) + "\n")
 
 
 def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
@@ -1106,6 +1195,7 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(table + "\n")
+    write_report(out, tests, scored, results, cfg, overlays)
     log(table)
     rule = (f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}" if cfg.score == "mismatch" else
             f"{cfg.score}: K={cfg.K} t0={cfg.t0}{f' steps={cfg.ode_steps}' * (cfg.score == 'recon')} "
