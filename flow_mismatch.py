@@ -25,10 +25,11 @@ The machinery:
     Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
     Metrics             the seven numbers of Table 1
     Data                MVTec-AD / VisA folders, the demo's generated data
-    Evaluation          scoring test sets, overlays, tables; ablation sweeps (Tables 6-9)
+    Evaluation          scoring test sets, overlays, tables, report.html; ablation sweeps (Tables 6-9)
+    Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
     Speed               bench: batched scorer against the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
-    CLI                 train, test, score, demo, compare, bench
+    CLI                 train, test, score, explain, demo, compare, bench
 """
 
 from __future__ import annotations
@@ -1249,6 +1250,101 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
 
 
 # ----------------------------------------------------------------------------
+# Explain: inside the scorer for one image; the per-time maps that Eq. (4) averages into H.
+
+def explain(model, y, label=None, cfg: ScoreConfig = ScoreConfig()) -> dict:
+    """The scorer's intermediate quantities for one normalised image y (1, C, H, W):
+    maps (T, H, W) = w(t) delta_t from mismatch_delta, whose mean over t is heat, the H of
+    mismatch_heat; S; x_t of path 0 at every t; and, at the time t* contributing most to H's
+    peak pixel, delta_t* under cfg's aggregator (min) and under the mean over the K paths."""
+    labels = None if label is None else torch.tensor([label], device=y.device)
+    t = interior_times(cfg.T, y.device)
+    w = WEIGHTS[cfg.weight](t).view(1, -1, 1, 1)
+    delta = mismatch_delta(model, y, labels, cfg)  # (1, T, H, W)
+    maps = w * delta
+    heat = maps.mean(1)  # Eq. (4), as in mismatch_heat
+    peak = np.unravel_index(int(heat[0].argmax()), heat.shape[1:])
+    j = int(maps[0, :, peak[0], peak[1]].argmax())
+    x0 = path_noise(cfg.seed, [0], 0, y.shape[1:], y.device)
+    xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * y  # Eq. (2) along path 0, (T, C, H, W)
+    mean = mismatch_delta(model, y, labels, replace(cfg, aggregator="mean"))[0, j]
+    return dict(t=t.cpu(), w=w.flatten().cpu(), maps=maps[0].cpu(), heat=heat[0].cpu(),
+                score=float(image_score(heat)[0]), peak=peak, t_star=j, xt=xt.cpu(),
+                spread={cfg.aggregator: delta[0, j].cpu(), "mean": mean.cpu()})
+
+
+def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about: dict) -> None:
+    """One figure of explain's output to `out`, the numbers of each panel to out.json and its
+    maps to out.npz. image: (H, W, 3) uint8; mask: (H, W) bool or None; mean, std: (3,)."""
+    from matplotlib.figure import Figure
+
+    T = len(e["t"])
+    cols = max(7, min(T, 10))
+    rows = 2 + -(-T // cols)
+    fig = Figure(figsize=(1.7 * cols, 1.9 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+
+    def show(ax, a, title, **kw):
+        ax.imshow(a, **kw)
+        if mask is not None:
+            ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.6)
+        ax.set_title(title, fontsize=8)
+
+    heat, maps, aggregator = e["heat"].numpy(), e["maps"].numpy(), next(iter(e["spread"]))
+    show(axes[0, 0], image, "image y" + " (mask: cyan)" * (mask is not None))
+    shown = sorted({round(i) for i in np.linspace(0, T - 1, 4)})
+    for ax, j in zip(axes[0, 1:], shown):
+        x = (e["xt"][j] * std.view(-1, 1, 1) + mean.view(-1, 1, 1)).clamp(0, 1).permute(1, 2, 0).numpy()
+        show(ax, x, f"x_t, path 0, t={e['t'][j]:.2f}")
+    show(axes[0, 5], heat, f"heatmap H, S = {e['score']:.4g}", cmap="inferno")
+    axes[0, 5].plot(e["peak"][1], e["peak"][0], "c+")
+    show(axes[0, 6], image, "H over the image")
+    axes[0, 6].imshow(heat, cmap="jet", alpha=0.45)
+    hi = float(maps.max())
+    for j in range(T):
+        share = float(maps[j].sum() / max(maps.sum(), 1e-30))
+        show(axes[1 + j // cols, j % cols], maps[j], f"w·δ, t={e['t'][j]:.2f}\n{100 * share:.0f}% of H",
+             cmap="inferno", vmin=0, vmax=hi)
+    low, avg = e["spread"][aggregator].numpy(), e["spread"]["mean"].numpy()
+    ts, r = f"t={e['t'][e['t_star']]:.2f}", rows - 1
+    top = float(avg.max())
+    show(axes[r, 0], low, f"δ_t, {aggregator} over K, {ts}", cmap="inferno", vmin=0, vmax=top)
+    show(axes[r, 1], avg, f"δ_t, mean over K, {ts}", cmap="inferno", vmin=0, vmax=top)
+    show(axes[r, 2], avg - low, f"mean - {aggregator}, {ts}", cmap="inferno", vmin=0, vmax=top)
+    for a in axes[r, 3:]:
+        a.remove()
+    ax = fig.add_subplot(axes[0, 0].get_gridspec()[r, 3:])
+    ax.plot(e["t"], maps.mean((1, 2)), "o-", ms=3, label="mean over pixels")
+    ax.plot(e["t"], maps[:, e["peak"][0], e["peak"][1]], "s-", ms=3, label="at H's peak (+)")
+    ax.set(xlabel="t", yscale="log")
+    ax.set_title("w(t) δ_t against t: which times carry the evidence", fontsize=8)
+    ax.yaxis.tick_right()
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+    fig.suptitle(f"{about['image']}: S = {e['score']:.4g}", fontsize=9)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+
+    def stats(a):
+        return dict(max=float(a.max()), mean=float(a.mean()), at_peak=float(a[e["peak"]]))
+
+    numbers = dict(about, score=e["score"], heat=dict(stats(heat), peak=list(map(int, e["peak"]))),
+                   xt=dict(path=0, t=[float(e["t"][j]) for j in shown]),
+                   times=[dict(t=float(e["t"][j]), w=float(e["w"][j]), share_of_H=float(maps[j].sum() / maps.sum()),
+                               **stats(maps[j])) for j in range(T)],
+                   spread=dict(t=float(e["t"][e["t_star"]]), **{a: stats(m.numpy()) for a, m in e["spread"].items()}),
+                   arrays=out.with_suffix(".npz").name)
+    if mask is not None:
+        numbers["heat_in_mask"] = dict(inside=float(heat[mask].mean()) if mask.any() else None,
+                                       outside=float(heat[~mask].mean()) if (~mask).any() else None)
+    out.with_suffix(".json").write_text(json.dumps(numbers, indent=2))
+    np.savez_compressed(out.with_suffix(".npz"), t=e["t"].numpy(), maps=maps, heat=heat, xt=e["xt"].numpy(),
+                        **{f"delta_{a}": m.numpy() for a, m in e["spread"].items()})
+
+
+# ----------------------------------------------------------------------------
 # Speed: the batched scorer against a naive loop over (k, t), on the same weights and images.
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
@@ -1549,6 +1645,43 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_explain(args):
+    cfg = ScoreConfig(K=args.K, T=args.T, weight=args.weight, seed=args.seed)
+    check_score_config(cfg)
+    out, image = Path(args.out), Path(args.image)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UserError(f"--out: {out} must end in .png, .pdf or .svg")
+    if out.is_dir():
+        raise UserError(f"--out: {out} is a folder")
+    if not image.is_file():
+        raise UserError(f"{image}: no such image file")
+    device = pick_device(args.device)
+    ckpt, model = load_for_test(args.ckpt, device)
+    label = None
+    if ckpt["conditional"]:
+        if args.category not in ckpt["class_names"]:
+            raise UserError(f"--category: give one of {ckpt['class_names']} for this class-conditional model")
+        label = ckpt["class_names"].index(args.category)
+    size = ckpt["train_config"]["image_size"]
+    arr, original = read_image(image, size)
+    mask = None
+    if args.mask:
+        if not Path(args.mask).is_file():
+            raise UserError(f"--mask: no such file {args.mask}")
+        m, msize = read_image(Path(args.mask), size, mode="L")
+        if msize != original:
+            raise UserError(f"--mask: {args.mask} is {msize[0]}x{msize[1]} but {image} is {original[0]}x{original[1]}")
+        mask = m > 127
+    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+    y = ((torch.tensor(arr).permute(2, 0, 1).float() / 255 - mean.view(-1, 1, 1)) / std.view(-1, 1, 1))
+    e = explain(model, y[None].to(device), label, cfg)
+    about = dict(image=str(image), mask=args.mask, ckpt=str(args.ckpt), category=args.category, image_size=size,
+                 K=cfg.K, T=cfg.T, aggregator=cfg.aggregator, weight=cfg.weight, seed=cfg.seed)
+    write_explain(out, e, arr, mask, mean, std, about)
+    print(f"S = {e['score']:.6g}; wrote {out}, {out.with_suffix('.json')} and {out.with_suffix('.npz')}")
+    return 0
+
+
 def cmd_compare(args):
     path = Path(args.metrics)
     try:
@@ -1641,6 +1774,19 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("explain", help="one figure of what the scorer sees in one image (Eqs. 2-4)")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("image", help="the image to explain")
+    p.add_argument("--out", required=True, help="FIG.png (or .pdf, .svg); also writes FIG.json and FIG.npz")
+    p.add_argument("--mask", help="its ground-truth mask, drawn as a contour")
+    p.add_argument("--category", help="category label for a class-conditional model")
+    p.add_argument("-K", type=int, default=ScoreConfig.K, help="paths (Eq. 3)")
+    p.add_argument("-T", type=int, default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
+    p.add_argument("--weight", default=ScoreConfig.weight, help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
+    p.add_argument("--seed", type=int, default=ScoreConfig.seed, help="seed of the paths x0")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("compare", help="our metrics.json beside the paper's Tables 1, 4 and 5")
     p.add_argument("metrics", help="EVAL_DIR/metrics.json written by `test`; writes EVAL_DIR/compare_DATASET.md")
