@@ -1299,7 +1299,7 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
         x = (e["xt"][j] * std.view(-1, 1, 1) + mean.view(-1, 1, 1)).clamp(0, 1).permute(1, 2, 0).numpy()
         show(ax, x, f"x_t, path 0, t={e['t'][j]:.2f}")
     show(axes[0, 5], heat, f"heatmap H, S = {e['score']:.4g}", cmap="inferno")
-    axes[0, 5].plot(e["peak"][1], e["peak"][0], "c+")
+    axes[0, 5].plot(e["peak"][1], e["peak"][0], "w+", ms=9, mew=1.5)
     show(axes[0, 6], image, "H over the image")
     axes[0, 6].imshow(heat, cmap="jet", alpha=0.45)
     hi = float(maps.max())
@@ -1325,7 +1325,7 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
     ax.tick_params(labelsize=7)
     fig.suptitle(f"{about['image']}: S = {e['score']:.4g}", fontsize=9)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=80)
 
     def stats(a):
         return dict(max=float(a.max()), mean=float(a.mean()), at_peak=float(a[e["peak"]]))
