@@ -1104,7 +1104,8 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
             "<table><tr><th>category</th>" + "".join(f"<th>{m}</th>" for m in METRICS) + "</tr>"]
     page += [f"<tr><th>{escape(name)}</th>" + "".join(f"<td>{pct(r.get(m))}</td>" for m in METRICS) + "</tr>"
              for name, r in results.items()]
-    page.append("</table>")
+    page.append("</table><p>Categories: " + ", ".join(f"<a href='#{quote(n)}'>{escape(n)}</a>" for n in scored)
+                + ". Overlays: image | ground truth | heatmap over the image, one colour range per category.</p>")
     for name, (heat, scores) in scored.items():
         data, r = tests[name], results.get(name, {})
         fig = Figure(figsize=(12, 3.6), layout="constrained")
@@ -1124,13 +1125,13 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
         axes[2].set(title=f"PRO, AUPRO (FPR <= 0.3) {pct(r.get('pixel_aupro'))}", xlabel="false positive rate",
                     ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
         fig.savefig(out / "report" / f"{name}.png", dpi=80)
-        page.append(f"<h2>{escape(name)}</h2><img src='report/{quote(name)}.png' alt='curves of {escape(name)}'>")
+        page.append(f"<h2 id='{quote(name)}'>{escape(name)}</h2><img src='report/{quote(name)}.png' alt='curves of {escape(name)}'>")
         if not overlays:
             continue
         normal, defect = np.flatnonzero(data.anomalous == 0), np.flatnonzero(data.anomalous == 1)
         for title, order in (("normal images, highest score first", normal[np.argsort(-scores[normal], kind="stable")]),
                              ("defective images, lowest score first", defect[np.argsort(scores[defect], kind="stable")])):
-            page.append(f"<h3>{escape(name)}: {title} (image | ground truth | heatmap)</h3><div>")
+            page.append(f"<h3>{escape(name)}: {title}</h3><div>")
             for i in order:
                 p = Path(data.paths[i])
                 rel = f"{p.parent.name}/{p.name}"
