@@ -24,8 +24,9 @@ The machinery:
     Devices and DDP     torchrun process groups, device choice
     Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
     Metrics             the seven numbers of Table 1
-    Data                MVTec-AD / VisA folders, the demo's generated data
-    Evaluation          scoring test sets, overlays, tables; ablation sweeps (Tables 6-9)
+    Data                benchmark layouts read in place (MVTec-AD, MPDD, VisA, MVTec AD 2, BTAD, LOCO,
+                        one's own), every mask encoding; the demo's generated data
+    Evaluation          scoring test sets, progress, overlays, tables; ablation sweeps (Tables 6-9)
     Speed               bench: batched scorer against the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
     CLI                 train, test, score, demo, compare, bench

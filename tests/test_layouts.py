@@ -232,7 +232,6 @@ def test_a_root_may_mix_layouts(tmp_path):
 
 def test_raw_visa_object_folder_alone_reads_the_split_of_its_parent(tmp_path):
     write_raw_visa(tmp_path / "visa", "candle")
-    write_raw_visa(tmp_path / "visa2", "capsules")  # a second download elsewhere: not read
     tests = fm.load_test(tmp_path / "visa" / "candle", 16)
     assert list(tests) == ["candle"] and tests["candle"].anomalous.tolist() == [1, 1, 1, 0, 0, 0]
 
