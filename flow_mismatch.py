@@ -424,9 +424,11 @@ def check_score_config(cfg: ScoreConfig) -> None:
         raise UserError(f"--image-score: {cfg.image_score!r} is not paper or max")
 
 
-def inference_model(model: UNet, device, compile=False, channels_last=True):
-    """Eval mode on `device` in the channels_last layout (faster on CPU and GPU; BENCHMARKS.md),
-    and torch.compile on request."""
+def inference_model(model: UNet, device, compile=False, channels_last=None):
+    """Eval mode on `device`, torch.compile on request. Layout (None: by device): channels_last on a
+    CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200, where channels_last scored slower; BENCHMARKS.md)."""
+    if channels_last is None:
+        channels_last = torch.device(device).type == "cpu"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     return torch.compile(model) if compile else model
 
@@ -1365,7 +1367,8 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, max_batch=0,
-          repeats=3, naive=True, train_mode=False, compile=False, channels_last=True) -> dict:
+          repeats=3, naive=True, train_mode=False, compile=False, layout="auto") -> dict:
+    """Layout: auto (training: channels_last; scoring: inference_model's choice), channels_last or nchw."""
     device = pick_device(device)
     torch.manual_seed(0)
     model = build_model(preset, 0).to(device)
@@ -1395,9 +1398,9 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     flops = counter.get_total_flops()  # one 1-image forward
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    layout = "channels_last" if channels_last else "nchw"
     if train_mode:
-        model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
+        layout = "nchw" if layout == "nchw" else "channels_last"
+        model.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format).train()
         opt = StableAdamW(model.parameters())
         n_steps = 10
 
@@ -1414,7 +1417,9 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
         return dict(mode="train", device=name, preset=preset, layout=layout, batch=images, train_fps=fps,
                     achieved_tflops=3 * flops * fps / 1e12, peak_mem_bytes=peak_memory(device))
     cfg = ScoreConfig(K=K, T=T, max_batch=max_batch)
-    fast = inference_model(model, device, compile, channels_last)
+    fast = inference_model(model, device, compile, None if layout == "auto" else layout == "channels_last")
+    conv = next(p for p in model.parameters() if p.dim() == 4)  # the layout inference_model chose
+    layout = "nchw" if conv.is_contiguous() else "channels_last"
     heat, seconds = timed(lambda: mismatch_heat(fast, y, cfg=cfg))
     out = dict(mode="score", device=name, preset=preset, layout=layout, compile=compile, K=K, T=T, images=images,
                image_size=image_size, max_batch=forward_batch(cfg, model, y),
@@ -1725,7 +1730,7 @@ def cmd_bench(args):
     check_image_size(size, args.preset)
     r = bench(args.preset, args.device, args.K, args.T, args.images, size, args.max_batch,
               args.repeats, naive=not args.no_naive, train_mode=args.train, compile=args.compile,
-              channels_last=not args.nchw)
+              layout=args.layout)
     r.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     for k, v in r.items():
         print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
@@ -1813,7 +1818,8 @@ def build_parser() -> Parser:
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
     p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net of the batched scorer")
-    p.add_argument("--nchw", action="store_true", help="keep the NCHW layout instead of channels_last (to measure it)")
+    p.add_argument("--layout", choices=("auto", "channels_last", "nchw"), default="auto",
+                   help="memory layout to measure (auto: channels_last for training and CPU scoring, NCHW for GPU scoring)")
     p.add_argument("--json", help="also write the figures to this file")
     p.set_defaults(func=cmd_bench)
     return ap
