@@ -1310,7 +1310,7 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
             f"aggregator={cfg.aggregator}")
     log(f"{rule}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.2f} images/s on {device} x{world})")
     if eval_size is not None or cfg.image_score != "paper":
-        at = "each image's original size" if eval_size == "original" else f"{eval_size or tests[name].masks.shape[1]}^2"
+        at = "each image's original size" if eval_size == "original" else f"{eval_size or ckpt['train_config']['image_size']}^2"
         log(f"image score: {cfg.image_score}; pixel metrics at {at}")
     return results
 
