@@ -83,7 +83,7 @@ def test_score_command_on_a_folder(trained, mvtec, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
     assert len(rows) == 2 and all(float(row["score"]) > 0 for row in rows)
-    assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 2
+    assert len(list((tmp_path / "heatmaps").rglob("*.png"))) == 2
     r = run_cli("score", "--ckpt", trained, folder, "--out", tmp_path / "x")
     assert r.returncode == 2 and "--category" in r.stderr
 

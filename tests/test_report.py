@@ -44,6 +44,6 @@ def test_overlays_worst_first(report):
 
 
 def test_overlays_enlarged_heat_not(report):
-    with Image.open(next((report / "weave" / "overlays").iterdir())) as im:
+    with Image.open(next((report / "weave" / "overlays").rglob("*.png"))) as im:
         assert im.size == (3 * 256, 256)  # 16^2 images, three panels, x16 nearest
     assert np.load(report / "weave" / "heatmaps.npz")["heat"].shape[1:] == (16, 16)
