@@ -24,12 +24,14 @@ The machinery:
     Devices and DDP     torchrun process groups, device choice
     Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
     Metrics             the seven numbers of Table 1
-    Data                MVTec-AD / VisA folders, the demo's generated data
-    Evaluation          scoring test sets, overlays, tables; ablation sweeps (Tables 6-9)
+    Data                benchmark layouts read in place (MVTec-AD, MPDD, VisA, MVTec AD 2, BTAD, LOCO,
+                        one's own), every mask encoding; the demo's generated data
+    Evaluation          scoring test sets, progress, overlays, tables, report.html; ablation sweeps (Tables 6-9)
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
+    Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
     Speed               bench: batched scorer against the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
-    CLI                 train, test, score, calibrate, demo, compare, bench
+    CLI                 train, test, score, calibrate, explain, demo, compare, bench
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ class ScoreConfig:
     t0: float = 0.5  # start time of the recon and onestep baselines
     ode_steps: int = 10  # Euler steps of the recon baseline from t0 to 1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    image_score: str = "paper"  # S: paper (Eq. 4) | max (the map's maximum, as the MVTec-AD evaluation script)
 
 
 class UserError(Exception):
@@ -338,9 +341,15 @@ def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
     return x0
 
 
+def interior_times(T: int, device=None) -> torch.Tensor:
+    """The T interior times j / (T + 1), j = 1..T, (T,)."""
+    return torch.arange(1, T + 1, device=device) / (T + 1)
+
+
 @torch.no_grad()
-def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """Heatmap H of Eq. (4) for normalised images y (B, C, H, W) -> (B, H, W) float32.
+def mismatch_delta(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+    """Path-aggregated mismatch delta_t of Eq. (3) at every interior time, for normalised
+    images y (B, C, H, W) -> (B, T, H, W) float32.
 
     The K*T forwards of a batch run as flattened (path, image, time) batches of at most
     cfg.max_batch inputs; paths are folded into a running order statistic (running min by
@@ -348,7 +357,7 @@ def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=N
     B, C, H, W = y.shape
     K, T, device = cfg.K, cfg.T, y.device
     ids = list(range(B)) if ids is None else ids
-    t = torch.arange(1, T + 1, device=device) / (T + 1)  # interior times j / (T + 1)
+    t = interior_times(T, device)
     m = aggregator_rank(cfg.aggregator, K)
     max_batch = forward_batch(cfg, model, y)
     group = max(1, max_batch // (B * T))  # paths per pass
@@ -371,13 +380,20 @@ def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=N
         else:  # Eq. (3): keep the m smallest over paths; the m-th is the min (m = 1) or quantile
             low = z if low is None else torch.cat([low, z])
             low = low.topk(min(m, len(low)), dim=0, largest=False).values
-    delta = total / K if m is None else low.amax(0)  # (B, T, H, W)
-    return (WEIGHTS[cfg.weight](t).view(1, T, 1, 1) * delta).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
+    return total / K if m is None else low.amax(0)  # (B, T, H, W)
 
 
-def image_score(heat: torch.Tensor) -> torch.Tensor:
-    """Eq. (4): S = max H + mean of the top 1 % of H, (B, H, W) -> (B,)."""
+def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+    """Heatmap H of Eq. (4) for normalised images y (B, C, H, W) -> (B, H, W) float32."""
+    w = WEIGHTS[cfg.weight](interior_times(cfg.T, y.device)).view(1, -1, 1, 1)
+    return (w * mismatch_delta(model, y, labels, cfg, ids)).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
+
+
+def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
+    """Eq. (4): S = max H + mean of the top 1 % of H, (B, H, W) -> (B,); rule "max": S = max H."""
     flat = heat.flatten(1)
+    if rule == "max":
+        return flat.amax(1)
     top = flat.topk(max(1, math.ceil(0.01 * flat.shape[1])), dim=1).values
     return top[:, 0] + top.mean(1)
 
@@ -424,11 +440,15 @@ def check_score_config(cfg: ScoreConfig) -> None:
         raise UserError(f"--ode-steps: must be at least 1, got {cfg.ode_steps}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"--precision: {cfg.precision!r} is not auto, fp32 or bf16")
+    if cfg.image_score not in ("paper", "max"):
+        raise UserError(f"--image-score: {cfg.image_score!r} is not paper or max")
 
 
-def inference_model(model: UNet, device, compile=False, channels_last=True):
-    """Eval mode on `device` in the channels_last layout (faster on CPU and GPU; BENCHMARKS.md),
-    and torch.compile on request."""
+def inference_model(model: UNet, device, compile=False, channels_last=None):
+    """Eval mode on `device`, torch.compile on request. Layout (None: by device): channels_last on a
+    CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200, where channels_last scored slower; BENCHMARKS.md)."""
+    if channels_last is None:
+        channels_last = torch.device(device).type == "cpu"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     return torch.compile(model) if compile else model
 
@@ -794,31 +814,43 @@ def f1_max(labels, scores) -> float:
     return float(np.max(2 * p * r / np.clip(p + r, 1e-12, None)))
 
 
-def aupro(masks: np.ndarray, heat: np.ndarray, fpr_limit: float = 0.3) -> float:
-    """Area under the per-region-overlap curve up to FPR 0.3, divided by 0.3.
-
-    Regions are the 8-connected components of each ground-truth mask; at every threshold PRO
-    is the mean over regions of the fraction of the region above it, FPR the fraction of
-    normal pixels above it. The curve is cut at FPR = 0.3 by linear interpolation."""
+def pro_curve(masks, heat):
+    """(FPR, PRO) at every distinct threshold of heat, from (0, 0); None without a region or a
+    normal pixel. masks and heat are (N, H, W) arrays or lists of 2-D arrays of any sizes.
+    Regions are the 8-connected components of each ground-truth mask; at every threshold PRO is
+    the mean over regions of the fraction of the region above it, FPR the fraction of normal
+    pixels above it."""
     from scipy.ndimage import label
 
-    masks, heat = masks.astype(bool), heat.astype(np.float64)
-    region = np.zeros(masks.shape, dtype=np.float64)  # 1 / |region| on anomalous pixels
-    n_regions = 0
-    for i, mask in enumerate(masks):
+    region, n_regions = [], 0  # 1 / |region| on anomalous pixels
+    for mask in masks:
+        mask = np.asarray(mask, bool)
         comp, n = label(mask, structure=np.ones((3, 3)))
         sizes = np.bincount(comp.ravel())
-        region[i][mask] = 1.0 / sizes[comp[mask]]
+        r = np.zeros(mask.shape)
+        r[mask] = 1.0 / sizes[comp[mask]]
+        region.append(r.ravel())
         n_regions += n
-    normal = ~masks
+    region = np.concatenate(region)
+    normal = region == 0
     if n_regions == 0 or not normal.any():
-        return float("nan")
-    order = np.argsort(-heat.ravel(), kind="stable")
-    s = heat.ravel()[order]
-    fpr = np.cumsum(normal.ravel()[order]) / normal.sum()
-    pro = np.cumsum(region.ravel()[order]) / n_regions
+        return None
+    heat = np.concatenate([np.ravel(h) for h in heat]).astype(np.float64)
+    order = np.argsort(-heat, kind="stable")
+    s = heat[order]
+    fpr = np.cumsum(normal[order]) / normal.sum()
+    pro = np.cumsum(region[order]) / n_regions
     last = np.r_[s[1:] != s[:-1], True]  # one point per distinct threshold
-    fpr, pro = np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
+    return np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
+
+
+def aupro(masks, heat, fpr_limit: float = 0.3) -> float:
+    """Area under the per-region-overlap curve (pro_curve) up to FPR 0.3, divided by 0.3; the
+    curve is cut at FPR = 0.3 by linear interpolation."""
+    curve = pro_curve(masks, heat)
+    if curve is None:
+        return float("nan")
+    fpr, pro = curve
     cut = np.searchsorted(fpr, fpr_limit, side="right")
     x, yv = fpr[:cut], pro[:cut]
     if cut < len(fpr) and x[-1] < fpr_limit:
@@ -827,27 +859,38 @@ def aupro(masks: np.ndarray, heat: np.ndarray, fpr_limit: float = 0.3) -> float:
     return float(np.trapezoid(yv, x) / fpr_limit)
 
 
-def evaluate(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, heat: np.ndarray) -> dict:
-    """Image metrics from the scores S; pixel metrics over every test pixel, normal images included."""
+def evaluate(labels: np.ndarray, scores: np.ndarray, masks, heat) -> dict:
+    """Image metrics from the scores S; pixel metrics over every test pixel, normal images included
+    (masks and heat: (N, H, W) arrays or lists of 2-D arrays). A metric that cannot be computed (one
+    class only; masks None: no ground truth) is None."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    out = dict.fromkeys(METRICS, float("nan"))
+    out = dict.fromkeys(METRICS)
     if 0 < labels.sum() < len(labels):
         out.update(image_auroc=roc_auc_score(labels, scores), image_ap=average_precision_score(labels, scores),
                    image_f1max=f1_max(labels, scores))
-    gt, px = masks.ravel().astype(bool), heat.ravel()
-    if 0 < gt.sum() < gt.size:
-        out.update(pixel_auroc=roc_auc_score(gt, px), pixel_ap=average_precision_score(gt, px),
-                   pixel_f1max=f1_max(gt, px), pixel_aupro=aupro(masks, heat))
-    return {k: float(v) for k, v in out.items()}
+    if masks is not None:
+        gt = np.concatenate([np.ravel(m) for m in masks]).astype(bool)
+        px = np.concatenate([np.ravel(h) for h in heat])
+        if 0 < gt.sum() < gt.size:
+            out.update(pixel_auroc=roc_auc_score(gt, px), pixel_ap=average_precision_score(gt, px),
+                       pixel_f1max=f1_max(gt, px), pixel_aupro=aupro(masks, heat))
+    return {k: None if v is None or not math.isfinite(v) else float(v) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------
-# Data: MVTec-AD and VisA (1cls split) folders as downloaded, resized to --image-size.
-#   <cat>/train/good/*.png        <cat>/test/<defect or good>/*.png
-#   <cat>/ground_truth/<defect>/<name>_mask.png   (VisA: test/{good,bad}, ground_truth/bad/<name>.png)
+# Data: the benchmark layouts as downloaded, read in place and told apart per category folder,
+# resized to --image-size. A root may hold categories of different layouts.
+#   MVTec-AD, MPDD      <cat>/train/good  <cat>/test/<defect or good>  <cat>/ground_truth/<defect>/<name>_mask.png
+#   VisA (1cls split)   <cat>/test/{good,bad}  <cat>/ground_truth/bad/<name>.png
+#   raw VisA            split_csv/1cls.csv (the split)  <object>/Data/{Images/{Normal,Anomaly},Masks/Anomaly}
+#   MVTec AD 2          <cat>/test_public/{good,bad}  <cat>/test_public/ground_truth/bad/<name>_mask.png
+#   BTAD                <cat>/train/ok  <cat>/test/{ok,ko}  <cat>/ground_truth/ko/<name>.png|bmp
+#   MVTec LOCO          <cat>/ground_truth/<defect>/<name>/*.png: several masks per image, their union
+#   a folder of one's own: train/good and labelled test folders, no ground_truth (no pixel metrics)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+NORMAL = ("good", "ok")  # the normal folders' names (BTAD: ok)
 
 
 @dataclass
@@ -859,6 +902,8 @@ class Dataset:
     anomalous: np.ndarray = None  # (N,) 0/1, test sets only
     masks: np.ndarray = None  # (N, S, S) uint8, test sets only
     root: str = ""
+    mask_files: list = None  # (N,) lists of mask files ([] for normal images); None: no ground truth
+    sizes: list = None  # (N,) original (w, h) of the images, test sets only
 
     def __len__(self):
         return len(self.paths)
@@ -874,36 +919,145 @@ class Dataset:
                        root=self.root)
 
 
+@dataclass
+class Category:
+    """The files of one category, whatever its layout."""
+
+    name: str
+    train_dir: Path  # where its normal training images are
+    test_dir: Path
+    train: list  # image files
+    test: list  # (image file, 0/1 anomalous, [mask files]): several masks are united, none for normal images
+    has_masks: bool = True  # False: no ground truth at all, so no pixel metrics
+
+
+def hidden(p: Path) -> bool:
+    """Dot-files, __MACOSX and the like: never data."""
+    return p.name.startswith((".", "__"))
+
+
 def image_files(folder: Path) -> list:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not hidden(p))
 
 
-def read_image(path: Path, size: int, mode="RGB"):
-    """-> (array (size, size[, 3]) uint8, original (w, h)); grayscale and RGBA become RGB."""
+def subfolders(folder: Path) -> list:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not hidden(d)) if folder.is_dir() else []
+
+
+def read_image(path: Path, size, mode="RGB"):
+    """-> (array (size, size[, 3]) uint8, original (w, h)); size None keeps the original size.
+
+    mode "RGB": any mode and bit depth Pillow opens becomes 8-bit RGB with its range kept (16-bit
+    values / 257). mode "mask": 1 where the stored value is non-zero (palette index, label id,
+    16-bit value, any colour channel; alpha is ignored), as the MVTec-AD evaluation reads masks."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()
             original = im.size
-            im = im.convert(mode)
-            im = im.resize((size, size), Image.BILINEAR if mode == "RGB" else Image.NEAREST)
+            if mode == "mask":
+                a = np.asarray(im)
+                a = a[..., :-1] if im.mode in ("LA", "La", "PA", "RGBA", "RGBa") else a
+                im = Image.fromarray(a.reshape(a.shape[0], a.shape[1], -1).any(-1).astype(np.uint8))
+            elif im.mode.startswith("I"):  # 16- and 32-bit integer images
+                im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+            if mode == "RGB":
+                im = im.convert("RGB")
+            if size is not None:
+                im = im.resize((size, size), Image.BILINEAR if mode == "RGB" else Image.NEAREST)
             return np.asarray(im), original
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{path}: unreadable or corrupt image ({str(e)[:80]})")
 
 
+def mask_index(folder: Path) -> dict:
+    """{image name, lower case: [mask files]} of a ground-truth folder: <name>.ext, <name>_mask.ext
+    (any case) or a folder <name>/ of several masks (MVTec LOCO)."""
+    index = {}
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if hidden(p):
+            continue
+        if p.is_dir():
+            index[p.name.lower()] = image_files(p)
+        elif p.suffix.lower() in IMAGE_EXTS:
+            stem = p.stem.lower()
+            index.setdefault(stem[:-5] if stem.endswith("_mask") else stem, [p])
+    return index
+
+
+def folder_category(cat: Path):
+    """A category in one of the folder layouts, or None if `cat` holds none."""
+    train_dir = next((cat / "train" / n for n in NORMAL if (cat / "train" / n).is_dir()), cat / "train" / "good")
+    test_dir = next((cat / n for n in ("test", "test_public") if (cat / n).is_dir()), cat / "test")
+    if not (cat / "train").is_dir() and not test_dir.is_dir():
+        return None
+    gt = next((d for d in (cat / "ground_truth", test_dir / "ground_truth") if d.is_dir()), None)
+    test = []
+    for defect in subfolders(test_dir):
+        if defect.name == "ground_truth":
+            continue
+        index = mask_index(gt / defect.name) if gt else {}
+        for f in image_files(defect):
+            if defect.name.lower() in NORMAL:
+                test.append((f, 0, []))
+            elif gt and not index.get(f.stem.lower()):
+                raise UserError(f"{f}: no mask at {gt / defect.name / (f.stem + '_mask.png')}")
+            else:
+                test.append((f, 1, index.get(f.stem.lower(), [])))
+    return Category(cat.name, train_dir, test_dir, image_files(train_dir) if train_dir.is_dir() else [], test,
+                    has_masks=gt is not None)
+
+
+def visa_categories(root: Path, only=None) -> list:
+    """Raw VisA: the objects of root/split_csv/1cls.csv (columns object, split, label, image, mask;
+    paths relative to root), or only the object `only`."""
+    table = root / "split_csv" / "1cls.csv"
+    if not table.is_file():
+        return []
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"object", "split", "label", "image", "mask"} <= set(rows[0]):
+        raise UserError(f"{table}: expected the columns object,split,label,image,mask")
+    cats = {}
+    for row in rows:
+        if only is not None and row["object"] != only:
+            continue
+        files = [root / row[k] for k in ("image", "mask") if row[k]]
+        for p in files:
+            if not p.is_file():
+                raise UserError(f"{table}: lists {p}, which does not exist")
+        data = root / row["object"] / "Data" / "Images"
+        cat = cats.setdefault(row["object"], Category(row["object"], data / "Normal", data, [], []))
+        if row["split"] == "train":
+            cat.train.append(files[0])
+        elif row["label"] == "anomaly" and len(files) < 2:
+            raise UserError(f"{table}: {files[0]} is an anomaly without a mask")
+        else:
+            cat.test.append((files[0], int(row["label"] == "anomaly"), files[1:]))
+    for cat in cats.values():
+        cat.train.sort()
+        cat.test.sort(key=lambda e: e[0])
+    return list(cats.values())
+
+
 def find_categories(root: Path) -> list:
-    """A category folder itself, or a root whose sub-folders are categories."""
+    """Categories of a category folder, or of a root whose sub-folders (and split_csv/1cls.csv) are categories."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--data: {root} is not a folder")
-    if (root / "train").is_dir() or (root / "test").is_dir():
-        return [root]
-    cats = sorted(d for d in root.iterdir() if d.is_dir() and ((d / "train").is_dir() or (d / "test").is_dir()))
+    if (root / "Data" / "Images").is_dir():  # one object of raw VisA
+        return visa_categories(root.parent, only=root.name) or [folder_category(root)]
+    own = folder_category(root)
+    if own is not None:
+        return [own]
+    cats = {c.name: c for c in visa_categories(root)}
+    for d in subfolders(root):
+        if d.name not in cats and (c := folder_category(d)) is not None:
+            cats[d.name] = c
     if not cats:
         raise UserError(f"--data: {root} holds no category (expected {root}/train/good or {root}/<category>/train/good)")
-    return cats
+    return [cats[name] for name in sorted(cats)]
 
 
 def _load(files, size, mode="RGB"):
@@ -911,6 +1065,12 @@ def _load(files, size, mode="RGB"):
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda f: read_image(f, size, mode), files))
+
+
+def note(message: str) -> None:
+    """A one-line warning on stderr (rank 0 only)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"flow_mismatch.py: {message}", file=sys.stderr, flush=True)
 
 
 def check_image_size(size: int, preset: str) -> None:
@@ -924,15 +1084,13 @@ def check_image_size(size: int, preset: str) -> None:
 def load_train(root, size: int) -> Dataset:
     images, labels, paths, names = [], [], [], []
     for c, cat in enumerate(find_categories(root)):
-        folder = cat / "train" / "good"
-        if not folder.is_dir():
-            raise UserError(f"--data: {folder} is missing (every category needs train/good)")
-        files = image_files(folder)
-        if not files:
-            raise UserError(f"--data: {folder} holds no images")
-        images += [a for a, _ in _load(files, size)]
-        labels += [c] * len(files)
-        paths += [str(f) for f in files]
+        if not cat.train_dir.is_dir():
+            raise UserError(f"--data: {cat.train_dir} is missing (every category needs train/good)")
+        if not cat.train:
+            raise UserError(f"--data: {cat.train_dir} holds no images")
+        images += [a for a, _ in _load(cat.train, size)]
+        labels += [c] * len(cat.train)
+        paths += [str(f) for f in cat.train]
         names.append(cat.name)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return Dataset(x, torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
@@ -954,40 +1112,47 @@ def image_hashes(images: torch.Tensor) -> list:
     return [hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest() for x in images]
 
 
-def mask_file(cat: Path, defect: str, image: Path):
-    for name in (f"{image.stem}_mask.png", f"{image.stem}.png"):
-        if (cat / "ground_truth" / defect / name).is_file():
-            return cat / "ground_truth" / defect / name
-    raise UserError(f"{image}: no mask at {cat / 'ground_truth' / defect / (image.stem + '_mask.png')}")
+def read_masks(files, mask_files, sizes, size) -> list:
+    """The union of each image's masks at size x size (size None: as stored), None for an image
+    without masks; each mask must have its image's original size (sizes)."""
+    flat = [m for ms in mask_files for m in ms]
+    masks = iter(zip(flat, _load(flat, size, mode="mask")))
+    out = []
+    for f, ms, isize in zip(files, mask_files, sizes):
+        union = None
+        for m, (a, msize) in itertools.islice(masks, len(ms)):
+            if msize != isize:
+                raise UserError(f"{m}: mask is {msize[0]}x{msize[1]} but its image {f} is {isize[0]}x{isize[1]}")
+            union = a if union is None else union | a
+        out.append(union)
+    return out
 
 
 def load_test(root, size: int) -> dict:
-    """{category: Dataset} with anomaly labels and masks (zeros for good images)."""
+    """{category: Dataset} with anomaly labels and masks (zeros for normal images, and for all
+    images of a category without ground truth)."""
     out = {}
     for cat in find_categories(root):
-        folder = cat / "test"
-        if not folder.is_dir():
-            raise UserError(f"--data: {folder} is missing")
-        files, anomalous, masks = [], [], []
-        for defect in sorted(d.name for d in folder.iterdir() if d.is_dir()):
-            for f in image_files(folder / defect):
-                files.append(f)
-                anomalous.append(int(defect != "good"))
-                masks.append(mask_file(cat, defect, f) if defect != "good" else None)
-        if not files:
-            raise UserError(f"--data: {folder} holds no images")
+        if not cat.test_dir.is_dir():
+            raise UserError(f"--data: {cat.test_dir} is missing")
+        if not cat.test:
+            raise UserError(f"--data: {cat.test_dir} holds no images")
+        files, anomalous, mask_files = (list(v) for v in zip(*cat.test))
         loaded = _load(files, size)
+        sizes = [s for _, s in loaded]
         gt = np.zeros((len(files), size, size), np.uint8)
-        mask_paths = [m for m in masks if m is not None]
-        for m, (arr, msize) in zip(mask_paths, _load(mask_paths, size, mode="L")):
-            i = masks.index(m)
-            if msize != loaded[i][1]:
-                raise UserError(f"{m}: mask is {msize[0]}x{msize[1]} but its image {files[i]} is "
-                                f"{loaded[i][1][0]}x{loaded[i][1][1]}")
-            gt[i] = arr > 127
+        for i, m in enumerate(read_masks(files, mask_files, sizes, size)):
+            if m is not None:
+                gt[i] = m
+                if not m.any():
+                    note(f"warning: {mask_files[i][0]}: the mask of defect image {files[i]} reads empty "
+                         f"at {size}x{size} (no non-zero pixel); it adds no anomalous pixel")
+        if not cat.has_masks:
+            note(f"{cat.name}: no ground_truth folder, so image metrics only; pixel metrics are n/a")
         x = torch.from_numpy(np.stack([a for a, _ in loaded])).permute(0, 3, 1, 2).contiguous()
-        out[cat.name] = Dataset(x, torch.zeros(len(files), dtype=torch.long), [cat.name],
-                                [str(f) for f in files], np.array(anomalous), gt)
+        out[cat.name] = Dataset(x, torch.zeros(len(files), dtype=torch.long), [cat.name], [str(f) for f in files],
+                                np.array(anomalous), gt, mask_files=mask_files if cat.has_masks else None,
+                                sizes=sizes)
     return out
 
 
@@ -1042,7 +1207,26 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
 # ----------------------------------------------------------------------------
 # Evaluation: score every test image of every category, write what the metrics used.
 
-def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, first_id=0):
+class Progress:
+    """`images done/total, images/s, eta` on stderr every few seconds and at the end, as train logs steps."""
+
+    def __init__(self, total: int, every: float = 5.0):
+        self.total, self.every, self.done = total, every, 0
+        self.t0 = self.t_log = time.time()
+
+    def __call__(self, n: int) -> None:
+        self.done = min(self.total, self.done + n)
+        now = time.time()
+        if now - self.t_log > self.every or self.done == self.total:
+            self.t_log = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            print(f"images {self.done}/{self.total}  {rate:.2f} img/s  eta {eta / 60:.1f} min", file=sys.stderr,
+                  flush=True)
+
+
+def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, progress=None,
+                  first_id=0):
     """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores
     every world-th image and rank 0 gathers them. Image i draws its paths as image first_id + i."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -1056,15 +1240,23 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
         y = (data.images[ids].to(device).float() / 255 - mean_d) / std_d
         labels = None if labels_for is None else torch.full((len(ids),), labels_for, device=device)
         heat[ids] = SCORERS[cfg.score](model, y, labels, cfg, [first_id + i for i in ids]).cpu()
+        if progress is not None:
+            progress(len(ids) * world)
     if world > 1:
         heat = heat.to(device)
         dist.all_reduce(heat)  # each image was scored by exactly one rank
         heat = heat.cpu()
-    return heat, image_score(heat)
+    return heat, image_score(heat, cfg.image_score)
+
+
+def overlay_name(path) -> str:
+    p = Path(path)
+    return f"{p.parent.name}_{p.stem}.png"
 
 
 def write_overlays(folder: Path, data: Dataset, heat: np.ndarray) -> None:
-    """image | ground-truth mask | heatmap over the image, one PNG per test image."""
+    """image | ground-truth mask | heatmap over the image, one PNG per test image, enlarged
+    (nearest pixel) to at least 256 pixels high for the eye; the metrics never see it."""
     from matplotlib import colormaps
     from PIL import Image
 
@@ -1075,15 +1267,29 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray) -> None:
         mask = np.repeat(data.masks[i][..., None] * 255, 3, axis=2).astype(np.uint8)
         colour = colormaps["jet"]((heat[i] - lo) / max(hi - lo, 1e-12))[..., :3] * 255
         blend = (0.5 * img + 0.5 * colour).astype(np.uint8)
-        p = Path(path)
-        Image.fromarray(np.concatenate([img, mask, blend], axis=1)).save(folder / f"{p.parent.name}_{p.stem}.png")
+        strip = Image.fromarray(np.concatenate([img, mask, blend], axis=1))
+        scale = -(-256 // strip.height)
+        strip.resize((scale * strip.width, scale * strip.height), Image.NEAREST).save(folder / overlay_name(path))
+
+
+def percent(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
 
 
 def format_table(results: dict) -> str:
+    """Percent, n/a where a metric could not be computed. A mean over k < n categories says so:
+    `mean (k/n)` when every metric has the same k, else each such cell."""
+    n = len(results) - 1
+    counts = [sum(m[k] is not None for name, m in results.items() if name != "mean") for k in METRICS]
     head = "| category | " + " | ".join(METRICS) + " |"
     rows = [head, "|" + "---|" * (len(METRICS) + 1)]
     for name, m in results.items():
-        rows.append(f"| {name} | " + " | ".join(f"{100 * m[k]:.1f}" for k in METRICS) + " |")
+        cells = [percent(m[k]) for k in METRICS]
+        if name == "mean" and len(set(counts)) == 1 and 0 < counts[0] < n:
+            name = f"mean ({counts[0]}/{n})"
+        elif name == "mean":
+            cells = [f"{c} ({k}/{n})" if 0 < k < n else c for c, k in zip(cells, counts)]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -1098,6 +1304,70 @@ def load_for_test(ckpt_path, device, compile=False):
     return ckpt, inference_model(model_from_checkpoint(ckpt, ckpt_path), device, compile)
 
 
+def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: ScoreConfig, overlays=True) -> None:
+    """out/report.html, a static page to read the evaluation by eye: the metrics table, each
+    category's image ROC, pixel ROC and PRO curves (out/report/CATEGORY.png) and its overlays,
+    worst first: normal images by falling score, then defective images by rising score."""
+    from html import escape
+    from urllib.parse import quote
+
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    (out / "report").mkdir(parents=True, exist_ok=True)
+
+    def pct(v):
+        return "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
+
+    page = ["<!doctype html><html><head><meta charset='utf-8'><title>flow-mismatch evaluation</title><style>",
+            "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #bbb;"
+            "padding:3px 8px;text-align:right}figure{display:inline-block;margin:4px}"
+            "figure img{height:160px;image-rendering:pixelated}figcaption{font-size:12px}</style></head><body>",
+            f"<h1>flow-mismatch evaluation</h1><p>{escape(out.name)}: score {escape(cfg.score)}, K={cfg.K}, "
+            f"T={cfg.T}, aggregator {escape(cfg.aggregator)}, w(t) = {escape(cfg.weight)}, seed {cfg.seed}. "
+            "Metrics in %; '-': not computable on this test set.</p>",
+            "<table><tr><th>category</th>" + "".join(f"<th>{m}</th>" for m in METRICS) + "</tr>"]
+    page += [f"<tr><th>{escape(name)}</th>" + "".join(f"<td>{pct(r.get(m))}</td>" for m in METRICS) + "</tr>"
+             for name, r in results.items()]
+    page.append("</table><p>Categories: " + ", ".join(f"<a href='#{quote(n)}'>{escape(n)}</a>" for n in scored)
+                + ". Overlays: image | ground truth | heatmap over the image, one colour range per category.</p>")
+    for name, (heat, scores) in scored.items():
+        data, r = tests[name], results.get(name, {})
+        fig = Figure(figsize=(12, 3.6), layout="constrained")
+        axes = fig.subplots(1, 3)
+        curves = [("image ROC", "image_auroc", data.anomalous, scores),
+                  ("pixel ROC", "pixel_auroc", data.masks.ravel(), heat.ravel())]
+        for ax, (title, key, truth, pred) in zip(axes, curves):
+            if 0 < truth.sum() < truth.size:
+                fpr, tpr, _ = roc_curve(truth.astype(bool), pred)
+                ax.plot(fpr, tpr)
+            ax.set(title=f"{title}, AUROC {pct(r.get(key))}", xlabel="false positive rate",
+                   ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
+        curve = pro_curve(data.masks, heat)
+        if curve is not None:
+            axes[2].plot(*curve)
+        axes[2].axvline(0.3, color="grey", ls=":")
+        axes[2].set(title=f"PRO, AUPRO (FPR <= 0.3) {pct(r.get('pixel_aupro'))}", xlabel="false positive rate",
+                    ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
+        fig.savefig(out / "report" / f"{name}.png", dpi=80)
+        page.append(f"<h2 id='{quote(name)}'>{escape(name)}</h2><img src='report/{quote(name)}.png' alt='curves of {escape(name)}'>")
+        if not overlays:
+            continue
+        normal, defect = np.flatnonzero(data.anomalous == 0), np.flatnonzero(data.anomalous == 1)
+        for title, order in (("normal images, highest score first", normal[np.argsort(-scores[normal], kind="stable")]),
+                             ("defective images, lowest score first", defect[np.argsort(scores[defect], kind="stable")])):
+            page.append(f"<h3>{escape(name)}: {title}</h3><div>")
+            for i in order:
+                p = Path(data.paths[i])
+                rel = f"{p.parent.name}/{p.name}"
+                src = f"{quote(name)}/overlays/{quote(overlay_name(data.paths[i]))}"
+                page.append(f"<figure><img src='{src}' loading='lazy' alt='{escape(rel)}'>"
+                            f"<figcaption>S = {scores[i]:.4g} &middot; {escape(rel)}</figcaption></figure>")
+            page.append("</div>")
+    page.append("</body></html>")
+    (out / "report.html").write_text("\n".join(page) + "\n")
+
+
 def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
     """{category: (heat (N, S, S) float32, scores (N,))} on rank 0, {} on other ranks."""
     for name in tests:
@@ -1105,26 +1375,46 @@ def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
             raise UserError(f"--data: category {name!r} is not among the checkpoint's classes {ckpt['class_names']}")
     mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
     rank = dist.get_rank() if dist.is_initialized() else 0
+    progress = Progress(sum(len(d) for d in tests.values())) if rank == 0 else None
     out = {}
     for name, data in tests.items():
         label = ckpt["class_names"].index(name) if ckpt["conditional"] else None
-        heat, scores = score_dataset(model, data, cfg, mean, std, device, label)
+        heat, scores = score_dataset(model, data, cfg, mean, std, device, label, progress)
         if rank == 0:
             out[name] = heat.numpy().astype(np.float32), scores.numpy()
     return out
 
 
-def metrics_of(tests: dict, scored: dict) -> dict:
-    """The seven metrics per category and their mean over categories."""
-    results = {name: evaluate(tests[name].anomalous, scores, tests[name].masks, heat)
-               for name, (heat, scores) in scored.items()}
-    results["mean"] = {k: float(np.nanmean([r[k] for r in results.values()])) for k in METRICS}
+def at_eval_size(data: Dataset, heat: np.ndarray, size) -> tuple:
+    """(masks, heatmaps) at size x size, or at each image's original size (size "original"): the
+    heatmaps upsampled bilinearly, the masks read again at that size (nearest neighbour)."""
+    sizes = data.sizes if size == "original" else [(size, size)] * len(data)  # (w, h)
+    masks = read_masks(data.paths, data.mask_files, data.sizes, None if size == "original" else size)
+    up = [F.interpolate(torch.from_numpy(h)[None, None], size=(hh, w), mode="bilinear", align_corners=False)[0, 0]
+          .numpy() for h, (w, hh) in zip(heat, sizes)]
+    return [np.zeros((hh, w), np.uint8) if m is None else m for m, (w, hh) in zip(masks, sizes)], up
+
+
+def metrics_of(tests: dict, scored: dict, eval_size=None) -> dict:
+    """The seven metrics per category (pixel metrics at the training resolution, or at eval_size: N
+    or "original") and their mean over the categories that have each (None if none has it)."""
+    results = {}
+    for name, (heat, scores) in scored.items():
+        data, masks = tests[name], tests[name].masks
+        if data.mask_files is None:
+            masks = None
+        elif eval_size is not None:
+            masks, heat = at_eval_size(data, heat, eval_size)
+        results[name] = evaluate(data.anomalous, scores, masks, heat)
+    values = {k: [r[k] for r in results.values() if r[k] is not None] for k in METRICS}
+    results["mean"] = {k: float(np.mean(v)) if v else None for k, v in values.items()}
     return results
 
 
 def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", overlays=True, compile=False,
-             log=print, alarm_rate=None) -> dict:
+             log=print, eval_size=None, alarm_rate=None) -> dict:
     """Score the test split of every category under data_root; write metrics and heatmaps to out.
+    Pixel metrics at the training resolution, or at eval_size (N or "original").
     With alarm_rate, also the operating point of the calibrated decisions (see Calibration)."""
     check_score_config(cfg)
     check_out_dir(out)
@@ -1149,7 +1439,7 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
                             scores=scores.astype(np.float32), heat=heat, masks=data.masks)
         if overlays:
             write_overlays(folder / "overlays", data, heat)
-    results = metrics_of(tests, scored)
+    results = metrics_of(tests, scored, eval_size)
     table = format_table(results)
     if alarm_rate:
         for name, (heat, scores) in scored.items():
@@ -1160,20 +1450,24 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
             results["mean"][k] = float(np.mean(values)) if values else None
         table += "\n\n" + format_operating_point(results, alarm_rate)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     (out / "table.md").write_text(table + "\n")
+    write_report(out, tests, scored, results, cfg, overlays)
     log(table)
     rule = (f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}" if cfg.score == "mismatch" else
             f"{cfg.score}: K={cfg.K} t0={cfg.t0}{f' steps={cfg.ode_steps}' * (cfg.score == 'recon')} "
             f"aggregator={cfg.aggregator}")
     log(f"{rule}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.2f} images/s on {device} x{world})")
+    if eval_size is not None or cfg.image_score != "paper":
+        at = "each image's original size" if eval_size == "original" else f"{eval_size or ckpt['train_config']['image_size']}^2"
+        log(f"image score: {cfg.image_score}; pixel metrics at {at}")
     return results
 
 
 # Ablations (Tables 6-9, the baselines of Table 2): one loaded test set, each model loaded once,
 # a row per setting with the mean over categories of the seven metrics and the scoring speed.
 def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, device="auto", compile=False,
-              log=print) -> list:
+              log=print, eval_size=None) -> list:
     """Every checkpoint x the Cartesian product of `grid` ({ScoreConfig field: values}, fields not
     given stay as in `base`); writes out/sweep.md and out/sweep.json (per-category results too)."""
     check_out_dir(out)
@@ -1196,8 +1490,8 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
             if rank == 0:
                 setting = {"ckpt": str(path)} if len(ckpt_paths) > 1 else {}
                 setting.update({f: getattr(cfg, f) for f in grid})
-                rows.append(dict(setting=setting, images_per_s=fps, results=metrics_of(tests[size], scored)))
-                print(f"{setting}: image AUROC {100 * rows[-1]['results']['mean']['image_auroc']:.1f}, "
+                rows.append(dict(setting=setting, images_per_s=fps, results=metrics_of(tests[size], scored, eval_size)))
+                print(f"{setting}: image AUROC {percent(rows[-1]['results']['mean']['image_auroc'])}, "
                       f"{fps:.2f} images/s", file=sys.stderr, flush=True)
     if rank != 0:
         return []
@@ -1205,11 +1499,12 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     table = ["| " + " | ".join(keys + list(METRICS)) + " | images/s |", "|" + "---|" * (len(keys) + len(METRICS) + 1)]
     for r in rows:
         m = r["results"]["mean"]
-        table.append("| " + " | ".join([str(r["setting"][k]) for k in keys] + [f"{100 * m[k]:.1f}" for k in METRICS])
+        table.append("| " + " | ".join([str(r["setting"][k]) for k in keys] + [percent(m[k]) for k in METRICS])
                      + f" | {r['images_per_s']:.2f} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.md").write_text("\n".join(table) + "\n")
-    (out / "sweep.json").write_text(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2))
+    (out / "sweep.json").write_text(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2,
+                                               allow_nan=False))
     log("\n".join(table))
     return rows
 
@@ -1231,7 +1526,7 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
 # Calibration images draw their paths as images CALIB_IDS + i, so no scored image shares their noise.
 
 CALIB_IDS = 1 << 40
-SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps")  # calibration and scoring share these
+SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score")  # shared by both
 OPERATING = ("false_alarm_rate", "detection_rate", "pixel_precision", "pixel_recall")
 
 
@@ -1272,9 +1567,9 @@ def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) 
     if cal is None:
         raise UserError(f"--alarm-rate: {ckpt_path} holds no calibration of {category}; train with --calib-fraction "
                         f"or run: calibrate --ckpt {ckpt_path} --data FOLDER_OF_NORMAL_IMAGES")
-    differ = [f for f in SCORE_RULE if cal["rule"][f] != getattr(cfg, f)]
+    differ = [f for f in SCORE_RULE if cal["rule"].get(f) != getattr(cfg, f)]
     if differ:
-        flags = " ".join(f"{'-' * (1 + (len(f) > 1))}{f.replace('_', '-')} {cal['rule'][f]}" for f in differ)
+        flags = " ".join(f"{'-' * (1 + (len(f) > 1))}{f.replace('_', '-')} {cal['rule'].get(f)}" for f in differ)
         raise UserError(f"--alarm-rate: the calibration of {category} was scored with {flags}; score with the same "
                         f"or recalibrate with yours: calibrate --ckpt {ckpt_path} ...")
     conformal_threshold(cal["scores"], A)
@@ -1303,13 +1598,109 @@ def format_operating_point(results: dict, A: float) -> str:
 
 
 # ----------------------------------------------------------------------------
+# Explain: inside the scorer for one image; the per-time maps that Eq. (4) averages into H.
+
+def explain(model, y, label=None, cfg: ScoreConfig = ScoreConfig()) -> dict:
+    """The scorer's intermediate quantities for one normalised image y (1, C, H, W):
+    maps (T, H, W) = w(t) delta_t from mismatch_delta, whose mean over t is heat, the H of
+    mismatch_heat; S; x_t of path 0 at every t; and, at the time t* contributing most to H's
+    peak pixel, delta_t* under cfg's aggregator (min) and under the mean over the K paths."""
+    labels = None if label is None else torch.tensor([label], device=y.device)
+    t = interior_times(cfg.T, y.device)
+    w = WEIGHTS[cfg.weight](t).view(1, -1, 1, 1)
+    delta = mismatch_delta(model, y, labels, cfg)  # (1, T, H, W)
+    maps = w * delta
+    heat = maps.mean(1)  # Eq. (4), as in mismatch_heat
+    peak = np.unravel_index(int(heat[0].argmax()), heat.shape[1:])
+    j = int(maps[0, :, peak[0], peak[1]].argmax())
+    x0 = path_noise(cfg.seed, [0], 0, y.shape[1:], y.device)
+    xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * y  # Eq. (2) along path 0, (T, C, H, W)
+    mean = mismatch_delta(model, y, labels, replace(cfg, aggregator="mean"))[0, j]
+    return dict(t=t.cpu(), w=w.flatten().cpu(), maps=maps[0].cpu(), heat=heat[0].cpu(),
+                score=float(image_score(heat)[0]), peak=peak, t_star=j, xt=xt.cpu(),
+                spread={cfg.aggregator: delta[0, j].cpu(), "mean": mean.cpu()})
+
+
+def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about: dict) -> None:
+    """One figure of explain's output to `out`, the numbers of each panel to out.json and its
+    maps to out.npz. image: (H, W, 3) uint8; mask: (H, W) bool or None; mean, std: (3,)."""
+    from matplotlib.figure import Figure
+
+    T = len(e["t"])
+    cols = max(7, min(T, 10))
+    rows = 2 + -(-T // cols)
+    fig = Figure(figsize=(1.7 * cols, 1.9 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+
+    def show(ax, a, title, **kw):
+        ax.imshow(a, **kw)
+        if mask is not None:
+            ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.6)
+        ax.set_title(title, fontsize=8)
+
+    heat, maps, aggregator = e["heat"].numpy(), e["maps"].numpy(), next(iter(e["spread"]))
+    show(axes[0, 0], image, "image y" + " (mask: cyan)" * (mask is not None))
+    shown = sorted({round(i) for i in np.linspace(0, T - 1, 4)})
+    for ax, j in zip(axes[0, 1:], shown):
+        x = (e["xt"][j] * std.view(-1, 1, 1) + mean.view(-1, 1, 1)).clamp(0, 1).permute(1, 2, 0).numpy()
+        show(ax, x, f"x_t, path 0, t={e['t'][j]:.2f}")
+    show(axes[0, 5], heat, f"heatmap H, S = {e['score']:.4g}", cmap="inferno")
+    axes[0, 5].plot(e["peak"][1], e["peak"][0], "w+", ms=9, mew=1.5)
+    show(axes[0, 6], image, "H over the image")
+    axes[0, 6].imshow(heat, cmap="jet", alpha=0.45)
+    hi = float(maps.max())
+    for j in range(T):
+        share = float(maps[j].sum() / max(maps.sum(), 1e-30))
+        show(axes[1 + j // cols, j % cols], maps[j], f"w·δ, t={e['t'][j]:.2f}\n{100 * share:.0f}% of H",
+             cmap="inferno", vmin=0, vmax=hi)
+    low, avg = e["spread"][aggregator].numpy(), e["spread"]["mean"].numpy()
+    ts, r = f"t={e['t'][e['t_star']]:.2f}", rows - 1
+    top = float(avg.max())
+    show(axes[r, 0], low, f"δ_t, {aggregator} over K, {ts}", cmap="inferno", vmin=0, vmax=top)
+    show(axes[r, 1], avg, f"δ_t, mean over K, {ts}", cmap="inferno", vmin=0, vmax=top)
+    show(axes[r, 2], avg - low, f"mean - {aggregator}, {ts}", cmap="inferno", vmin=0, vmax=top)
+    for a in axes[r, 3:]:
+        a.remove()
+    ax = fig.add_subplot(axes[0, 0].get_gridspec()[r, 3:])
+    ax.plot(e["t"], maps.mean((1, 2)), "o-", ms=3, label="mean over pixels")
+    ax.plot(e["t"], maps[:, e["peak"][0], e["peak"][1]], "s-", ms=3, label="at H's peak (+)")
+    ax.set(xlabel="t", yscale="log")
+    ax.set_title("w(t) δ_t against t: which times carry the evidence", fontsize=8)
+    ax.yaxis.tick_right()
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+    fig.suptitle(f"{about['image']}: S = {e['score']:.4g}", fontsize=9)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+
+    def stats(a):
+        return dict(max=float(a.max()), mean=float(a.mean()), at_peak=float(a[e["peak"]]))
+
+    numbers = dict(about, score=e["score"], heat=dict(stats(heat), peak=list(map(int, e["peak"]))),
+                   xt=dict(path=0, t=[float(e["t"][j]) for j in shown]),
+                   times=[dict(t=float(e["t"][j]), w=float(e["w"][j]), share_of_H=float(maps[j].sum() / maps.sum()),
+                               **stats(maps[j])) for j in range(T)],
+                   spread=dict(t=float(e["t"][e["t_star"]]), **{a: stats(m.numpy()) for a, m in e["spread"].items()}),
+                   arrays=out.with_suffix(".npz").name)
+    if mask is not None:
+        numbers["heat_in_mask"] = dict(inside=float(heat[mask].mean()) if mask.any() else None,
+                                       outside=float(heat[~mask].mean()) if (~mask).any() else None)
+    out.with_suffix(".json").write_text(json.dumps(numbers, indent=2))
+    np.savez_compressed(out.with_suffix(".npz"), t=e["t"].numpy(), maps=maps, heat=heat, xt=e["xt"].numpy(),
+                        **{f"delta_{a}": m.numpy() for a, m in e["spread"].items()})
+
+
+# ----------------------------------------------------------------------------
 # Speed: the batched scorer against a naive loop over (k, t), on the same weights and images.
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 
 
 def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, max_batch=0,
-          repeats=3, naive=True, train_mode=False, compile=False, channels_last=True) -> dict:
+          repeats=3, naive=True, train_mode=False, compile=False, layout="auto") -> dict:
+    """Layout: auto (training: channels_last; scoring: inference_model's choice), channels_last or nchw."""
     device = pick_device(device)
     torch.manual_seed(0)
     model = build_model(preset, 0).to(device)
@@ -1339,9 +1730,9 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     flops = counter.get_total_flops()  # one 1-image forward
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    layout = "channels_last" if channels_last else "nchw"
     if train_mode:
-        model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
+        layout = "nchw" if layout == "nchw" else "channels_last"
+        model.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format).train()
         opt = StableAdamW(model.parameters())
         n_steps = 10
 
@@ -1358,7 +1749,9 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
         return dict(mode="train", device=name, preset=preset, layout=layout, batch=images, train_fps=fps,
                     achieved_tflops=3 * flops * fps / 1e12, peak_mem_bytes=peak_memory(device))
     cfg = ScoreConfig(K=K, T=T, max_batch=max_batch)
-    fast = inference_model(model, device, compile, channels_last)
+    fast = inference_model(model, device, compile, None if layout == "auto" else layout == "channels_last")
+    conv = next(p for p in model.parameters() if p.dim() == 4)  # the layout inference_model chose
+    layout = "nchw" if conv.is_contiguous() else "channels_last"
     heat, seconds = timed(lambda: mismatch_heat(fast, y, cfg=cfg))
     out = dict(mode="score", device=name, preset=preset, layout=layout, compile=compile, K=K, T=T, images=images,
                image_size=image_size, max_batch=forward_batch(cfg, model, y),
@@ -1419,16 +1812,40 @@ PAPER = {
 }
 
 
+PAPER_CATEGORIES = {  # what the paper's mean rows average over
+    "mvtec": tuple(name for name in PAPER["mvtec"] if name != "mean"),
+    "visa": ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
+             "pcb4", "pipe_fryum"),
+}
+
+
+def mean_coverage(results: dict, dataset: str):
+    """None if our mean averages every metric over exactly the paper's categories, else the row
+    label that says over what: `ours (k/n)`, k the fewest of the paper's n categories a metric has,
+    `+m other` for categories not in the paper's mean."""
+    paper = set(PAPER_CATEGORIES[dataset])
+    have = [{name for name, m in results.items() if name != "mean" and m[k] is not None} for k in METRICS]
+    if all(h == paper for h in have):
+        return None
+    k, other = min(len(h & paper) for h in have), len(set().union(*have) - paper)
+    return f"ours ({k}/{len(paper)}{f', +{other} other' if other else ''})"
+
+
 def compare(results: dict, dataset: str) -> str:
-    """Our metrics beside the paper's for the categories both have: rows ours, paper, ours - paper."""
+    """Our metrics beside the paper's for the categories both have: rows ours, paper, ours - paper.
+    A mean that is not over the paper's categories is labelled as such (mean_coverage)."""
     head = "| category | | " + " | ".join(METRICS) + " |"
     rows = [head, "|" + "---|" * (len(METRICS) + 2)]
     for name in results:
         if name not in PAPER[dataset]:
             continue
-        paper, ours = PAPER[dataset][name], [100 * results[name][k] for k in METRICS]
-        for label, values in (("ours", ours), ("paper", paper), ("ours - paper", np.subtract(ours, paper))):
-            rows.append(f"| {name} | {label} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+        paper, ours = PAPER[dataset][name], [results[name][k] for k in METRICS]
+        ours = [None if v is None else 100 * v for v in ours]
+        diff = [None if o is None else o - p for o, p in zip(ours, paper)]
+        ours_label = (name == "mean" and mean_coverage(results, dataset)) or "ours"
+        for label, values in ((ours_label, ours), ("paper", paper), ("ours - paper", diff)):
+            cells = ("n/a" if v is None else f"{v:.1f}" for v in values)
+            rows.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -1467,6 +1884,15 @@ def fraction(text):
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
     return value
+
+
+def eval_size(text):
+    if text == "original":
+        return text
+    try:
+        return positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive integer nor 'original'")
 
 
 def int_list(text):
@@ -1510,12 +1936,14 @@ def add_score_args(p):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (worth it for large test sets)")
     p.add_argument("--precision", default=ScoreConfig.precision, help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
+    p.add_argument("--image-score", default=ScoreConfig.image_score,
+                   help="image score S: paper (max + mean of the top 1 %%, Eq. 4) | max (the map's maximum)")
 
 
 def score_config(args) -> ScoreConfig:
     return ScoreConfig(K=args.K, T=args.T, aggregator=args.aggregator, weight=args.weight,
                        max_batch=args.max_batch, seed=args.seed, score=args.score, t0=args.t0,
-                       ode_steps=args.ode_steps, precision=args.precision)
+                       ode_steps=args.ode_steps, precision=args.precision, image_score=args.image_score)
 
 
 def cmd_train(args):
@@ -1561,10 +1989,12 @@ def cmd_test(args):
     if (grid or len(args.ckpt) > 1) and args.alarm_rate:
         raise UserError("--alarm-rate: give it to a plain `test` of one checkpoint, not to an ablation")
     if grid or len(args.ckpt) > 1:
-        run_sweep(args.ckpt, args.data, Path(args.out), score_config(args), grid, args.device, args.compile)
+        run_sweep(args.ckpt, args.data, Path(args.out), score_config(args), grid, args.device, args.compile,
+                  eval_size=args.eval_size)
     else:
         run_test(args.ckpt[0], args.data, Path(args.out), score_config(args), args.device,
-                 overlays=not args.no_overlays, compile=args.compile, alarm_rate=args.alarm_rate)
+                 overlays=not args.no_overlays, compile=args.compile, eval_size=args.eval_size,
+                 alarm_rate=args.alarm_rate)
     return 0
 
 
@@ -1593,7 +2023,8 @@ def cmd_score(args):
     images = torch.from_numpy(np.stack([a for a, _ in _load(files, size)])).permute(0, 3, 1, 2).contiguous()
     data = Dataset(images, torch.zeros(len(files), dtype=torch.long), [], [str(f) for f in files],
                    np.zeros(len(files), int), np.zeros((len(files), size, size), np.uint8))
-    heat, scores = score_dataset(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label)
+    heat, scores = score_dataset(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label,
+                                 Progress(len(data)))
     out.mkdir(parents=True, exist_ok=True)
     write_overlays(out / "heatmaps", data, heat.numpy())
     with open(out / "scores.csv", "w", newline="") as f:
@@ -1675,8 +2106,45 @@ def cmd_demo(args):
                                                          lr=CPU_RECIPES["tiny"]["lr"], seed=args.seed,
                                                          save_every=args.steps), run, args.device)
     results = run_test(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
-    print(f"demo: image AUROC {100 * results['mean']['image_auroc']:.1f}, pixel AUROC "
-          f"{100 * results['mean']['pixel_auroc']:.1f}; heatmaps under {out / 'eval'}")
+    print(f"demo: image AUROC {percent(results['mean']['image_auroc'])}, pixel AUROC "
+          f"{percent(results['mean']['pixel_auroc'])}; heatmaps under {out / 'eval'}")
+    return 0
+
+
+def cmd_explain(args):
+    cfg = ScoreConfig(K=args.K, T=args.T, weight=args.weight, seed=args.seed)
+    check_score_config(cfg)
+    out, image = Path(args.out), Path(args.image)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UserError(f"--out: {out} must end in .png, .pdf or .svg")
+    if out.is_dir():
+        raise UserError(f"--out: {out} is a folder")
+    if not image.is_file():
+        raise UserError(f"{image}: no such image file")
+    device = pick_device(args.device)
+    ckpt, model = load_for_test(args.ckpt, device)
+    label = None
+    if ckpt["conditional"]:
+        if args.category not in ckpt["class_names"]:
+            raise UserError(f"--category: give one of {ckpt['class_names']} for this class-conditional model")
+        label = ckpt["class_names"].index(args.category)
+    size = ckpt["train_config"]["image_size"]
+    arr, original = read_image(image, size)
+    mask = None
+    if args.mask:
+        if not Path(args.mask).is_file():
+            raise UserError(f"--mask: no such file {args.mask}")
+        m, msize = read_image(Path(args.mask), size, mode="L")
+        if msize != original:
+            raise UserError(f"--mask: {args.mask} is {msize[0]}x{msize[1]} but {image} is {original[0]}x{original[1]}")
+        mask = m > 127
+    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+    y = ((torch.tensor(arr).permute(2, 0, 1).float() / 255 - mean.view(-1, 1, 1)) / std.view(-1, 1, 1))
+    e = explain(model, y[None].to(device), label, cfg)
+    about = dict(image=str(image), mask=args.mask, ckpt=str(args.ckpt), category=args.category, image_size=size,
+                 K=cfg.K, T=cfg.T, aggregator=cfg.aggregator, weight=cfg.weight, seed=cfg.seed)
+    write_explain(out, e, arr, mask, mean, std, about)
+    print(f"S = {e['score']:.6g}; wrote {out}, {out.with_suffix('.json')} and {out.with_suffix('.npz')}")
     return 0
 
 
@@ -1692,6 +2160,10 @@ def cmd_compare(args):
     if not set(PAPER[args.dataset]) & set(results):
         raise UserError(f"{path}: no category in common with the paper's {args.dataset} rows")
     table = compare(results, args.dataset)
+    partial = "mean" in results and mean_coverage(results, args.dataset)
+    if partial:
+        note(f"our mean is not over the paper's {len(PAPER_CATEGORIES[args.dataset])} {args.dataset} categories "
+             f"({partial}); the mean rows are not like for like")
     (path.parent / f"compare_{args.dataset}.md").write_text(table + "\n")
     print(table)
     return 0
@@ -1705,7 +2177,7 @@ def cmd_bench(args):
     check_image_size(size, args.preset)
     r = bench(args.preset, args.device, args.K, args.T, args.images, size, args.max_batch,
               args.repeats, naive=not args.no_naive, train_mode=args.train, compile=args.compile,
-              channels_last=not args.nchw)
+              layout=args.layout)
     r.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     for k, v in r.items():
         print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
@@ -1752,6 +2224,9 @@ def build_parser() -> Parser:
     p.add_argument("--data", required=True, help="a category folder or a root of categories")
     p.add_argument("--out", required=True, help="evaluation folder")
     p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
+    p.add_argument("--eval-size", type=eval_size,
+                   help="pixel metrics on heatmaps upsampled (bilinear) to N x N, or to each image's original size "
+                        "('original', as the MVTec-AD evaluation script); default: the training resolution (paper)")
     add_score_args(p)
     p.add_argument("--scores", type=listed(checked("score")), help="scorers to compare (Table 2)")
     p.add_argument("--grid-K", type=listed(positive_int), help="values of K (Table 6)")
@@ -1791,6 +2266,19 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("explain", help="one figure of what the scorer sees in one image (Eqs. 2-4)")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("image", help="the image to explain")
+    p.add_argument("--out", required=True, help="FIG.png (or .pdf, .svg); also writes FIG.json and FIG.npz")
+    p.add_argument("--mask", help="its ground-truth mask, drawn as a contour")
+    p.add_argument("--category", help="category label for a class-conditional model")
+    p.add_argument("-K", type=int, default=ScoreConfig.K, help="paths (Eq. 3)")
+    p.add_argument("-T", type=int, default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
+    p.add_argument("--weight", default=ScoreConfig.weight, help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
+    p.add_argument("--seed", type=int, default=ScoreConfig.seed, help="seed of the paths x0")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_explain)
+
     p = sub.add_parser("compare", help="our metrics.json beside the paper's Tables 1, 4 and 5")
     p.add_argument("metrics", help="EVAL_DIR/metrics.json written by `test`; writes EVAL_DIR/compare_DATASET.md")
     p.add_argument("--dataset", required=True, choices=list(PAPER), help="whose paper numbers to show")
@@ -1808,7 +2296,8 @@ def build_parser() -> Parser:
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
     p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net of the batched scorer")
-    p.add_argument("--nchw", action="store_true", help="keep the NCHW layout instead of channels_last (to measure it)")
+    p.add_argument("--layout", choices=("auto", "channels_last", "nchw"), default="auto",
+                   help="memory layout to measure (auto: channels_last for training and CPU scoring, NCHW for GPU scoring)")
     p.add_argument("--json", help="also write the figures to this file")
     p.set_defaults(func=cmd_bench)
     return ap
