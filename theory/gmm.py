@@ -118,3 +118,49 @@ def random_gmm(rng: np.random.Generator, d: int, k: int, spread: float = 2.0,
     B = rng.standard_normal((k, d, d))
     covs = B @ B.transpose(0, 2, 1) / d + 0.1 * np.eye(d)
     return GMM(rng.dirichlet(2.0 * np.ones(k)), means, covs)
+
+
+def low_rank_covs(rng: np.random.Generator, k: int, d: int, rank: int, floor: float = 1e-6) -> np.ndarray:
+    """k image-like covariances U diag(l) U^T: `rank` eigenvalues log-uniform in [0.2, 2], the
+    other d - rank equal to `floor` (a near-degenerate direction, as pixels of natural images
+    have), U a random rotation per component. Shape (k, d, d)."""
+    covs = np.empty((k, d, d))
+    for j in range(k):
+        U, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        lam = np.full(d, floor)
+        lam[:rank] = np.exp(rng.uniform(np.log(0.2), np.log(2.0), rank))
+        covs[j] = (U * lam) @ U.T
+    return (covs + covs.transpose(0, 2, 1)) / 2
+
+
+def image_like_gmm(rng: np.random.Generator, d: int, k: int, rank: int, floor: float = 1e-6,
+                   spread: float = 2.0, shift=0.0) -> GMM:
+    """A mixture of k nearly low-rank components (rank `rank`, other eigenvalues `floor`): a
+    union of thin slabs around affine subspaces, the Gaussian stand-in for data near a
+    low-dimensional set. Means ~ shift + spread * N(0, I), weights ~ Dirichlet(2, ..., 2)."""
+    means = shift + spread * rng.standard_normal((k, d))
+    return GMM(rng.dirichlet(2.0 * np.ones(k)), means, low_rank_covs(rng, k, d, rank, floor))
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian closed forms, written from the eigenvalues and the Gaussian Fisher formula rather than
+# by conditioning: the tests compare them with Monte Carlo through the GMM code above.
+
+def gaussian_weighted_denoising(S: np.ndarray, t: float) -> float:
+    """(t^2/(1-t)^2) D_r(t) for r = N(m, S): the posterior covariance of Y given X_t is
+    S - t^2 S C^{-1} S, C = t^2 S + (1-t)^2 I, with eigenvalues l (1-t)^2 / (t^2 l + (1-t)^2),
+    so the weighted term is sum_i t^2 l_i / (t^2 l_i + (1-t)^2) (l_i the eigenvalues of S)."""
+    lam = np.linalg.eigvalsh(S)
+    return float((t**2 * lam / (t**2 * lam + (1 - t) ** 2)).sum())
+
+
+def gaussian_fisher(mq, Sq, mp, Sp, t: float) -> float:
+    """J(q_t || p_t) = E_{q_t}||s_{q_t} - s_{p_t}||^2 for q = N(mq, Sq), p = N(mp, Sp). With
+    u = X - t mq ~ N(0, Cq): s_q - s_p = (Cp^{-1} - Cq^{-1}) u + t Cp^{-1} (mq - mp), so
+    J = tr(M Cq M) + t^2 ||Cp^{-1}(mq - mp)||^2 with M = Cp^{-1} - Cq^{-1}. S may be singular."""
+    eye = np.eye(len(mq))
+    Cq, Cp = t**2 * np.asarray(Sq) + (1 - t) ** 2 * eye, t**2 * np.asarray(Sp) + (1 - t) ** 2 * eye
+    Pq, Pp = np.linalg.inv(Cq), np.linalg.inv(Cp)
+    M = Pp - Pq
+    shift = t * Pp @ (np.asarray(mq) - np.asarray(mp))
+    return float(np.trace(M @ Cq @ M) + shift @ shift)
