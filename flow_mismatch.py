@@ -27,10 +27,11 @@ The machinery:
     Data                benchmark layouts read in place (MVTec-AD, MPDD, VisA, MVTec AD 2, BTAD, LOCO,
                         one's own), every mask encoding; the demo's generated data
     Evaluation          scoring test sets, progress, overlays, tables, report.html; ablation sweeps (Tables 6-9)
+    Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
     Speed               bench: batched scorer against the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
-    CLI                 train, test, score, explain, demo, compare, bench
+    CLI                 train, test, score, calibrate, explain, demo, compare, bench
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import hashlib
 import itertools
 import json
 import math
@@ -101,7 +103,11 @@ PRESET_HELP = {
 # --steps and --lr are not given; `paper` uses TrainConfig's (the paper's) values. 1000 steps are
 # 10-30x fewer than the paper's 2000 epochs, and at lr 1e-4 the model is far from fitted then; 5e-4
 # did better on every metric of three held-out photo-derived sets (BENCHMARKS.md, "CPU recipe").
-CPU_RECIPES = {"small": dict(image_size=64, steps=1000, lr=5e-4), "tiny": dict(image_size=64, steps=1000, lr=5e-4)}
+# They also hold out a fifth of each category's train/good as the calibration set of --alarm-rate:
+# 1000 steps of batch 32 see each of a few hundred images ~100 times, so training is short of
+# steps, not images, while 20-80 held-out images allow alarm rates down to 1/(n+1) = 0.05-0.01.
+CPU_RECIPES = {"small": dict(image_size=64, steps=1000, lr=5e-4, calib_fraction=0.2),
+               "tiny": dict(image_size=64, steps=1000, lr=5e-4, calib_fraction=0.2)}
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,7 @@ class TrainConfig:
     save_every: int = 1000  # steps between checkpoints
     save_epochs: tuple = ()  # extra snapshots ckpt_epoch{E}.pt (Table 9)
     pooled: bool = False  # one unconditional model for all categories (Table 8)
+    calib_fraction: float = 0.0  # of each category's train/good, held out for calibration; 0: the paper, all train
 
 
 @dataclass(frozen=True)
@@ -399,7 +406,8 @@ def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
 
 # ----------------------------------------------------------------------------
 # End of the method. The machinery follows: how the scorer is batched and checked, training,
-# checkpoints, devices and DDP, baselines, metrics, data, evaluation, speed, the paper's numbers, CLI.
+# checkpoints, devices and DDP, baselines, metrics, data, evaluation, calibration, speed, the paper's
+# numbers, CLI.
 #
 # Scorer machinery: forward batch size, precision, input checks, the one-forward-at-a-time reference.
 
@@ -556,6 +564,8 @@ def run_lock(out: Path, flag="--out"):
 def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=print) -> Path:
     """Train v_theta on `data` (a Dataset of normal images) and write out/ckpt.pt.
 
+    With cfg.calib_fraction > 0 a seeded part of each category is held out, never drawn into a
+    batch, and scored at the end (K = T = 10) as the run's calibration set (see Calibration).
     Step s draws its batch, noise and dropout from (seed, s, rank) alone, so a run resumed
     from any checkpoint continues exactly as if it had never stopped."""
     rank, world, local_rank = distributed()
@@ -568,6 +578,7 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
                       steps=cfg.steps or ckpt["train_config"]["steps"], epochs=cfg.epochs)
         if ckpt["class_names"] != data.class_names:
             raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
+    data, held = split_calibration(data, cfg.calib_fraction, cfg.seed)
     conditional = len(data.class_names) > 1 and not cfg.pooled
     torch.manual_seed(cfg.seed)  # initial weights
     model = build_model(cfg.preset, len(data.class_names) if conditional else 0)
@@ -593,12 +604,18 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
         nparams = sum(p.numel() for p in model.parameters())
         log(f"preset {cfg.preset}: {nparams:,} parameters ({nparams / 1e6:.1f} M); "
             f"{'class-conditional on ' + str(len(data.class_names)) + ' categories' if conditional else 'unconditional'}; "
-            f"{n} images, {steps_per_epoch} steps/epoch, {total} steps on {device} x{world}")
+            f"{n} images{f' ({len(held)} more held out for calibration)' * (len(held) > 0)}, "
+            f"{steps_per_epoch} steps/epoch, {total} steps on {device} x{world}")
+    trained_on = image_hashes(data.images)
+    held_out = {name: [p for p, c in zip(held.paths, held.labels.tolist()) if c == i]
+                for i, name in enumerate(data.class_names)}
+    calibration = {}
 
     def state(at_step):
         return dict(model=model.state_dict(), optimizer=opt.state_dict(), model_config=asdict(model.cfg),
                     train_config=asdict(replace(cfg, steps=total)), mean=mean.tolist(), std=std.tolist(),
-                    class_names=data.class_names, conditional=conditional, step=at_step, data=data.root)
+                    class_names=data.class_names, conditional=conditional, step=at_step, data=data.root,
+                    trained_on=trained_on, held_out=held_out, calibration=calibration)
 
     def kept():
         return (f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else
@@ -671,6 +688,14 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    if len(held):
+        model.eval()
+        for i, name in enumerate(data.class_names):
+            idx = [j for j, c in enumerate(held.labels.tolist()) if c == i]
+            if idx:
+                calibration[name] = calibrate_on(model, held.subset(idx), ScoreConfig(), mean, std, device,
+                                                 i if conditional else None)
+        save(ckpt_path, step)
     if world > 1:
         dist.barrier()  # the other ranks wait for rank 0's last checkpoint before they exit
     return ckpt_path
@@ -938,6 +963,11 @@ class Dataset:
         x = self.images.double() / 255
         return x.mean((0, 2, 3)).float(), x.std((0, 2, 3)).clamp_min(1e-3).float()
 
+    def subset(self, idx):
+        """The images idx of a training set (no anomaly labels or masks)."""
+        return Dataset(self.images[idx], self.labels[idx], self.class_names, [self.paths[i] for i in idx],
+                       root=self.root)
+
 
 @dataclass
 class Category:
@@ -1130,6 +1160,22 @@ def load_train(root, size: int) -> Dataset:
     return Dataset(x, torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
 
 
+def split_calibration(data: Dataset, fraction: float, seed: int) -> tuple:
+    """(training, held-out) parts of a training set: floor(fraction * n) of each category's n images,
+    drawn with (seed, category), are held out for calibration and never trained on."""
+    held = []
+    for c in range(len(data.class_names)):
+        idx = np.flatnonzero(data.labels.numpy() == c)
+        held += np.random.default_rng([seed, c]).permutation(idx)[:math.floor(fraction * len(idx) + 1e-9)].tolist()
+    keep = sorted(set(range(len(data))) - set(held))
+    return data.subset(keep), data.subset(sorted(held))
+
+
+def image_hashes(images: torch.Tensor) -> list:
+    """sha256 of each image as the model sees it (uint8 RGB at the training size), (N, 3, S, S) -> N hex strings."""
+    return [hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest() for x in images]
+
+
 def read_masks(files, mask_files, sizes, size) -> list:
     """The union of each image's masks at size x size (size None: as stored), None for an image
     without masks; each mask must have its image's original size (sizes)."""
@@ -1243,9 +1289,10 @@ class Progress:
                   flush=True)
 
 
-def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, progress=None):
+def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, progress=None,
+                  first_id=0):
     """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores
-    every world-th image and rank 0 gathers them."""
+    every world-th image and rank 0 gathers them. Image i draws its paths as image first_id + i."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
     inputs_per_image = cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K
@@ -1256,7 +1303,7 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
         ids = mine[i:i + per_call]
         y = (data.images[ids].to(device).float() / 255 - mean_d) / std_d
         labels = None if labels_for is None else torch.full((len(ids),), labels_for, device=device)
-        heat[ids] = SCORERS[cfg.score](model, y, labels, cfg, ids).cpu()
+        heat[ids] = SCORERS[cfg.score](model, y, labels, cfg, [first_id + i for i in ids]).cpu()
         if progress is not None:
             progress(len(ids) * world)
     if world > 1:
@@ -1464,15 +1511,17 @@ def metrics_of(tests: dict, scored: dict, eval_size=None) -> dict:
 
 
 def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", overlays=True, compile=False,
-             log=print, eval_size=None) -> dict:
+             log=print, eval_size=None, alarm_rate=None) -> dict:
     """Score the test split of every category under data_root; write metrics and heatmaps to out.
-    Pixel metrics at the training resolution, or at eval_size (N or "original")."""
+    Pixel metrics at the training resolution, or at eval_size (N or "original").
+    With alarm_rate, also the operating point of the calibrated decisions (see Calibration)."""
     check_score_config(cfg)
     check_out_dir(out)
     rank, world, local_rank = distributed()
     device = pick_device(device, local_rank)
     ckpt, model = load_for_test(ckpt_path, device, compile)
     tests = load_test(data_root, ckpt["train_config"]["image_size"])
+    cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests} if alarm_rate else {}
     t0 = time.time()
     scored = score_tests(model, ckpt, tests, cfg, device)
     seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
@@ -1491,6 +1540,14 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
         swap(folder, out / name)
     results = metrics_of(tests, scored, eval_size)
     table = format_table(results)
+    if alarm_rate:
+        for name, (heat, scores) in scored.items():
+            data = tests[name]
+            results[name].update(operating_point(cals[name], alarm_rate, scores, data.anomalous, heat, data.masks))
+        for k in OPERATING:
+            values = [results[name][k] for name in scored if results[name][k] is not None]
+            results["mean"][k] = float(np.mean(values)) if values else None
+        table += "\n\n" + format_operating_point(results, alarm_rate)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False))
     (out / "table.md").write_text(table + "\n")
@@ -1549,6 +1606,94 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
                                                allow_nan=False))
     log("\n".join(table))
     return rows
+
+
+# ----------------------------------------------------------------------------
+# Calibration: decisions with a finite-sample false-alarm guarantee, from normal images alone
+# (split-conformal inference: Vovk, Gammerman and Shafer, "Algorithmic Learning in a Random World",
+# 2005; Bates et al., "Testing for outliers with conformal p-values", Ann. Statist. 2023).
+#
+# s_1..s_n are the scores S of n normal images the model was not trained on. If the score s of a
+# new normal image is exchangeable with them,
+#   p(s) = (1 + #{i : s_i >= s}) / (n + 1)     is super-uniform: P(p(s) <= A) <= A for every A,
+# and deciding p(s) <= A is deciding s > tau_A, the k-th smallest s_i with k = ceil((n + 1)(1 - A)):
+#   A - 1/(n + 1) <= P(false alarm) <= A       (the lower bound holds when scores do not tie).
+# P is over the calibration images and the new image together; for one fixed calibration set the
+# rate is Beta(floor((n + 1) A), n + 1 - floor((n + 1) A)) distributed, sd about sqrt(A (1 - A) / (n + 2)).
+# k <= n needs A >= 1/(n + 1). The defect masks apply the same rule to the heatmap maxima max H:
+# pixels above tau_A(maxima), so a normal image shows any flagged pixel with probability <= A.
+# Calibration images draw their paths as images CALIB_IDS + i, so no scored image shares their noise.
+
+CALIB_IDS = 1 << 40
+SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score")  # shared by both
+OPERATING = ("false_alarm_rate", "detection_rate", "pixel_precision", "pixel_recall")
+
+
+def p_values(calib, s) -> np.ndarray:
+    """Conformal p-values (1 + #{calib >= s}) / (n + 1) of the scores s."""
+    calib, s = np.sort(np.asarray(calib, np.float64)), np.asarray(s, np.float64)
+    return (1 + len(calib) - np.searchsorted(calib, s, side="left")) / (len(calib) + 1)
+
+
+def conformal_threshold(calib, A: float) -> float:
+    """tau_A: the ceil((n + 1)(1 - A))-th smallest calibration score. Its rank is counted with the
+    p-values' own arithmetic, so s > tau_A exactly when p(s) <= A."""
+    n = len(calib)
+    j = int(np.sum(np.arange(1, n + 2) / (n + 1) <= A))  # floor((n + 1) A): calibration scores above tau_A
+    if j == 0:
+        raise UserError(f"--alarm-rate: {A} is below 1/(n+1) = {1 / (n + 1):.3g}, the smallest rate n = {n} "
+                        f"calibration images can certify; raise it or calibrate on at least "
+                        f"{math.ceil(1 / A) - 1} normal images")
+    return float(np.sort(np.asarray(calib, np.float64))[n - min(j, n)])
+
+
+@torch.no_grad()
+def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, label=None) -> dict:
+    """Scores and heatmap maxima of normal images the model was not trained on, and the rule that scored them."""
+    heat, scores = score_dataset(model, data, cfg, mean, std, device, label, first_id=CALIB_IDS)
+    return dict(scores=scores.tolist(), maxima=heat.flatten(1).amax(1).tolist(), paths=list(data.paths),
+                rule={f: getattr(cfg, f) for f in SCORE_RULE})
+
+
+def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) -> dict:
+    """The checkpoint's calibration of `category`, checked to fit cfg's scoring rule and the rate A."""
+    names = ckpt["class_names"]
+    if category is None:
+        if len(names) > 1:
+            raise UserError(f"--category: give one of {names}; each category has its own calibration")
+        category = names[0]
+    cal = (ckpt.get("calibration") or {}).get(category)
+    if cal is None:
+        raise UserError(f"--alarm-rate: {ckpt_path} holds no calibration of {category}; train with --calib-fraction "
+                        f"or run: calibrate --ckpt {ckpt_path} --data FOLDER_OF_NORMAL_IMAGES")
+    differ = [f for f in SCORE_RULE if cal["rule"].get(f) != getattr(cfg, f)]
+    if differ:
+        flags = " ".join(f"{'-' * (1 + (len(f) > 1))}{f.replace('_', '-')} {cal['rule'].get(f)}" for f in differ)
+        raise UserError(f"--alarm-rate: the calibration of {category} was scored with {flags}; score with the same "
+                        f"or recalibrate with yours: calibrate --ckpt {ckpt_path} ...")
+    conformal_threshold(cal["scores"], A)
+    return cal
+
+
+def operating_point(cal: dict, A: float, scores, anomalous, heat, masks) -> dict:
+    """Decisions p <= A and masks heat > tau_A(maxima) against the truth: the false-alarm rate on normal
+    images, the detection rate on defective ones, pixel precision and recall (None: no such image/pixel)."""
+    flagged = p_values(cal["scores"], scores) <= A
+    px, gt = heat > conformal_threshold(cal["maxima"], A), masks.astype(bool)
+    hits = int((px & gt).sum())
+    normal, defective = flagged[anomalous == 0], flagged[anomalous == 1]
+    return dict(false_alarm_rate=float(normal.mean()) if normal.size else None,
+                detection_rate=float(defective.mean()) if defective.size else None,
+                pixel_precision=hits / int(px.sum()) if px.any() else None,
+                pixel_recall=hits / int(gt.sum()) if gt.any() else None)
+
+
+def format_operating_point(results: dict, A: float) -> str:
+    rows = [f"At --alarm-rate {A} (calibrated thresholds), in percent:", "",
+            "| category | " + " | ".join(OPERATING) + " |", "|" + "---|" * (len(OPERATING) + 1)]
+    for name, m in results.items():
+        rows.append(f"| {name} | " + " | ".join("-" if m[k] is None else f"{100 * m[k]:.1f}" for k in OPERATING) + " |")
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------
@@ -1847,10 +1992,17 @@ def int_in(lo, hi):
     return parse
 
 
-def fraction(text):
+def rate(text):
     value = float(text)
     if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
     return value
 
 
@@ -1897,7 +2049,7 @@ def add_score_args(p):
     p.add_argument("--seed", type=int_in(*SEEDS), default=ScoreConfig.seed, help="seed of the paths x0")
     p.add_argument("--score", type=checked("score"), default=ScoreConfig.score,
                    help="mismatch (Eqs. 2-4) | recon (ReconFlow, App. C.2) | onestep (RADAR-style) baseline")
-    p.add_argument("--t0", type=fraction, default=ScoreConfig.t0, help="start time of recon and onestep")
+    p.add_argument("--t0", type=rate, default=ScoreConfig.t0, help="start time of recon and onestep")
     p.add_argument("--ode-steps", type=int_in(1, 1000), default=ScoreConfig.ode_steps,
                    help="Euler steps of recon from t0 to 1")
     p.add_argument("--device", choices=DEVICES, default="auto")
@@ -1912,6 +2064,22 @@ def score_config(args) -> ScoreConfig:
     return ScoreConfig(K=args.K, T=args.T, aggregator=args.aggregator, weight=args.weight,
                        max_batch=args.max_batch, seed=args.seed, score=args.score, t0=args.t0,
                        ode_steps=args.ode_steps, precision=args.precision, image_score=args.image_score)
+
+
+def category_label(ckpt, category):
+    """The class label of --category for a class-conditional model; None for an unconditional
+    one, where a --category it was not trained on is an error and any other is said to do nothing."""
+    names = ckpt["class_names"]
+    if ckpt["conditional"]:
+        if category not in names:
+            raise UserError(f"--category: give one of {names} for this class-conditional model")
+        return names.index(category)
+    if category is not None:
+        if category not in names:
+            raise UserError(f"--category: {category!r} is not what this model was trained on ({', '.join(names)})")
+        print(f"flow_mismatch.py: warning: --category {category} has no effect: the model is unconditional "
+              f"(trained on {', '.join(names)})", file=sys.stderr)
+    return None
 
 
 def cmd_train(args):
@@ -1936,13 +2104,17 @@ def cmd_train(args):
             data_root = args.data or ckpt.get("data")
             size = ckpt["train_config"]["image_size"]
         elif (out / "ckpt.pt").exists():
-            raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose another folder")
+            raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
+                            f"another folder")
         data = load_train(data_root, size)
         steps = args.steps or (CPU_RECIPES.get(args.preset, {}).get("steps", 0) if args.epochs is None else 0)
+        calib = CPU_RECIPES.get(args.preset, {}).get("calib_fraction", TrainConfig.calib_fraction) \
+            if args.calib_fraction is None else args.calib_fraction
         cfg = TrainConfig(preset=args.preset, image_size=size, batch_size=args.batch_size,
                           epochs=args.epochs or TrainConfig.epochs, steps=steps,
                           lr=args.lr or CPU_RECIPES.get(args.preset, {}).get("lr", TrainConfig.lr), seed=args.seed,
-                          save_every=args.save_every, save_epochs=args.save_epochs, pooled=args.pooled)
+                          save_every=args.save_every, save_epochs=args.save_epochs, pooled=args.pooled,
+                          calib_fraction=calib)
         path = train(data, cfg, out, args.device, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
@@ -1953,12 +2125,15 @@ def cmd_test(args):
     sweeps = {"score": args.scores, "K": args.grid_K, "T": args.grid_T, "aggregator": args.aggregators,
               "weight": args.weights}
     grid = {field: values for field, values in sweeps.items() if values is not None}
+    if (grid or len(args.ckpt) > 1) and args.alarm_rate:
+        raise UserError("--alarm-rate: give it to a plain `test` of one checkpoint, not to an ablation")
     if grid or len(args.ckpt) > 1:
         run_sweep(args.ckpt, args.data, Path(args.out), score_config(args), grid, args.device, args.compile,
                   eval_size=args.eval_size)
     else:
         run_test(args.ckpt[0], args.data, Path(args.out), score_config(args), args.device,
-                 overlays=not args.no_overlays, compile=args.compile, eval_size=args.eval_size)
+                 overlays=not args.no_overlays, compile=args.compile, eval_size=args.eval_size,
+                 alarm_rate=args.alarm_rate)
     return 0
 
 
@@ -1976,17 +2151,9 @@ def cmd_score(args):
     files = image_files(target) if target.is_dir() else [target]
     if not files:
         raise UserError(f"{target}: holds no images")
-    label = None
-    if ckpt["conditional"]:
-        if args.category not in ckpt["class_names"]:
-            raise UserError(f"--category: give one of {ckpt['class_names']} for this class-conditional model")
-        label = ckpt["class_names"].index(args.category)
-    elif args.category is not None:
-        if args.category not in ckpt["class_names"]:
-            raise UserError(f"--category: {args.category!r} is not what this model was trained on "
-                            f"({', '.join(ckpt['class_names'])})")
-        print(f"flow_mismatch.py: warning: --category {args.category} has no effect: the model is unconditional "
-              f"(trained on {', '.join(ckpt['class_names'])})", file=sys.stderr)
+    label = category_label(ckpt, args.category)
+    A = args.alarm_rate
+    cal = calibration_of(ckpt, args.category, cfg, args.ckpt, A) if A else None
     size = ckpt["train_config"]["image_size"]
     loaded = _load(files, size, skip=True)  # an inspection line: a bad file is named, the rest scored
     good = [f for f, r in zip(files, loaded) if r is not None]
@@ -2001,14 +2168,72 @@ def cmd_score(args):
     folder = aside(out / "heatmaps")
     write_overlays(folder, data, heat.numpy())
     swap(folder, out / "heatmaps")
-    by_path = dict(zip(data.paths, scores.tolist()))
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "score"])
-        w.writerows((str(p), by_path.get(str(p), "")) for p in files)  # empty: skipped, unreadable
+        cols = [scores.tolist()]
+        if A:
+            p = p_values(cal["scores"], scores.numpy())
+            cols += [p.tolist(), (p <= A).astype(int).tolist()]
+        rows = dict(zip(data.paths, zip(*cols)))
+        w.writerow(["path", "score"] + ["p_value", "anomalous"] * bool(A))
+        w.writerows([str(q), *rows.get(str(q), [""] * len(cols))] for q in files)  # empty: skipped, unreadable
     for path, s in zip(data.paths, scores.tolist()):
         print(f"{s:.6g}\t{path}")
+    if A:
+        from PIL import Image
+
+        folder = aside(out / "masks")
+        for path, mask in zip(data.paths, heat.numpy() > conformal_threshold(cal["maxima"], A)):
+            name = folder / overlay_name(path)
+            name.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(name)
+        swap(folder, out / "masks")
+        print(f"{int((p <= A).sum())} of {len(p)} images anomalous at alarm rate {A} "
+              f"({len(cal['scores'])} calibration images); masks in {out / 'masks'}")
     return SKIPPED if len(good) < len(files) else 0
+
+
+def cmd_calibrate(args):
+    cfg = score_config(args)
+    check_score_config(cfg)
+    ckpt_path = Path(args.ckpt)
+    check_out_dir(ckpt_path.parent, "--ckpt")  # the calibration is written into the checkpoint
+    ckpt = load_checkpoint(ckpt_path)
+    names = ckpt["class_names"]
+    category = args.category or (names[0] if len(names) == 1 else None)
+    if category not in names:
+        raise UserError(f"--category: give one of {names}")
+    if args.data is None:  # the run's own hold-out, e.g. rescored under other -K/-T
+        files = [Path(p) for p in (ckpt.get("held_out") or {}).get(category, [])]
+        if not files:
+            raise UserError(f"--data: required, {ckpt_path} held out no images of {category} (train --calib-fraction)")
+    else:
+        folder = Path(args.data)
+        if not folder.is_dir():
+            raise UserError(f"--data: {folder} is not a folder")
+        files = image_files(folder)
+        if not files:
+            raise UserError(f"--data: {folder} holds no images")
+    size = ckpt["train_config"]["image_size"]
+    images = torch.from_numpy(np.stack([a for a, _ in _load(files, size)])).permute(0, 3, 1, 2).contiguous()
+    if "trained_on" not in ckpt:
+        print(f"warning: {ckpt_path} does not record its training images; cannot check that none is among "
+              f"the calibration images", file=sys.stderr)
+    trained = set(ckpt.get("trained_on", ()))
+    seen = [f for f, h in zip(files, image_hashes(images)) if h in trained]
+    if seen:
+        raise UserError(f"--data: {len(seen)} of {len(files)} images were used to train {ckpt_path} (e.g. {seen[0]}); "
+                        f"calibrate on normal images the model has not seen")
+    device = pick_device(args.device)
+    model = inference_model(model_from_checkpoint(ckpt, ckpt_path), device, args.compile)
+    data = Dataset(images, torch.zeros(len(files), dtype=torch.long), names, [str(f) for f in files])
+    label = names.index(category) if ckpt["conditional"] else None
+    cal = calibrate_on(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label)
+    ckpt["calibration"] = {**(ckpt.get("calibration") or {}), category: cal}
+    save_checkpoint(ckpt_path, ckpt)
+    print(f"calibrated {category} on {len(files)} normal images (smallest --alarm-rate 1/(n+1) = "
+          f"{1 / (len(files) + 1):.3g}); written to {ckpt_path}")
+    return 0
 
 
 def cmd_demo(args):
@@ -2040,15 +2265,12 @@ def cmd_explain(args):
         raise UserError(f"--out: {out} must end in .png, .pdf or .svg")
     if out.is_dir():
         raise UserError(f"--out: {out} is a folder")
+    check_out_dir(out.parent)
     if not image.is_file():
         raise UserError(f"{image}: no such image file")
     device = pick_device(args.device)
     ckpt, model = load_for_test(args.ckpt, device)
-    label = None
-    if ckpt["conditional"]:
-        if args.category not in ckpt["class_names"]:
-            raise UserError(f"--category: give one of {ckpt['class_names']} for this class-conditional model")
-        label = ckpt["class_names"].index(args.category)
+    label = category_label(ckpt, args.category)
     size = ckpt["train_config"]["image_size"]
     arr, original = read_image(image, size)
     mask = None
@@ -2135,6 +2357,10 @@ def build_parser() -> Parser:
     p.add_argument("--save-epochs", type=listed(positive_int), default=(),
                    help="also keep ckpt_epochE.pt at these epochs")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--calib-fraction", type=fraction,
+                   help="share of each category's train/good held out, never trained on, and scored at the end "
+                        "(K = T = 10) as the calibration set of --alarm-rate (paper: 0, CPU presets: "
+                        f"{CPU_RECIPES['tiny']['calib_fraction']})")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score the test split and print the seven metrics",
@@ -2157,6 +2383,9 @@ def build_parser() -> Parser:
     p.add_argument("--aggregators", type=listed(checked("aggregator")),
                    help="e.g. min,mean,quantile:0.1 (Table 7)")
     p.add_argument("--weights", type=listed(checked("weight")), help="e.g. 1,t,t2,snr")
+    p.add_argument("--alarm-rate", type=rate, metavar="A",
+                   help="also report, per category, the false-alarm and detection rates of the calibrated decision "
+                        "p <= A and the pixel precision and recall of its masks")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("score", help="heatmaps and scores for new, unlabelled images")
@@ -2164,8 +2393,19 @@ def build_parser() -> Parser:
     p.add_argument("images", help="an image or a folder of images")
     p.add_argument("--out", required=True)
     p.add_argument("--category", help="category label for a class-conditional model")
+    p.add_argument("--alarm-rate", type=rate, metavar="A",
+                   help="decide: scores.csv gains the conformal p_value and anomalous (p <= A), masks/ a binary "
+                        "defect mask per image; at most a fraction A of normal images is flagged (README)")
     add_score_args(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("calibrate", help="score normal images the model has not seen: the thresholds of --alarm-rate")
+    p.add_argument("--ckpt", required=True, help="checkpoint; the calibration is stored in it")
+    p.add_argument("--data", help="a folder of normal images not used in training (default: the run's "
+                                  "--calib-fraction hold-out, rescored with the options below)")
+    p.add_argument("--category", help="the category these images belong to (several-category models)")
+    add_score_args(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="generate textures with defects, train `tiny` on CPU, test")
     p.add_argument("--out", default="demo_out")
@@ -2181,11 +2421,12 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="FIG.png (or .pdf, .svg); also writes FIG.json and FIG.npz")
     p.add_argument("--mask", help="its ground-truth mask, drawn as a contour")
     p.add_argument("--category", help="category label for a class-conditional model")
-    p.add_argument("-K", type=int, default=ScoreConfig.K, help="paths (Eq. 3)")
-    p.add_argument("-T", type=int, default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
-    p.add_argument("--weight", default=ScoreConfig.weight, help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
-    p.add_argument("--seed", type=int, default=ScoreConfig.seed, help="seed of the paths x0")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("-K", type=int_in(1, 1000), default=ScoreConfig.K, help="paths (Eq. 3)")
+    p.add_argument("-T", type=int_in(1, 1000), default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
+    p.add_argument("--weight", type=checked("weight"), default=ScoreConfig.weight,
+                   help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
+    p.add_argument("--seed", type=int_in(*SEEDS), default=ScoreConfig.seed, help="seed of the paths x0")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("compare", help="our metrics.json beside the paper's Tables 1, 4 and 5")
