@@ -172,7 +172,7 @@ def test_score_writes_p_values_decisions_and_masks(line, tmp_path):
     heat, _ = fm.score_dataset(model, fm.Dataset(images, torch.zeros(3, dtype=torch.long), [], files),
                                fm.ScoreConfig(), torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), "cpu")
     for f, h in zip(files, heat.numpy()):
-        mask = np.asarray(Image.open(tmp_path / "o" / "masks" / f"stain_{f.stem}.png"))
+        mask = np.asarray(Image.open(tmp_path / "o" / "masks" / fm.overlay_name(f)))
         assert set(np.unique(mask)) <= {0, 255} and mask.shape == (16, 16)
         assert np.array_equal(mask == 255, h > tau)
 
