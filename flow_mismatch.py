@@ -1543,7 +1543,8 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     if alarm_rate:
         for name, (heat, scores) in scored.items():
             data = tests[name]
-            results[name].update(operating_point(cals[name], alarm_rate, scores, data.anomalous, heat, data.masks))
+            results[name].update(operating_point(cals[name], alarm_rate, scores, data.anomalous, heat,
+                                                  None if data.mask_files is None else data.masks))
         for k in OPERATING:
             values = [results[name][k] for name in scored if results[name][k] is not None]
             results["mean"][k] = float(np.mean(values)) if values else None
@@ -1677,14 +1678,16 @@ def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) 
 
 def operating_point(cal: dict, A: float, scores, anomalous, heat, masks) -> dict:
     """Decisions p <= A and masks heat > tau_A(maxima) against the truth: the false-alarm rate on normal
-    images, the detection rate on defective ones, pixel precision and recall (None: no such image/pixel)."""
+    images, the detection rate on defective ones, pixel precision and recall (None: no such image/pixel,
+    or masks None: no ground truth)."""
     flagged = p_values(cal["scores"], scores) <= A
-    px, gt = heat > conformal_threshold(cal["maxima"], A), masks.astype(bool)
+    px = heat > conformal_threshold(cal["maxima"], A)
+    gt = np.zeros_like(px) if masks is None else masks.astype(bool)
     hits = int((px & gt).sum())
     normal, defective = flagged[anomalous == 0], flagged[anomalous == 1]
     return dict(false_alarm_rate=float(normal.mean()) if normal.size else None,
                 detection_rate=float(defective.mean()) if defective.size else None,
-                pixel_precision=hits / int(px.sum()) if px.any() else None,
+                pixel_precision=hits / int(px.sum()) if px.any() and masks is not None else None,
                 pixel_recall=hits / int(gt.sum()) if gt.any() else None)
 
 

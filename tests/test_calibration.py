@@ -194,6 +194,19 @@ def test_test_reports_the_operating_point(line, tmp_path):
     assert "false_alarm_rate" in (tmp_path / "e" / "table.md").read_text()
 
 
+def test_operating_point_without_ground_truth_has_no_pixel_numbers():
+    """A folder without masks: image rates are computed, pixel precision and recall are None (not 0)."""
+    cal = dict(scores=list(np.arange(1.0, 20.0)), maxima=list(np.arange(1.0, 20.0)))
+    heat = np.zeros((4, 8, 8))
+    heat[:, 0, 0] = [0.0, 30.0, 0.0, 30.0]  # images 1 and 3 flag a pixel
+    m = fm.operating_point(cal, 0.1, np.array([0.0, 30.0, 0.0, 30.0]), np.array([0, 0, 1, 1]), heat, None)
+    assert m == dict(false_alarm_rate=0.5, detection_rate=0.5, pixel_precision=None, pixel_recall=None)
+    gt = np.zeros((4, 8, 8), np.uint8)
+    gt[3, 0, 0] = 1
+    m = fm.operating_point(cal, 0.1, np.array([0.0, 30.0, 0.0, 30.0]), np.array([0, 0, 1, 1]), heat, gt)
+    assert (m["pixel_precision"], m["pixel_recall"]) == (0.5, 1.0)
+
+
 def test_calibrate_refuses_training_images_and_stores_a_new_calibration(line, tmp_path):
     data, ckpt_path = line
     ckpt = tmp_path / "ckpt.pt"
