@@ -1415,18 +1415,15 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
 
     (out / "report").mkdir(parents=True, exist_ok=True)
 
-    def pct(v):
-        return "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
-
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>flow-mismatch evaluation</title><style>",
             "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #bbb;"
             "padding:3px 8px;text-align:right}figure{display:inline-block;margin:4px}"
             "figure img{height:160px;image-rendering:pixelated}figcaption{font-size:12px}</style></head><body>",
             f"<h1>flow-mismatch evaluation</h1><p>{escape(out.name)}: score {escape(cfg.score)}, K={cfg.K}, "
             f"T={cfg.T}, aggregator {escape(cfg.aggregator)}, w(t) = {escape(cfg.weight)}, seed {cfg.seed}. "
-            "Metrics in %; '-': not computable on this test set.</p>",
+            "Metrics in %; n/a: not computable on this test set.</p>",
             "<table><tr><th>category</th>" + "".join(f"<th>{m}</th>" for m in METRICS) + "</tr>"]
-    page += [f"<tr><th>{escape(name)}</th>" + "".join(f"<td>{pct(r.get(m))}</td>" for m in METRICS) + "</tr>"
+    page += [f"<tr><th>{escape(name)}</th>" + "".join(f"<td>{percent(r.get(m))}</td>" for m in METRICS) + "</tr>"
              for name, r in results.items()]
     page.append("</table><p>Categories: " + ", ".join(f"<a href='#{quote(n)}'>{escape(n)}</a>" for n in scored)
                 + ". Overlays: image | ground truth | heatmap over the image, one colour range per category.</p>")
@@ -1440,13 +1437,13 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
             if 0 < truth.sum() < truth.size:
                 fpr, tpr, _ = roc_curve(truth.astype(bool), pred)
                 ax.plot(fpr, tpr)
-            ax.set(title=f"{title}, AUROC {pct(r.get(key))}", xlabel="false positive rate",
+            ax.set(title=f"{title}, AUROC {percent(r.get(key))}", xlabel="false positive rate",
                    ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
         curve = pro_curve(data.masks, heat)
         if curve is not None:
             axes[2].plot(*curve)
         axes[2].axvline(0.3, color="grey", ls=":")
-        axes[2].set(title=f"PRO, AUPRO (FPR <= 0.3) {pct(r.get('pixel_aupro'))}", xlabel="false positive rate",
+        axes[2].set(title=f"PRO, AUPRO (FPR <= 0.3) {percent(r.get('pixel_aupro'))}", xlabel="false positive rate",
                     ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
         fig.savefig(out / "report" / f"{name}.png", dpi=80)
         page.append(f"<h2 id='{quote(name)}'>{escape(name)}</h2><img src='report/{quote(name)}.png' alt='curves of {escape(name)}'>")
@@ -1695,7 +1692,7 @@ def format_operating_point(results: dict, A: float) -> str:
     rows = [f"At --alarm-rate {A} (calibrated thresholds), in percent:", "",
             "| category | " + " | ".join(OPERATING) + " |", "|" + "---|" * (len(OPERATING) + 1)]
     for name, m in results.items():
-        rows.append(f"| {name} | " + " | ".join("-" if m[k] is None else f"{100 * m[k]:.1f}" for k in OPERATING) + " |")
+        rows.append(f"| {name} | " + " | ".join(percent(m[k]) for k in OPERATING) + " |")
     return "\n".join(rows)
 
 
