@@ -45,12 +45,13 @@ import itertools
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback; main() restores it
@@ -726,26 +727,60 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.close(dirfd)
 
 
+# What a checkpoint of ours holds: key -> the type its value must have. Loading uses
+# weights_only=True, so unpickling builds only tensors and plain containers and never runs code.
+CKPT_KEYS = {"model": dict, "model_config": dict, "train_config": dict, "mean": list, "std": list,
+             "class_names": list, "conditional": bool, "step": int}
+CKPT_OPTIONAL = {"optimizer": dict, "data": (str, type(None)), "trained_on": list, "held_out": dict,
+                 "calibration": dict}
+
+
 def load_checkpoint(path) -> dict:
+    """Read a checkpoint without executing anything in it; every key we rely on is checked."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--ckpt: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"--ckpt: {path} refused: it holds objects other than tensors and plain data "
+                        f"(loading it could run code)")
     except Exception as e:
         raise UserError(f"--ckpt: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:80]})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"--ckpt: {path} is not a flow-mismatch checkpoint")
+    for key, kind in (*CKPT_KEYS.items(), *CKPT_OPTIONAL.items()):
+        if key not in ckpt:
+            if key in CKPT_KEYS:
+                raise UserError(f"--ckpt: {path} lacks the key '{key}'")
+        elif not isinstance(ckpt[key], kind) or (kind is int and isinstance(ckpt[key], bool)):
+            raise UserError(f"--ckpt: {path}: key '{key}' holds a {type(ckpt[key]).__name__}, "
+                            f"not a {getattr(kind, '__name__', 'str')}")
+    for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
+        names = {f.name for f in fields(cls)}
+        if set(ckpt[key]) != names:
+            wrong = sorted(set(ckpt[key]) ^ names)
+            raise UserError(f"--ckpt: {path}: '{key}' has other fields than ours ({', '.join(wrong[:4])})")
+    if len(ckpt["mean"]) != 3 or len(ckpt["std"]) != 3 or not all(
+            isinstance(x, float) for x in ckpt["mean"] + ckpt["std"]) or min(ckpt["std"]) <= 0:
+        raise UserError(f"--ckpt: {path}: 'mean' and 'std' must be three floats each (std > 0)")
+    if not ckpt["class_names"] or not all(isinstance(c, str) for c in ckpt["class_names"]):
+        raise UserError(f"--ckpt: {path}: 'class_names' must be a non-empty list of names")
+    if not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        raise UserError(f"--ckpt: {path}: 'model' holds something other than tensors")
     return ckpt
 
 
 def model_from_checkpoint(ckpt: dict, path="") -> UNet:
-    cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
-    model = UNet(cfg)
+    try:
+        cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()})
+        model = UNet(cfg)
+    except Exception as e:  # a field of the right name but an impossible value
+        raise UserError(f"--ckpt: {path}: 'model_config' does not describe a U-Net of ours ({type(e).__name__})")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:
-        raise UserError(f"--ckpt: {path} does not match its own model config (other preset or class count?)")
+        raise UserError(f"--ckpt: {path}: 'model' does not match its own model config (other preset or class count?)")
     return model
 
 

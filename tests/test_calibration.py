@@ -117,7 +117,7 @@ def test_held_out_images_are_never_drawn(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fm, "cfm_loss", spy)
     cfg = fm.TrainConfig(preset="tiny", image_size=16, batch_size=4, steps=16, lr=1e-3, calib_fraction=0.25)
-    ckpt = torch.load(fm.train(data, cfg, tmp_path, device="cpu", log=lambda *a: None), weights_only=False)
+    ckpt = torch.load(fm.train(data, cfg, tmp_path, device="cpu", log=lambda *a: None), weights_only=True)
     mean, std = ckpt["mean"][0], ckpt["std"][0]
     ids = {round(v) for v in ((torch.cat(drawn) * std + mean) * 255).tolist()}
     held = {c: [int(p[3:]) for p in paths] for c, paths in ckpt["held_out"].items()}
@@ -154,7 +154,7 @@ def test_score_writes_p_values_decisions_and_masks(line, tmp_path):
     r = run_cli("score", "--ckpt", ckpt_path, data / "test" / "stain", "--out", tmp_path / "o", "--alarm-rate", A,
                 "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    cal = torch.load(ckpt_path, weights_only=False)["calibration"]["weave"]
+    cal = torch.load(ckpt_path, weights_only=True)["calibration"]["weave"]
     n = len(cal["scores"])
     assert n == 12 and cal["rule"]["K"] == 10
     rows = list(csv.DictReader(open(tmp_path / "o" / "scores.csv")))
@@ -184,7 +184,7 @@ def test_test_reports_the_operating_point(line, tmp_path):
                 "--no-overlays", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())["weave"]
-    cal = torch.load(ckpt_path, weights_only=False)["calibration"]["weave"]
+    cal = torch.load(ckpt_path, weights_only=True)["calibration"]["weave"]
     tau = sorted(cal["scores"])[math.ceil((len(cal["scores"]) + 1) * (1 - A)) - 1]
     rows = list(csv.DictReader(open(tmp_path / "e" / "weave" / "scores.csv")))
     for label, key in ((0, "false_alarm_rate"), (1, "detection_rate")):
@@ -211,7 +211,7 @@ def test_calibrate_refuses_training_images_and_stores_a_new_calibration(line, tm
     data, ckpt_path = line
     ckpt = tmp_path / "ckpt.pt"
     shutil.copy(ckpt_path, ckpt)
-    held = set(torch.load(ckpt, weights_only=False)["held_out"]["weave"])
+    held = set(torch.load(ckpt, weights_only=True)["held_out"]["weave"])
     trained = next(p for p in sorted((data / "train" / "good").iterdir()) if str(p) not in held)
     fresh = tmp_path / "fresh"
     shutil.copytree(data / "test" / "good", fresh)
@@ -223,7 +223,7 @@ def test_calibrate_refuses_training_images_and_stores_a_new_calibration(line, tm
     (fresh / "renamed.png").unlink()
     r = run_cli("calibrate", "--ckpt", ckpt, "--data", fresh, "-K", 2, "-T", 2, "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    cal = torch.load(ckpt, weights_only=False)["calibration"]["weave"]
+    cal = torch.load(ckpt, weights_only=True)["calibration"]["weave"]
     assert len(cal["scores"]) == 6 and cal["rule"]["K"] == 2 and all("fresh" in p for p in cal["paths"])
     # under the calibration's rule the same images score again, on paths of their own (other noise)
     r = run_cli("score", "--ckpt", ckpt, fresh, "--out", tmp_path / "s", "--alarm-rate", 0.5, "-K", 2, "-T", 2)
@@ -249,7 +249,7 @@ def test_bad_alarm_rate(line, tmp_path, rate, needles):
 
 def test_a_model_without_calibration_is_told_what_to_do(line, tmp_path):
     data, ckpt_path = line
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=True)
     del ckpt["calibration"]
     torch.save(ckpt, tmp_path / "bare.pt")
     assert_user_error(run_cli("score", "--ckpt", tmp_path / "bare.pt", data / "test" / "good", "--out",

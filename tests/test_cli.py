@@ -20,7 +20,7 @@ def evaluated(trained, mvtec, tmp_path_factory):
 
 
 def test_train_writes_a_complete_checkpoint(trained):
-    ckpt = torch.load(trained, weights_only=False)
+    ckpt = torch.load(trained, weights_only=True)
     assert ckpt["step"] == 6 and ckpt["class_names"] == ["grid", "weave"] and ckpt["conditional"]
     assert {"model", "optimizer", "model_config", "train_config", "mean", "std", "data"} <= set(ckpt)
     assert ckpt["train_config"]["image_size"] == 16 and len(ckpt["mean"]) == len(ckpt["std"]) == 3
@@ -92,7 +92,7 @@ def test_pooled_training_is_unconditional(mvtec, tmp_path):
     r = run_cli("train", "--data", mvtec, "--out", tmp_path, "--preset", "tiny", "--steps", 1, "--batch-size", 2,
                 "--image-size", 16, "--pooled")
     assert r.returncode == 0, r.stderr
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert not ckpt["conditional"] and ckpt["model_config"]["num_classes"] == 0
     assert ckpt["class_names"] == ["grid", "weave"]
 

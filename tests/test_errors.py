@@ -99,7 +99,7 @@ def test_truncated_checkpoint(trained, mvtec, tmp_path):
 
 
 def test_checkpoint_of_another_preset(trained, mvtec, tmp_path):
-    ckpt = torch.load(trained, weights_only=False)
+    ckpt = torch.load(trained, weights_only=True)
     ckpt["model_config"]["base_channels"] = 32  # claims another shape than its weights
     torch.save(ckpt, tmp_path / "other.pt")
     assert_user_error(run_cli("test", "--ckpt", tmp_path / "other.pt", "--data", mvtec, "--out", tmp_path / "ev"),

@@ -21,10 +21,10 @@ def test_resumed_run_gives_the_same_weights_as_an_uninterrupted_one(mvtec, tmp_p
     data = fm.load_train(mvtec, 16)
     fm.train(data, small_cfg(steps=6), tmp_path / "full", "cpu", log=lambda *_: None)
     fm.train(data, small_cfg(steps=3), tmp_path / "half", "cpu", log=lambda *_: None)
-    assert torch.load(tmp_path / "half" / "ckpt.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)["step"] == 3
     fm.train(data, small_cfg(steps=6), tmp_path / "half", "cpu", resume=True, log=lambda *_: None)
-    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -40,7 +40,7 @@ def test_resume_through_the_cli_continues_the_step_count(mvtec, tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli("train", "--resume", run, "--steps", 4)  # data, preset and size come from the checkpoint
     assert r.returncode == 0, r.stderr
-    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 4
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 4
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -55,7 +55,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
     with pytest.raises(OSError):
         fm.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert torch.load(path, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp file left behind
 
 
@@ -90,7 +90,7 @@ def test_signal_saves_a_checkpoint_and_exits_with_one_line(mvtec, tmp_path, sig)
     assert "Traceback" not in err
     message = [line for line in (out + err).splitlines() if "interrupted" in line]
     assert len(message) == 1 and "--resume" in message[0]
-    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert 0 < ckpt["step"] < 100000 and ckpt["step"] == int(message[0].split(" at step ")[1].split("/")[0])
 
 
@@ -103,7 +103,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     line = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert len(line) == 1 and "non-finite loss" in line[0] and "at step" in line[0]
     bad_step = int(line[0].split("at step ")[1].split(";")[0])
-    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == bad_step - 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -116,7 +116,7 @@ def test_torchrun_trains_on_two_processes(mvtec, tmp_path):
                         "16", "--device", "cpu"], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and "x2" in r.stdout
 
 

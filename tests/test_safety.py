@@ -66,10 +66,10 @@ def test_a_second_train_on_a_busy_folder_exits_2_naming_it_and_the_holder(mvtec,
     finally:
         first.kill()  # SIGKILL: the OS drops the lock with the process
         first.wait()
-    step = torch.load(run / "ckpt.pt", weights_only=False)["step"]
+    step = torch.load(run / "ckpt.pt", weights_only=True)["step"]
     rc, err = cli(["train", "--resume", run, "--steps", step + 1], capsys)
     assert rc == 0, err
-    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == step + 1
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == step + 1
 
 
 # 2. Check before work ---------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def test_data_dot_names_the_folder_and_nothing_is_written_outside_out(mvtec, tmp
     monkeypatch.chdir(cat)
     rc, err = cli(["train", "--data", ".", "--out", tmp_path / "run", "--steps", 2, *TINY], capsys)
     assert rc == 0, err
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["class_names"] == ["weave"]
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["class_names"] == ["weave"]
     monkeypatch.chdir(cat / "test")
     before = files_under(tmp_path)
     rc, err = cli(["test", "--ckpt", tmp_path / "run" / "ckpt.pt", "--data", "..", "--out", tmp_path / "ev",
