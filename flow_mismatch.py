@@ -130,6 +130,8 @@ class TrainConfig:
     save_epochs: tuple = ()  # extra snapshots ckpt_epoch{E}.pt (Table 9)
     pooled: bool = False  # one unconditional model for all categories (Table 8)
     calib_fraction: float = 0.0  # of each category's train/good, held out for calibration; 0: the paper, all train
+    tile: int = 0  # > 0: train on random tile x tile crops at native resolution instead of resizing to image_size
+    tile_scale: float = 1.0  # uniform rescale of the images before tiles are cut (and scored)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class ScoreConfig:
     ode_steps: int = 10  # Euler steps of the recon baseline from t0 to 1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     image_score: str = "paper"  # S: paper (Eq. 4) | max (the map's maximum, as the MVTec-AD evaluation script)
+    stride: int = 0  # tiled checkpoints: pixels between tiles; 0: half a tile
 
 
 class UserError(Exception):
@@ -483,6 +486,58 @@ def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(),
     return heat
 
 
+# Tiles (train --tile N): an image larger than the model's input is covered by overlapping N x N
+# tiles, the last of each row and column aligned to the border; every tile is scored as an image of
+# its own and the tile maps are blended with a window that fades to ~0 at a tile's border, so the
+# stitched map has the image's own size and no seam. Tile j of image i draws its paths as image
+# i + j * TILE_IDS: tile 0 as the image itself, so an image of exactly one tile scores as untiled.
+
+TILE_IDS = 1 << 41  # above the calibration ids (CALIB_IDS + i)
+
+
+def tile_grid(H: int, W: int, N: int, stride: int) -> list:
+    """(top, left) of the N x N tiles covering an H x W image, stride apart, edge tiles at the border."""
+    def starts(L):
+        s = list(range(0, L - N + 1, stride))
+        return s if s[-1] == L - N else s + [L - N]
+    return [(top, left) for top in starts(H) for left in starts(W)]
+
+
+def tile_window(N: int) -> torch.Tensor:
+    """(N, N) blending weight sin^2(pi (u + 1/2) / N) sin^2(pi (v + 1/2) / N): positive, ~0 at the border."""
+    w = torch.sin(math.pi * (torch.arange(N) + 0.5) / N) ** 2
+    return w[:, None] * w[None, :]
+
+
+@torch.no_grad()
+def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=None) -> list:
+    """Maps of images larger than a tile: every N x N tile of every image ((3, H, W) each) goes
+    through fn(tiles (n, 3, N, N) uint8, tile ids) -> (n, *, N, N) in flat batches of per_call tiles,
+    and the tile maps are stitched as sum(window * map) / sum(window) into (*, H, W) per image. Only
+    per_call tiles are in flight at once: memory beyond the maps does not grow with the image."""
+    if not 0 < stride <= N:
+        raise UserError(f"--stride: {stride} must be from 1 to the tile size {N} (0: half a tile), or pixels go unscored")
+    window = tile_window(N)
+    jobs = [(i, j, top, left) for i, x in enumerate(images)
+            for j, (top, left) in enumerate(tile_grid(x.shape[-2], x.shape[-1], N, stride))]
+    acc, wsum = [None] * len(images), [torch.zeros(x.shape[-2:]) for x in images]
+    done = 0
+    for c in range(0, len(jobs), per_call):
+        chunk = jobs[c:c + per_call]
+        tiles = torch.stack([images[i][:, top:top + N, left:left + N] for i, _, top, left in chunk])
+        maps = fn(tiles, [ids[i] + j * TILE_IDS for i, j, _, _ in chunk]).cpu()  # (n, *, N, N)
+        for (i, _, top, left), m in zip(chunk, maps):
+            if acc[i] is None:
+                acc[i] = torch.zeros(*m.shape[:-2], *images[i].shape[-2:])
+            acc[i][..., top:top + N, left:left + N] += window * m
+            wsum[i][top:top + N, left:left + N] += window
+        finished = chunk[-1][0] + (c + per_call >= len(jobs))  # images whose last tile is in
+        if progress is not None and finished > done:
+            progress(finished - done)
+            done = finished
+    return [a / w for a, w in zip(acc, wsum)]
+
+
 # ----------------------------------------------------------------------------
 # Training loop: the optimiser of App. C.2 and a loop that survives interruption.
 
@@ -605,7 +660,8 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
         nparams = sum(p.numel() for p in model.parameters())
         log(f"preset {cfg.preset}: {nparams:,} parameters ({nparams / 1e6:.1f} M); "
             f"{'class-conditional on ' + str(len(data.class_names)) + ' categories' if conditional else 'unconditional'}; "
-            f"{n} images{f' ({len(held)} more held out for calibration)' * (len(held) > 0)}, "
+            f"{n} images{f' ({len(held)} more held out for calibration)' * (len(held) > 0)}"
+            f"{f', random {cfg.tile}x{cfg.tile} tiles at scale {cfg.tile_scale}' * (cfg.tile > 0)}, "
             f"{steps_per_epoch} steps/epoch, {total} steps on {device} x{world}")
     trained_on = image_hashes(data.images)
     held_out = {name: [p for p, c in zip(held.paths, held.labels.tolist()) if c == i]
@@ -635,7 +691,7 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
 
     stop = Stop()
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    images = data.images  # (N, 3, S, S) uint8, already resized
+    images = data.images  # (N, 3, S, S) uint8, already resized; tiles: native size (a list if sizes differ)
     labels_all = data.labels
     mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
     gen = torch.Generator(device=device)
@@ -647,7 +703,9 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
             start = (i * world + rank) * cfg.batch_size
             idx = perm[torch.arange(start, start + cfg.batch_size) % n]
-            y = (images[idx].to(device).float() / 255 - mean_d) / std_d
+            x = random_tiles(images, idx, cfg.tile, torch.Generator().manual_seed(
+                hash((cfg.seed, step, rank, 2)) & 0x7FFF_FFFF)) if cfg.tile else images[idx]
+            y = (x.to(device).float() / 255 - mean_d) / std_d
             lab = labels_all[idx].to(device) if conditional else None
             torch.manual_seed(hash((cfg.seed, step, rank)) & 0x7FFF_FFFF)  # dropout
             gen.manual_seed(hash((cfg.seed, step, rank, 1)) & 0x7FFF_FFFF)  # x0, t
@@ -695,7 +753,7 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
             idx = [j for j, c in enumerate(held.labels.tolist()) if c == i]
             if idx:
                 calibration[name] = calibrate_on(model, held.subset(idx), ScoreConfig(), mean, std, device,
-                                                 i if conditional else None)
+                                                 i if conditional else None, cfg.tile)
         save(ckpt_path, step)
     if world > 1:
         dist.barrier()  # the other ranks wait for rank 0's last checkpoint before they exit
@@ -731,6 +789,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 # weights_only=True, so unpickling builds only tensors and plain containers and never runs code.
 CKPT_KEYS = {"model": dict, "model_config": dict, "train_config": dict, "mean": list, "std": list,
              "class_names": list, "conditional": bool, "step": int}
+TRAIN_ADDED = ("tile", "tile_scale")  # TrainConfig fields younger than some checkpoints: those get the defaults
 CKPT_OPTIONAL = {"optimizer": dict, "data": (str, type(None)), "trained_on": list, "held_out": dict,
                  "calibration": dict}
 
@@ -756,6 +815,7 @@ def load_checkpoint(path) -> dict:
         elif not isinstance(ckpt[key], kind) or (kind is int and isinstance(ckpt[key], bool)):
             raise UserError(f"--ckpt: {path}: key '{key}' holds a {type(ckpt[key]).__name__}, "
                             f"not a {getattr(kind, '__name__', 'str')}")
+    ckpt["train_config"] = {**{f: getattr(TrainConfig, f) for f in TRAIN_ADDED}, **ckpt["train_config"]}
     for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
         names = {f.name for f in fields(cls)}
         if set(ckpt[key]) != names:
@@ -980,7 +1040,7 @@ NORMAL = ("good", "ok")  # the normal folders' names (BTAD: ok)
 
 @dataclass
 class Dataset:
-    images: torch.Tensor  # (N, 3, S, S) uint8
+    images: torch.Tensor  # (N, 3, S, S) uint8; for tiles, at native size: (N, 3, H, W), or a list of (3, H, W) if sizes differ
     labels: torch.Tensor  # (N,) category index into class_names
     class_names: list
     paths: list
@@ -994,14 +1054,18 @@ class Dataset:
         return len(self.paths)
 
     def normalisation(self):
-        """Per-channel mean and std of the training images in [0, 1] (Sec. 5.1)."""
-        x = self.images.double() / 255
-        return x.mean((0, 2, 3)).float(), x.std((0, 2, 3)).clamp_min(1e-3).float()
+        """Per-channel mean and std of the training images in [0, 1] (Sec. 5.1), over all their
+        pixels: for tiles, over the native-size images the tiles are cut from."""
+        x = [self.images] if torch.is_tensor(self.images) else [im[None] for im in self.images]
+        n = sum(a[:, 0].numel() for a in x)
+        m = sum(a.double().sum((0, 2, 3)) for a in x) / (255 * n)
+        var = sum(((a.double() / 255 - m.view(1, -1, 1, 1)) ** 2).sum((0, 2, 3)) for a in x) / (n - 1)
+        return m.float(), var.sqrt().clamp_min(1e-3).float()
 
     def subset(self, idx):
         """The images idx of a training set (no anomaly labels or masks)."""
-        return Dataset(self.images[idx], self.labels[idx], self.class_names, [self.paths[i] for i in idx],
-                       root=self.root)
+        images = self.images[idx] if torch.is_tensor(self.images) else [self.images[i] for i in idx]
+        return Dataset(images, self.labels[idx], self.class_names, [self.paths[i] for i in idx], root=self.root)
 
 
 @dataclass
@@ -1029,8 +1093,9 @@ def subfolders(folder: Path) -> list:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not hidden(d)) if folder.is_dir() else []
 
 
-def read_image(path: Path, size, mode="RGB"):
-    """-> (array (size, size[, 3]) uint8, original (w, h)); size None keeps the original size.
+def read_image(path: Path, size, mode="RGB", scale=1.0):
+    """-> (array (size, size[, 3]) uint8, original (w, h)); size None keeps the original size,
+    rescaled by `scale` (to round(scale w) x round(scale h)).
 
     mode "RGB": any mode and bit depth Pillow opens becomes 8-bit RGB with its range kept (16-bit
     values / 257). mode "mask": 1 where the stored value is non-zero (palette index, label id,
@@ -1049,8 +1114,9 @@ def read_image(path: Path, size, mode="RGB"):
                 im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).round().astype(np.uint8))
             if mode == "RGB":
                 im = im.convert("RGB")
-            if size is not None:
-                im = im.resize((size, size), Image.BILINEAR if mode == "RGB" else Image.NEAREST)
+            to = (size, size) if size is not None else (round(scale * im.width), round(scale * im.height))
+            if to != im.size:
+                im = im.resize(to, Image.BILINEAR if mode == "RGB" else Image.NEAREST)
             return np.asarray(im), original
     except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, DecompressionBombError...)
         raise UserError(f"{path}: unreadable or corrupt image ({str(e)[:80]})")
@@ -1147,13 +1213,13 @@ def find_categories(root: Path) -> list:
     return [cats[name] for name in sorted(cats)]
 
 
-def _load(files, size, mode="RGB", skip=False):
+def _load(files, size, mode="RGB", skip=False, scale=1.0):
     """read_image of every file, in threads; with skip, an unreadable file is None and one warning line."""
     from concurrent.futures import ThreadPoolExecutor
 
     def read(f):
         try:
-            return read_image(f, size, mode)
+            return read_image(f, size, mode, scale)
         except UserError as e:
             if not skip:
                 raise
@@ -1172,27 +1238,63 @@ def note(message: str) -> None:
         print(f"flow_mismatch.py: {message}", file=sys.stderr, flush=True)
 
 
-def check_image_size(size: int, preset: str) -> None:
+def check_image_size(size: int, preset: str, flag="--image-size") -> None:
     factor = 2 ** (len(PRESETS[preset].channel_mult) - 1) if preset in PRESETS else 1
     if size < factor or size % factor:
         below = factor * max(1, size // factor)
-        raise UserError(f"--image-size: {size} is not a positive multiple of {factor}, the total downsampling of "
+        raise UserError(f"{flag}: {size} is not a positive multiple of {factor}, the total downsampling of "
                         f"preset {preset} ({below} or {below + factor} would work)")
 
 
-def load_train(root, size: int) -> Dataset:
+def as_images(arrays) -> torch.Tensor:
+    """(N, 3, H, W) uint8 of (H, W, 3) arrays, or a list of (3, H, W) if their sizes differ."""
+    if len({a.shape for a in arrays}) == 1:
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return [torch.tensor(a).permute(2, 0, 1).contiguous() for a in arrays]
+
+
+def check_tiles_fit(files, arrays, tile: int, scale: float) -> None:
+    for f, a in zip(files, arrays):
+        if min(a.shape[:2]) < tile:
+            at = f" at --tile-scale {scale}" if scale != 1 else ""
+            raise UserError(f"{f}: {a.shape[1]}x{a.shape[0]}{at} is smaller than the tile ({tile}x{tile}); "
+                            f"use a smaller --tile or a larger --tile-scale")
+
+
+def image_geometry(train_config: dict) -> tuple:
+    """(size, scale, tile) a checkpoint reads images with: resized to size x size, or (tiles) size
+    None: at their own size times scale."""
+    if train_config["tile"]:
+        return None, train_config["tile_scale"], train_config["tile"]
+    return train_config["image_size"], 1.0, 0
+
+
+def load_train(root, size: int, scale=1.0, tile=0) -> Dataset:
+    """Every category's normal images, resized to size x size; size None (tiles): at their own size
+    times `scale`, each at least tile x tile."""
     images, labels, paths, names = [], [], [], []
     for c, cat in enumerate(find_categories(root)):
         if not cat.train_dir.is_dir():
             raise UserError(f"--data: {cat.train_dir} is missing (every category needs train/good)")
         if not cat.train:
             raise UserError(f"--data: {cat.train_dir} holds no images")
-        images += [a for a, _ in _load(cat.train, size)]
+        loaded = [a for a, _ in _load(cat.train, size, scale=scale)]
+        check_tiles_fit(cat.train, loaded, tile, scale)
+        images += loaded
         labels += [c] * len(cat.train)
         paths += [str(f) for f in cat.train]
         names.append(cat.name)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return Dataset(x, torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
+    return Dataset(as_images(images), torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
+
+
+def random_tiles(images, idx, N: int, gen) -> torch.Tensor:
+    """One N x N crop of each image idx at a position drawn from gen (CPU), (B, 3, N, N) uint8."""
+    out = []
+    for i in idx.tolist():
+        H, W = images[i].shape[-2:]
+        top, left = (int(torch.randint(L - N + 1, (), generator=gen)) for L in (H, W))
+        out.append(images[i][:, top:top + N, left:left + N])
+    return torch.stack(out)
 
 
 def split_calibration(data: Dataset, fraction: float, seed: int) -> tuple:
@@ -1211,11 +1313,11 @@ def image_hashes(images: torch.Tensor) -> list:
     return [hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest() for x in images]
 
 
-def read_masks(files, mask_files, sizes, size) -> list:
-    """The union of each image's masks at size x size (size None: as stored), None for an image
-    without masks; each mask must have its image's original size (sizes)."""
+def read_masks(files, mask_files, sizes, size, scale=1.0) -> list:
+    """The union of each image's masks at size x size (size None: as stored, times scale), None for
+    an image without masks; each mask must have its image's original size (sizes)."""
     flat = [m for ms in mask_files for m in ms]
-    masks = iter(zip(flat, _load(flat, size, mode="mask")))
+    masks = iter(zip(flat, _load(flat, size, mode="mask", scale=scale)))
     out = []
     for f, ms, isize in zip(files, mask_files, sizes):
         union = None
@@ -1227,9 +1329,10 @@ def read_masks(files, mask_files, sizes, size) -> list:
     return out
 
 
-def load_test(root, size: int) -> dict:
+def load_test(root, size: int, scale=1.0, tile=0) -> dict:
     """{category: Dataset} with anomaly labels and masks (zeros for normal images, and for all
-    images of a category without ground truth)."""
+    images of a category without ground truth), at size x size; size None (tiles): at the images'
+    own size times `scale`, one size per category."""
     out = {}
     for cat in find_categories(root):
         if not cat.test_dir.is_dir():
@@ -1237,21 +1340,25 @@ def load_test(root, size: int) -> dict:
         if not cat.test:
             raise UserError(f"--data: {cat.test_dir} holds no images")
         files, anomalous, mask_files = (list(v) for v in zip(*cat.test))
-        loaded = _load(files, size)
+        loaded = _load(files, size, scale=scale)
+        check_tiles_fit(files, [a for a, _ in loaded], tile, scale)
         sizes = [s for _, s in loaded]
-        gt = np.zeros((len(files), size, size), np.uint8)
-        for i, m in enumerate(read_masks(files, mask_files, sizes, size)):
+        other = next((f for f, (a, _) in zip(files, loaded) if a.shape != loaded[0][0].shape), None)
+        if other is not None:
+            raise UserError(f"{other}: {sizes[files.index(other)]} differs from {files[0]}'s {sizes[0]}; "
+                            f"a tiled model tests one image size per category (score takes any)")
+        gt = np.zeros((len(files), *loaded[0][0].shape[:2]), np.uint8)
+        for i, m in enumerate(read_masks(files, mask_files, sizes, size, scale)):
             if m is not None:
                 gt[i] = m
                 if not m.any():
                     note(f"warning: {mask_files[i][0]}: the mask of defect image {files[i]} reads empty "
-                         f"at {size}x{size} (no non-zero pixel); it adds no anomalous pixel")
+                         f"at {gt.shape[2]}x{gt.shape[1]} (no non-zero pixel); it adds no anomalous pixel")
         if not cat.has_masks:
             note(f"{cat.name}: no ground_truth folder, so image metrics only; pixel metrics are n/a")
-        x = torch.from_numpy(np.stack([a for a, _ in loaded])).permute(0, 3, 1, 2).contiguous()
-        out[cat.name] = Dataset(x, torch.zeros(len(files), dtype=torch.long), [cat.name], [str(f) for f in files],
-                                np.array(anomalous), gt, mask_files=mask_files if cat.has_masks else None,
-                                sizes=sizes)
+        out[cat.name] = Dataset(as_images([a for a, _ in loaded]), torch.zeros(len(files), dtype=torch.long),
+                                [cat.name], [str(f) for f in files], np.array(anomalous), gt,
+                                mask_files=mask_files if cat.has_masks else None, sizes=sizes)
     return out
 
 
@@ -1325,27 +1432,46 @@ class Progress:
 
 
 def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, progress=None,
-                  first_id=0):
+                  first_id=0, tile=0):
     """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores
-    every world-th image and rank 0 gathers them. Image i draws its paths as image first_id + i."""
+    every world-th image and rank 0 gathers them. Image i draws its paths as image first_id + i.
+    With tile > 0 (a tiled checkpoint) each image is scored in tiles (tiled_maps) and its map has
+    the image's own size: a (N, H, W) tensor, or a list of (H, W) maps if the sizes differ."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
     inputs_per_image = cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K
-    per_call = max(1, forward_batch(cfg, model, data.images[:1].to(device)) // inputs_per_image)
     mine = list(range(rank, len(data), world))
-    heat = torch.zeros(len(data), *data.images.shape[2:])
-    for i in range(0, len(mine), per_call):
-        ids = mine[i:i + per_call]
-        y = (data.images[ids].to(device).float() / 255 - mean_d) / std_d
-        labels = None if labels_for is None else torch.full((len(ids),), labels_for, device=device)
-        heat[ids] = SCORERS[cfg.score](model, y, labels, cfg, [first_id + i for i in ids]).cpu()
-        if progress is not None:
-            progress(len(ids) * world)
-    if world > 1:
-        heat = heat.to(device)
-        dist.all_reduce(heat)  # each image was scored by exactly one rank
-        heat = heat.cpu()
-    return heat, image_score(heat, cfg.image_score)
+
+    def heat_of(x, ids):  # uint8 (n, 3, h, w) -> (n, h, w)
+        y = (x.to(device).float() / 255 - mean_d) / std_d
+        labels = None if labels_for is None else torch.full((len(x),), labels_for, device=device)
+        return SCORERS[cfg.score](model, y, labels, cfg, ids)
+
+    probe = torch.empty(1, 3, *((tile, tile) if tile else data.images[0].shape[-2:]), device=device)
+    per_call = max(1, forward_batch(cfg, model, probe) // inputs_per_image)
+    if tile:
+        maps = tiled_maps(heat_of, [data.images[i] for i in mine], tile, cfg.stride or tile // 2,
+                          [first_id + i for i in mine], per_call, progress and (lambda n: progress(n * world)))
+        heat = [torch.zeros(x.shape[-2:]) for x in data.images]
+        for i, m in zip(mine, maps):
+            heat[i] = m
+        if len({h.shape for h in heat}) == 1:
+            heat = torch.stack(heat)
+    else:
+        heat = torch.zeros(len(data), *data.images.shape[2:])
+        for i in range(0, len(mine), per_call):
+            ids = mine[i:i + per_call]
+            heat[ids] = heat_of(data.images[ids], [first_id + i for i in ids]).cpu()
+            if progress is not None:
+                progress(len(ids) * world)
+    if world > 1:  # each image was scored by exactly one rank
+        for h in (heat,) if torch.is_tensor(heat) else heat:
+            reduced = h.to(device)
+            dist.all_reduce(reduced)
+            h.copy_(reduced.cpu())
+    scores = image_score(heat, cfg.image_score) if torch.is_tensor(heat) else \
+        torch.cat([image_score(h[None], cfg.image_score) for h in heat])
+    return heat, scores
 
 
 def overlay_name(path) -> str:
@@ -1363,7 +1489,8 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray) -> None:
     from matplotlib import colormaps
     from PIL import Image
 
-    lo, hi = float(heat.min()), float(np.percentile(heat, 99.9))  # shared by the category
+    flat = np.concatenate([np.ravel(h) for h in heat])
+    lo, hi = float(flat.min()), float(np.percentile(flat, 99.9))  # shared by the category
     for i, path in enumerate(data.paths):
         img = data.images[i].permute(1, 2, 0).numpy()
         mask = np.repeat(data.masks[i][..., None] * 255, 3, axis=2).astype(np.uint8)
@@ -1510,10 +1637,19 @@ def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
     out = {}
     for name, data in tests.items():
         label = ckpt["class_names"].index(name) if ckpt["conditional"] else None
-        heat, scores = score_dataset(model, data, cfg, mean, std, device, label, progress)
+        heat, scores = score_dataset(model, data, cfg, mean, std, device, label, progress,
+                                     tile=ckpt["train_config"]["tile"])
         if rank == 0:
             out[name] = heat.numpy().astype(np.float32), scores.numpy()
     return out
+
+
+def resized_map(h: np.ndarray, w: int, hh: int) -> np.ndarray:
+    """A heatmap at w x hh, bilinear (unchanged if it has that size), float32."""
+    if h.shape == (hh, w):
+        return np.asarray(h, np.float32)
+    return F.interpolate(torch.as_tensor(h, dtype=torch.float32)[None, None], size=(hh, w), mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
 
 
 def at_eval_size(data: Dataset, heat: np.ndarray, size) -> tuple:
@@ -1521,9 +1657,47 @@ def at_eval_size(data: Dataset, heat: np.ndarray, size) -> tuple:
     heatmaps upsampled bilinearly, the masks read again at that size (nearest neighbour)."""
     sizes = data.sizes if size == "original" else [(size, size)] * len(data)  # (w, h)
     masks = read_masks(data.paths, data.mask_files, data.sizes, None if size == "original" else size)
-    up = [F.interpolate(torch.from_numpy(h)[None, None], size=(hh, w), mode="bilinear", align_corners=False)[0, 0]
-          .numpy() for h, (w, hh) in zip(heat, sizes)]
+    up = [resized_map(h, w, hh) for h, (w, hh) in zip(heat, sizes)]
     return [np.zeros((hh, w), np.uint8) if m is None else m for m, (w, hh) in zip(masks, sizes)], up
+
+
+def map_names(category: str, path) -> tuple:
+    """(TIFF map, PNG mask or None) of a test image, relative to the maps folder, where the official
+    evaluation scripts read them: <category>/test/<defect>/<name>.tiff (MVTec AD, MVTec LOCO and the
+    other test/ layouts; no mask); anomaly_images/<category>/<split>/<good|bad>/<name>.tiff and
+    anomaly_images_thresholded/.../<name>.png (MVTec AD 2, split test_public)."""
+    p = Path(os.path.abspath(path))
+    rel = Path(category, p.parent.parent.name, p.parent.name, p.stem)
+    if p.parent.parent.name.startswith("test_"):  # MVTec AD 2: test_public, test_private, test_private_mixed
+        return Path("anomaly_images", rel).with_suffix(".tiff"), Path("anomaly_images_thresholded", rel).with_suffix(".png")
+    return rel.with_suffix(".tiff"), None
+
+
+def write_maps(out: Path, names, heat, sizes, threshold=None) -> None:
+    """Each map as a float32 TIFF at its image's original size sizes[i] = (w, h), at out / names[i][0];
+    with a threshold also the binary mask map > threshold as a 0/255 PNG at out / names[i][1] (if not
+    None). Each top folder (a category's, or anomaly_images/<category>) is written aside and swapped in
+    whole, and no two images may share a name."""
+    from PIL import Image
+
+    folders, seen = {}, set()
+    for (tiff, png), h, (w, hh) in zip(names, heat, sizes):
+        if tiff in seen:
+            raise UserError(f"{tiff}: two images would share this map (same name, other extension)")
+        seen.add(tiff)
+        m = resized_map(np.asarray(h), w, hh)
+        todo = [(tiff, Image.fromarray(m))]
+        if threshold is not None and png is not None:
+            todo.append((png, Image.fromarray((m > threshold).astype(np.uint8) * 255)))
+        for rel, im in todo:
+            top = Path(*rel.parts[:1 + rel.parts[0].startswith("anomaly_images")])
+            if top not in folders:
+                folders[top] = aside(out / top)
+            name = folders[top] / rel.relative_to(top)
+            name.parent.mkdir(parents=True, exist_ok=True)
+            im.save(name)
+    for top, folder in folders.items():
+        swap(folder, out / top)
 
 
 def metrics_of(tests: dict, scored: dict, eval_size=None) -> dict:
@@ -1543,16 +1717,20 @@ def metrics_of(tests: dict, scored: dict, eval_size=None) -> dict:
 
 
 def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", overlays=True, compile=False,
-             log=print, eval_size=None, alarm_rate=None) -> dict:
+             log=print, eval_size=None, alarm_rate=None, save_maps=None) -> dict:
     """Score the test split of every category under data_root; write metrics and heatmaps to out.
     Pixel metrics at the training resolution, or at eval_size (N or "original").
-    With alarm_rate, also the operating point of the calibrated decisions (see Calibration)."""
+    With alarm_rate, also the operating point of the calibrated decisions (see Calibration).
+    With save_maps, a folder: every map at its image's original size as the official evaluations
+    read them (write_maps)."""
     check_score_config(cfg)
     check_out_dir(out)
+    if save_maps is not None:
+        check_out_dir(save_maps, "--save-maps")
     rank, world, local_rank = distributed()
     device = pick_device(device, local_rank)
     ckpt, model = load_for_test(ckpt_path, device, compile)
-    tests = load_test(data_root, ckpt["train_config"]["image_size"])
+    tests = load_test(data_root, *image_geometry(ckpt["train_config"]))
     cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests} if alarm_rate else {}
     t0 = time.time()
     scored = score_tests(model, ckpt, tests, cfg, device)
@@ -1570,6 +1748,9 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
         if overlays:
             write_overlays(folder / "overlays", data, heat)
         swap(folder, out / name)
+        if save_maps is not None:
+            write_maps(Path(save_maps), [map_names(name, p) for p in data.paths], heat, data.sizes,
+                       conformal_threshold(cals[name]["maxima"], alarm_rate) if alarm_rate else None)
     results = metrics_of(tests, scored, eval_size)
     table = format_table(results)
     if alarm_rate:
@@ -1611,9 +1792,9 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     rows, tests = [], {}
     for path in ckpt_paths:
         ckpt, model = load_for_test(path, device, compile)
-        size = ckpt["train_config"]["image_size"]
+        size = image_geometry(ckpt["train_config"])
         if size not in tests:
-            tests[size] = load_test(data_root, size)
+            tests[size] = load_test(data_root, *size)
         n_images = sum(len(d) for d in tests[size].values())
         for cfg in settings:
             t0 = time.time()
@@ -1658,7 +1839,7 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
 # Calibration images draw their paths as images CALIB_IDS + i, so no scored image shares their noise.
 
 CALIB_IDS = 1 << 40
-SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score")  # shared by both
+SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score", "stride")  # shared by both
 OPERATING = ("false_alarm_rate", "detection_rate", "pixel_precision", "pixel_recall")
 
 
@@ -1681,10 +1862,10 @@ def conformal_threshold(calib, A: float) -> float:
 
 
 @torch.no_grad()
-def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, label=None) -> dict:
+def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, label=None, tile=0) -> dict:
     """Scores and heatmap maxima of normal images the model was not trained on, and the rule that scored them."""
-    heat, scores = score_dataset(model, data, cfg, mean, std, device, label, first_id=CALIB_IDS)
-    return dict(scores=scores.tolist(), maxima=heat.flatten(1).amax(1).tolist(), paths=list(data.paths),
+    heat, scores = score_dataset(model, data, cfg, mean, std, device, label, first_id=CALIB_IDS, tile=tile)
+    return dict(scores=scores.tolist(), maxima=[float(h.max()) for h in heat], paths=list(data.paths),
                 rule={f: getattr(cfg, f) for f in SCORE_RULE})
 
 
@@ -1699,7 +1880,7 @@ def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) 
     if cal is None:
         raise UserError(f"--alarm-rate: {ckpt_path} holds no calibration of {category}; train with --calib-fraction "
                         f"or run: calibrate --ckpt {ckpt_path} --data FOLDER_OF_NORMAL_IMAGES")
-    differ = [f for f in SCORE_RULE if cal["rule"].get(f) != getattr(cfg, f)]
+    differ = [f for f in SCORE_RULE if cal["rule"].get(f, getattr(ScoreConfig, f)) != getattr(cfg, f)]  # older: default
     if differ:
         flags = " ".join(f"{'-' * (1 + (len(f) > 1))}{f.replace('_', '-')} {cal['rule'].get(f)}" for f in differ)
         raise UserError(f"--alarm-rate: the calibration of {category} was scored with {flags}; score with the same "
@@ -1734,22 +1915,32 @@ def format_operating_point(results: dict, A: float) -> str:
 # ----------------------------------------------------------------------------
 # Explain: inside the scorer for one image; the per-time maps that Eq. (4) averages into H.
 
-def explain(model, y, label=None, cfg: ScoreConfig = ScoreConfig()) -> dict:
+def explain(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0) -> dict:
     """The scorer's intermediate quantities for one normalised image y (1, C, H, W):
     maps (T, H, W) = w(t) delta_t from mismatch_delta, whose mean over t is heat, the H of
     mismatch_heat; S; x_t of path 0 at every t; and, at the time t* contributing most to H's
-    peak pixel, delta_t* under cfg's aggregator (min) and under the mean over the K paths."""
-    labels = None if label is None else torch.tensor([label], device=y.device)
+    peak pixel, delta_t* under cfg's aggregator (min) and under the mean over the K paths.
+    With tile > 0 every delta is stitched from tiles as the tiled scorer does (x_t then shows one
+    noise image over the whole picture, not the tiles' own)."""
     t = interior_times(cfg.T, y.device)
     w = WEIGHTS[cfg.weight](t).view(1, -1, 1, 1)
-    delta = mismatch_delta(model, y, labels, cfg)  # (1, T, H, W)
+
+    def delta_of(c):  # (1, T, H, W)
+        if not tile:
+            return mismatch_delta(model, y, None if label is None else torch.tensor([label], device=y.device), c)
+        per_call = max(1, forward_batch(c, model, y[:, :, :tile, :tile]) // (c.K * c.T))
+        return tiled_maps(lambda x, ids: mismatch_delta(
+            model, x, None if label is None else torch.full((len(x),), label, device=y.device), c, ids),
+            [y[0]], tile, c.stride or tile // 2, [0], per_call)[0][None].to(y.device)
+
+    delta = delta_of(cfg)
     maps = w * delta
     heat = maps.mean(1)  # Eq. (4), as in mismatch_heat
     peak = np.unravel_index(int(heat[0].argmax()), heat.shape[1:])
     j = int(maps[0, :, peak[0], peak[1]].argmax())
     x0 = path_noise(cfg.seed, [0], 0, y.shape[1:], y.device)
     xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * y  # Eq. (2) along path 0, (T, C, H, W)
-    mean = mismatch_delta(model, y, labels, replace(cfg, aggregator="mean"))[0, j]
+    mean = delta_of(replace(cfg, aggregator="mean"))[0, j]
     return dict(t=t.cpu(), w=w.flatten().cpu(), maps=maps[0].cpu(), heat=heat[0].cpu(),
                 score=float(image_score(heat)[0]), peak=peak, t_star=j, xt=xt.cpu(),
                 spread={cfg.aggregator: delta[0, j].cpu(), "mean": mean.cpu()})
@@ -2093,12 +2284,15 @@ def add_score_args(p):
                    help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
     p.add_argument("--image-score", type=checked("image_score"), default=ScoreConfig.image_score,
                    help="image score S: paper (max + mean of the top 1 %%, Eq. 4) | max (the map's maximum)")
+    p.add_argument("--stride", type=int_in(0, 4096), default=ScoreConfig.stride,
+                   help="tiled checkpoints: pixels between tiles (0: half a tile)")
 
 
 def score_config(args) -> ScoreConfig:
     return ScoreConfig(K=args.K, T=args.T, aggregator=args.aggregator, weight=args.weight,
                        max_batch=args.max_batch, seed=args.seed, score=args.score, t0=args.t0,
-                       ode_steps=args.ode_steps, precision=args.precision, image_score=args.image_score)
+                       ode_steps=args.ode_steps, precision=args.precision, image_score=args.image_score,
+                       stride=args.stride)
 
 
 def category_label(ckpt, category):
@@ -2130,6 +2324,14 @@ def cmd_train(args):
         recipe = CPU_RECIPES.get(args.preset, {})
         size = args.image_size or recipe.get("image_size", TrainConfig.image_size)
         check_image_size(size, args.preset)
+        tile, scale = args.tile or 0, args.tile_scale or 1.0
+        if args.tile_scale and not args.tile:
+            raise UserError("--tile-scale: give it with --tile N")
+        if args.tile:
+            if args.image_size:
+                raise UserError("--image-size: not used with --tile (the model sees tiles at native resolution)")
+            check_image_size(tile, args.preset, "--tile")
+            size = tile
         data_root = args.data
     with run_lock(out, flag):  # held until training ends
         if args.resume:
@@ -2137,11 +2339,12 @@ def cmd_train(args):
                 raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
             ckpt = load_checkpoint(out / "ckpt.pt")
             data_root = args.data or ckpt.get("data")
-            size = ckpt["train_config"]["image_size"]
+            size, tile, scale = ckpt["train_config"]["image_size"], ckpt["train_config"]["tile"], \
+                ckpt["train_config"]["tile_scale"]
         elif (out / "ckpt.pt").exists():
             raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
                             f"another folder")
-        data = load_train(data_root, size)
+        data = load_train(data_root, None if tile else size, scale, tile)
         steps = args.steps or (CPU_RECIPES.get(args.preset, {}).get("steps", 0) if args.epochs is None else 0)
         calib = CPU_RECIPES.get(args.preset, {}).get("calib_fraction", TrainConfig.calib_fraction) \
             if args.calib_fraction is None else args.calib_fraction
@@ -2149,7 +2352,7 @@ def cmd_train(args):
                           epochs=args.epochs or TrainConfig.epochs, steps=steps,
                           lr=args.lr or CPU_RECIPES.get(args.preset, {}).get("lr", TrainConfig.lr), seed=args.seed,
                           save_every=args.save_every, save_epochs=args.save_epochs, pooled=args.pooled,
-                          calib_fraction=calib)
+                          calib_fraction=calib, tile=tile, tile_scale=scale)
         path = train(data, cfg, out, args.device, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
@@ -2160,15 +2363,16 @@ def cmd_test(args):
     sweeps = {"score": args.scores, "K": args.grid_K, "T": args.grid_T, "aggregator": args.aggregators,
               "weight": args.weights}
     grid = {field: values for field, values in sweeps.items() if values is not None}
-    if (grid or len(args.ckpt) > 1) and args.alarm_rate:
-        raise UserError("--alarm-rate: give it to a plain `test` of one checkpoint, not to an ablation")
+    for flag, value in (("--alarm-rate", args.alarm_rate), ("--save-maps", args.save_maps)):
+        if (grid or len(args.ckpt) > 1) and value:
+            raise UserError(f"{flag}: give it to a plain `test` of one checkpoint, not to an ablation")
     if grid or len(args.ckpt) > 1:
         run_sweep(args.ckpt, args.data, Path(args.out), score_config(args), grid, args.device, args.compile,
                   eval_size=args.eval_size)
     else:
         run_test(args.ckpt[0], args.data, Path(args.out), score_config(args), args.device,
                  overlays=not args.no_overlays, compile=args.compile, eval_size=args.eval_size,
-                 alarm_rate=args.alarm_rate)
+                 alarm_rate=args.alarm_rate, save_maps=args.save_maps)
     return 0
 
 
@@ -2189,20 +2393,23 @@ def cmd_score(args):
     label = category_label(ckpt, args.category)
     A = args.alarm_rate
     cal = calibration_of(ckpt, args.category, cfg, args.ckpt, A) if A else None
-    size = ckpt["train_config"]["image_size"]
-    loaded = _load(files, size, skip=True)  # an inspection line: a bad file is named, the rest scored
-    good = [f for f, r in zip(files, loaded) if r is not None]
-    if not good:
+    size, scale, tile = image_geometry(ckpt["train_config"])
+    loaded = _load(files, size, skip=True, scale=scale)  # an inspection line: a bad file is named, the rest scored
+    kept = [(f, *r) for f, r in zip(files, loaded) if r is not None]
+    if not kept:
         raise UserError(f"{target}: no readable image")
-    images = torch.from_numpy(np.stack([r[0] for r in loaded if r is not None])).permute(0, 3, 1, 2).contiguous()
-    data = Dataset(images, torch.zeros(len(good), dtype=torch.long), [], [str(f) for f in good],
-                   np.zeros(len(good), int), np.zeros((len(good), size, size), np.uint8))
+    good, arrays, sizes = zip(*kept)
+    check_tiles_fit(good, arrays, tile, scale)
+    data = Dataset(as_images(arrays), torch.zeros(len(good), dtype=torch.long), [], [str(f) for f in good],
+                   np.zeros(len(good), int), [np.zeros(a.shape[:2], np.uint8) for a in arrays], sizes=list(sizes))
     heat, scores = score_dataset(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label,
-                                 Progress(len(data)))
+                                 Progress(len(data)), tile=tile)
+    heat = [h.numpy() for h in heat]
     out.mkdir(parents=True, exist_ok=True)
     folder = aside(out / "heatmaps")
-    write_overlays(folder, data, heat.numpy())
+    write_overlays(folder, data, heat)
     swap(folder, out / "heatmaps")
+    write_maps(out, [(Path("maps", overlay_name(p)).with_suffix(".tiff"), None) for p in data.paths], heat, data.sizes)
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)
         cols = [scores.tolist()]
@@ -2218,10 +2425,10 @@ def cmd_score(args):
         from PIL import Image
 
         folder = aside(out / "masks")
-        for path, mask in zip(data.paths, heat.numpy() > conformal_threshold(cal["maxima"], A)):
+        for path, h in zip(data.paths, heat):
             name = folder / overlay_name(path)
             name.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(name)
+            Image.fromarray((h > conformal_threshold(cal["maxima"], A)).astype(np.uint8) * 255).save(name)
         swap(folder, out / "masks")
         print(f"{int((p <= A).sum())} of {len(p)} images anomalous at alarm rate {A} "
               f"({len(cal['scores'])} calibration images); masks in {out / 'masks'}")
@@ -2249,8 +2456,10 @@ def cmd_calibrate(args):
         files = image_files(folder)
         if not files:
             raise UserError(f"--data: {folder} holds no images")
-    size = ckpt["train_config"]["image_size"]
-    images = torch.from_numpy(np.stack([a for a, _ in _load(files, size)])).permute(0, 3, 1, 2).contiguous()
+    size, scale, tile = image_geometry(ckpt["train_config"])
+    arrays = [a for a, _ in _load(files, size, scale=scale)]
+    check_tiles_fit(files, arrays, tile, scale)
+    images = as_images(arrays)
     if "trained_on" not in ckpt:
         print(f"warning: {ckpt_path} does not record its training images; cannot check that none is among "
               f"the calibration images", file=sys.stderr)
@@ -2263,7 +2472,7 @@ def cmd_calibrate(args):
     model = inference_model(model_from_checkpoint(ckpt, ckpt_path), device, args.compile)
     data = Dataset(images, torch.zeros(len(files), dtype=torch.long), names, [str(f) for f in files])
     label = names.index(category) if ckpt["conditional"] else None
-    cal = calibrate_on(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label)
+    cal = calibrate_on(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label, tile)
     ckpt["calibration"] = {**(ckpt.get("calibration") or {}), category: cal}
     save_checkpoint(ckpt_path, ckpt)
     print(f"calibrated {category} on {len(files)} normal images (smallest --alarm-rate 1/(n+1) = "
@@ -2293,7 +2502,7 @@ def cmd_demo(args):
 
 
 def cmd_explain(args):
-    cfg = ScoreConfig(K=args.K, T=args.T, weight=args.weight, seed=args.seed)
+    cfg = ScoreConfig(K=args.K, T=args.T, weight=args.weight, seed=args.seed, stride=args.stride)
     check_score_config(cfg)
     out, image = Path(args.out), Path(args.image)
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
@@ -2306,20 +2515,22 @@ def cmd_explain(args):
     device = pick_device(args.device)
     ckpt, model = load_for_test(args.ckpt, device)
     label = category_label(ckpt, args.category)
-    size = ckpt["train_config"]["image_size"]
-    arr, original = read_image(image, size)
+    size, scale, tile = image_geometry(ckpt["train_config"])
+    arr, original = read_image(image, size, scale=scale)
+    check_tiles_fit([image], [arr], tile, scale)
     mask = None
     if args.mask:
         if not Path(args.mask).is_file():
             raise UserError(f"--mask: no such file {args.mask}")
-        m, msize = read_image(Path(args.mask), size, mode="L")
+        m, msize = read_image(Path(args.mask), size, mode="L", scale=scale)
         if msize != original:
             raise UserError(f"--mask: {args.mask} is {msize[0]}x{msize[1]} but {image} is {original[0]}x{original[1]}")
         mask = m > 127
     mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
     y = ((torch.tensor(arr).permute(2, 0, 1).float() / 255 - mean.view(-1, 1, 1)) / std.view(-1, 1, 1))
-    e = explain(model, y[None].to(device), label, cfg)
+    e = explain(model, y[None].to(device), label, cfg, tile)
     about = dict(image=str(image), mask=args.mask, ckpt=str(args.ckpt), category=args.category, image_size=size,
+                 tile=tile, tile_scale=scale,
                  K=cfg.K, T=cfg.T, aggregator=cfg.aggregator, weight=cfg.weight, seed=cfg.seed)
     write_explain(out, e, arr, mask, mean, std, about)
     print(f"S = {e['score']:.6g}; wrote {out}, {out.with_suffix('.json')} and {out.with_suffix('.npz')}")
@@ -2388,6 +2599,10 @@ def build_parser() -> Parser:
                    help=f"learning rate (paper: {TrainConfig.lr}; CPU presets: {CPU_RECIPES['tiny']['lr']})")
     p.add_argument("--seed", type=int_in(*SEEDS), default=TrainConfig.seed)
     p.add_argument("--pooled", action="store_true", help="one unconditional model for all categories (Table 8)")
+    p.add_argument("--tile", type=int_in(1, 4096),
+                   help="train on random N x N crops at native resolution instead of resizing whole images "
+                        "(large images, small defects); test and score then cover each image with tiles")
+    p.add_argument("--tile-scale", type=positive_float, help="rescale images by S before tiles are cut (default 1)")
     p.add_argument("--save-every", type=positive_int, default=TrainConfig.save_every, help="steps between checkpoints")
     p.add_argument("--save-epochs", type=listed(positive_int), default=(),
                    help="also keep ckpt_epochE.pt at these epochs")
@@ -2418,6 +2633,10 @@ def build_parser() -> Parser:
     p.add_argument("--aggregators", type=listed(checked("aggregator")),
                    help="e.g. min,mean,quantile:0.1 (Table 7)")
     p.add_argument("--weights", type=listed(checked("weight")), help="e.g. 1,t,t2,snr")
+    p.add_argument("--save-maps", metavar="DIR",
+                   help="write each map as a float32 TIFF at its image's original size where the official "
+                        "MVTec AD / LOCO (DIR/<category>/test/<defect>/<name>.tiff) and MVTec AD 2 "
+                        "(DIR/anomaly_images/..., with --alarm-rate also anomaly_images_thresholded/) evaluations read them")
     p.add_argument("--alarm-rate", type=rate, metavar="A",
                    help="also report, per category, the false-alarm and detection rates of the calibrated decision "
                         "p <= A and the pixel precision and recall of its masks")
@@ -2461,6 +2680,8 @@ def build_parser() -> Parser:
     p.add_argument("--weight", type=checked("weight"), default=ScoreConfig.weight,
                    help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
     p.add_argument("--seed", type=int_in(*SEEDS), default=ScoreConfig.seed, help="seed of the paths x0")
+    p.add_argument("--stride", type=int_in(0, 4096), default=ScoreConfig.stride,
+                   help="tiled checkpoints: pixels between tiles (0: half a tile)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_explain)
 

@@ -57,3 +57,62 @@ def trained(mvtec, tmp_path_factory):
                 "--image-size", 16, "--device", "cpu")
     assert r.returncode == 0, r.stderr
     return run / "ckpt.pt"
+
+
+def periodic_texture(patch: np.ndarray, size: int, rng) -> np.ndarray:
+    """A size x size texture: the patch mirrored into a seamless tile of twice its size, repeated,
+    cut at a random phase, with a little pixel noise; floats in [0, 1]."""
+    tile = np.concatenate([patch, patch[::-1]], 0)
+    tile = np.concatenate([tile, tile[:, ::-1]], 1)
+    reps = size // len(tile) + 2
+    dy, dx = rng.integers(0, len(tile), 2)
+    big = np.tile(tile, (reps, reps, 1))[dy:dy + size, dx:dx + size]
+    return np.clip(big / 255 + rng.normal(0, 0.02, big.shape), 0, 1)
+
+
+def write_highres(root: Path, size=192, n_train=40, n_test=12, seed=0) -> Path:
+    """High-resolution inspection data in MVTec-AD layout from images that ship with scikit-learn:
+    `fabric`, a periodic texture cut from flower.jpg, and `part`, an aligned disc of a texture cut
+    from china.jpg on a dark background (placed to within 2 px). Defects are 2-8 px spots and short
+    2 px scratches of another colour: under a pixel once the image is resized to a quarter."""
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    sources = {"fabric": load_sample_image("flower.jpg")[200:224, 300:324].astype(float),
+               "part": load_sample_image("china.jpg")[150:166, 200:216].astype(float)}
+
+    def normal(cat):
+        img = periodic_texture(sources[cat], size, rng)
+        if cat == "part":
+            cy, cx = size / 2 + rng.uniform(-2, 2, 2)
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (0.4 * size) ** 2
+            img = np.where(disc[..., None], img, 0.08 + rng.normal(0, 0.01, img.shape))
+        return img
+
+    def defect(img):
+        cy, cx = rng.uniform(0.3, 0.7, 2) * size
+        if rng.uniform() < 0.5:  # a spot 2-8 px across
+            r = rng.uniform(1, 4)
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
+        else:  # a scratch 2 px wide, 6-8 px long
+            a, half = rng.uniform(0, np.pi), rng.uniform(3, 4)
+            along = (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a)
+            across = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
+            mask = (np.abs(along) <= half) & (np.abs(across) <= 1)
+        img[mask] = rng.uniform(0, 1, 3)
+        return img, mask
+
+    def write(path, arr):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).save(path)
+
+    for cat in sources:
+        for i in range(n_train):
+            write(root / cat / "train" / "good" / f"{i:03d}.png", normal(cat))
+        for i in range(n_test // 2):
+            write(root / cat / "test" / "good" / f"{i:03d}.png", normal(cat))
+            img, mask = defect(normal(cat))
+            write(root / cat / "test" / "small" / f"{i:03d}.png", img)
+            write(root / cat / "ground_truth" / "small" / f"{i:03d}_mask.png", mask.astype(float))
+    return root

@@ -1,0 +1,169 @@
+"""Large images: tiled scoring (grid, blending window, stitching, path seeds), maps written at the
+original size in the official layouts, tiled training end to end."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flow_mismatch as fm
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = fm.build_model("tiny").eval()
+    for p in m.parameters():
+        if not p.any():  # undo the zero initialisations: non-trivial velocities
+            torch.nn.init.normal_(p, std=0.05)
+    return m
+
+
+def dataset(images):
+    return fm.Dataset(images, torch.zeros(len(images), dtype=torch.long), ["c"], [f"{i}.png" for i in range(len(images))])
+
+
+def score(model, images, tile, **cfg):
+    cfg = fm.ScoreConfig(**{"K": 2, "T": 2, **cfg})
+    return fm.score_dataset(model, dataset(images), cfg, torch.zeros(3), torch.ones(3) / 64, "cpu", tile=tile)
+
+
+def test_tile_grid_covers_the_image_with_edge_tiles_at_the_border():
+    grid = fm.tile_grid(37, 50, 16, 8)
+    assert sorted({t for t, _ in grid}) == [0, 8, 16, 21] and sorted({left for _, left in grid}) == [0, 8, 16, 24, 32, 34]
+    cover = np.zeros((37, 50), int)
+    for top, left in grid:
+        cover[top:top + 16, left:left + 16] += 1
+    assert cover.min() >= 1
+
+
+def test_stitching_a_constant_tile_map_gives_a_constant_map():
+    images = [torch.zeros(3, 37, 50, dtype=torch.uint8), torch.zeros(3, 16, 16, dtype=torch.uint8)]
+    maps = fm.tiled_maps(lambda x, ids: torch.full((len(x), 16, 16), 2.5), images, 16, 8, [0, 1], per_call=5)
+    assert [m.shape for m in maps] == [(37, 50), (16, 16)]
+    for m in maps:
+        assert torch.allclose(m, torch.full_like(m, 2.5), rtol=1e-6)
+
+
+def test_stitched_map_of_a_tile_periodic_image_is_tile_periodic(monkeypatch):
+    """Fake scorer: the tile's grey level times a bump that depends on the position inside the tile
+    (like a network's border effects). A period-N image gives a period-N map, away from the borders."""
+    N = 16
+    ramp = 1 + torch.linspace(0, 1, N)[:, None] * torch.linspace(1, 0, N)[None, :]
+    monkeypatch.setitem(fm.SCORERS, "mismatch", lambda model, y, labels, cfg, ids: y.mean(1) * ramp)
+    period = torch.randint(0, 255, (3, N, N), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    image = period.repeat(1, 4, 5)  # (3, 64, 80)
+    heat, _ = score(None, image[None], N, max_batch=1000)
+    interior = heat[0, N // 2:-N // 2, N // 2:-N // 2]
+    assert torch.allclose(interior[N:], interior[:-N], atol=1e-5)
+    assert torch.allclose(interior[:, N:], interior[:, :-N], atol=1e-5)
+
+
+def test_tiles_with_different_levels_leave_no_seam(monkeypatch):
+    """Each tile's map a random constant: the window blends them, so neighbouring pixels differ by a
+    small part of the tiles' spread, never by a jump at a tile's edge (a plain average jumps by 1/4)."""
+    monkeypatch.setitem(fm.SCORERS, "mismatch", lambda model, y, labels, cfg, ids: torch.stack(
+        [torch.full(y.shape[-2:], np.random.default_rng(i).uniform()) for i in ids]))
+    heat, _ = score(None, torch.zeros(1, 3, 96, 96, dtype=torch.uint8), 32, max_batch=1000)
+    jumps = max(heat[0].diff(dim=0).abs().max(), heat[0].diff(dim=1).abs().max())
+    assert jumps < 0.1
+
+
+def test_image_of_exactly_one_tile_scores_as_untiled(model):
+    images = torch.randint(0, 255, (2, 3, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    tiled, s_tiled = score(model, images, 16)
+    plain, s_plain = score(model, images, 0)
+    assert torch.allclose(tiled, plain, rtol=1e-6, atol=1e-6) and torch.allclose(s_tiled, s_plain, rtol=1e-6)
+
+
+def test_tile_order_and_batch_composition_do_not_change_the_map(model):
+    images = torch.randint(0, 255, (2, 3, 24, 40), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    ref, _ = score(model, images, 16, max_batch=4)  # one tile per forward batch
+    for max_batch in (12, 1000):  # three tiles; every tile of both images at once
+        out, _ = score(model, images, 16, max_batch=max_batch)
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    y = images.float() * 64 / 255
+
+    def fn(x, ids):
+        return fm.mismatch_heat(model, x, None, fm.ScoreConfig(K=2, T=2), ids)
+
+    backwards = fm.tiled_maps(fn, [y[1], y[0]], 16, 8, [1, 0], per_call=7)  # images, and so tiles, reversed
+    assert torch.allclose(backwards[0], ref[1], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(backwards[1], ref[0], rtol=1e-5, atol=1e-6)
+
+
+def test_stride_beyond_the_tile_is_refused(model):
+    with pytest.raises(fm.UserError, match="--stride"):
+        score(model, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), 16, stride=17)
+
+
+def test_map_names_follow_the_official_layouts(tmp_path):
+    assert fm.map_names("bottle", tmp_path / "bottle/test/broken_large/000.png") == \
+        (fm.Path("bottle/test/broken_large/000.tiff"), None)
+    tiff, png = fm.map_names("can", tmp_path / "can/test_public/bad/003_regular.png")
+    assert tiff == fm.Path("anomaly_images/can/test_public/bad/003_regular.tiff")
+    assert png == fm.Path("anomaly_images_thresholded/can/test_public/bad/003_regular.png")
+
+
+def test_written_maps_have_the_original_size_and_reopen_with_the_same_values(tmp_path):
+    heat = np.random.default_rng(0).uniform(0, 5, (2, 8, 8)).astype(np.float32)
+    names = [fm.map_names("can", tmp_path / f"can/test_public/bad/{i}.png") for i in range(2)]
+    fm.write_maps(tmp_path / "maps", names, heat, [(20, 12), (8, 8)], threshold=2.5)
+    for (tiff, png), h, (w, hh) in zip(names, heat, [(20, 12), (8, 8)]):
+        back = np.asarray(Image.open(tmp_path / "maps" / tiff))
+        assert back.shape == (hh, w) and back.dtype == np.float32
+        want = torch.nn.functional.interpolate(torch.from_numpy(h)[None, None], size=(hh, w), mode="bilinear",
+                                               align_corners=False)[0, 0].numpy()
+        assert np.array_equal(back, want)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "maps" / png)), (want > 2.5).astype(np.uint8) * 255)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "maps" / names[1][0])), heat[1])  # at its size: as is
+
+
+@pytest.fixture(scope="module")
+def tiled_run(tmp_path_factory):
+    """A tiny model trained on 8x8 tiles of 16x16 images for a few steps."""
+    root = tmp_path_factory.mktemp("tiled")
+    data = fm.make_demo_dataset(root / "data", size=16, n_train=6, n_test=2)
+    r = run_cli("train", "--data", data, "--out", root / "run", "--preset", "tiny", "--steps", 3, "--batch-size", 4,
+                "--tile", 8, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    return data, root / "run" / "ckpt.pt"
+
+
+def test_tiled_training_and_test_write_maps_at_the_original_size(tiled_run, tmp_path):
+    data, ckpt = tiled_run
+    tc = torch.load(ckpt, weights_only=True)["train_config"]
+    assert tc["tile"] == 8 and tc["tile_scale"] == 1.0
+    r = run_cli("test", "--ckpt", ckpt, "--data", data, "--out", tmp_path / "e", "--save-maps", tmp_path / "maps",
+                "-K", 2, "-T", 2, "--no-overlays", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    npz = np.load(tmp_path / "e" / "weave" / "heatmaps.npz")
+    assert npz["heat"].shape == (4, 16, 16)  # stitched at the images' own size, not the tile's
+    for path, h in zip(npz["paths"], npz["heat"]):
+        p = fm.Path(path)
+        back = np.asarray(Image.open(tmp_path / "maps" / "weave" / "test" / p.parent.name / (p.stem + ".tiff")))
+        assert np.array_equal(back, h)
+
+
+def test_resized_model_writes_maps_upsampled_to_the_original_size(trained, mvtec, tmp_path):
+    """A whole-image checkpoint (16^2) on 32^2 images: TIFFs at 32^2."""
+    big = fm.make_demo_dataset(tmp_path / "big", size=32, n_train=1, n_test=2)
+    r = run_cli("test", "--ckpt", trained, "--data", big, "--out", tmp_path / "e", "--save-maps", tmp_path / "maps",
+                "-K", 2, "-T", 2, "--no-overlays", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    maps = sorted((tmp_path / "maps").rglob("*.tiff"))
+    assert len(maps) == 8 and all(Image.open(m).size == (32, 32) for m in maps)
+
+
+def test_old_checkpoint_without_tile_fields_loads_with_the_defaults(trained, tmp_path):
+    ckpt = torch.load(trained, weights_only=True)
+    for f in fm.TRAIN_ADDED:
+        ckpt["train_config"].pop(f)
+    torch.save(ckpt, tmp_path / "old.pt")
+    tc = fm.load_checkpoint(tmp_path / "old.pt")["train_config"]
+    assert (tc["tile"], tc["tile_scale"]) == (0, 1.0)
+    ckpt["train_config"]["other"] = 1  # anything else still refused
+    torch.save(ckpt, tmp_path / "odd.pt")
+    with pytest.raises(fm.UserError, match="other fields"):
+        fm.load_checkpoint(tmp_path / "odd.pt")
