@@ -132,6 +132,7 @@ class TrainConfig:
     calib_fraction: float = 0.0  # of each category's train/good, held out for calibration; 0: the paper, all train
     tile: int = 0  # > 0: train on random tile x tile crops at native resolution instead of resizing to image_size
     tile_scale: float = 1.0  # uniform rescale of the images before tiles are cut (and scored)
+    tile_grid: int = 0  # > 0 with tile: also condition on the tile's cell in a G x G grid over the image
 
 
 @dataclass(frozen=True)
@@ -510,9 +511,25 @@ def tile_window(N: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=None) -> list:
+def tile_cells(boxes, N: int, G: int) -> torch.Tensor:
+    """For tiles (top, left) of H x W images, boxes [(top, left, H, W)]: the cell r G + c of a G x G grid
+    over the image that holds the tile's centre, (n,)."""
+    return torch.tensor([min(G - 1, (2 * top + N) * G // (2 * H)) * G + min(G - 1, (2 * left + N) * G // (2 * W))
+                         for top, left, H, W in boxes])
+
+
+def position_labels(labels, cells, G: int):
+    """Labels of the embedding over category x grid cell: labels G^2 + cells (labels None: one
+    category); labels as they are without cells (no position conditioning)."""
+    if cells is None:
+        return labels
+    return cells if labels is None else labels * G * G + cells
+
+
+def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=None, grid=0) -> list:
     """Maps of images larger than a tile: every N x N tile of every image ((3, H, W) each) goes
-    through fn(tiles (n, 3, N, N) uint8, tile ids) -> (n, *, N, N) in flat batches of per_call tiles,
+    through fn(tiles (n, 3, N, N), tile ids, cells: tile_cells on a grid x grid grid, None for grid 0)
+    -> (n, *, N, N) in flat batches of per_call tiles,
     and the tile maps are stitched as sum(window * map) / sum(window) into (*, H, W) per image. Only
     per_call tiles are in flight at once: memory beyond the maps does not grow with the image."""
     if not 0 < stride <= N:
@@ -525,7 +542,8 @@ def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=Non
     for c in range(0, len(jobs), per_call):
         chunk = jobs[c:c + per_call]
         tiles = torch.stack([images[i][:, top:top + N, left:left + N] for i, _, top, left in chunk])
-        maps = fn(tiles, [ids[i] + j * TILE_IDS for i, j, _, _ in chunk]).cpu()  # (n, *, N, N)
+        cells = tile_cells([(top, left, *images[i].shape[-2:]) for i, _, top, left in chunk], N, grid) if grid else None
+        maps = fn(tiles, [ids[i] + j * TILE_IDS for i, j, _, _ in chunk], cells).cpu()  # (n, *, N, N)
         for (i, _, top, left), m in zip(chunk, maps):
             if acc[i] is None:
                 acc[i] = torch.zeros(*m.shape[:-2], *images[i].shape[-2:])
@@ -637,7 +655,8 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
     data, held = split_calibration(data, cfg.calib_fraction, cfg.seed)
     conditional = len(data.class_names) > 1 and not cfg.pooled
     torch.manual_seed(cfg.seed)  # initial weights
-    model = build_model(cfg.preset, len(data.class_names) if conditional else 0)
+    n_labels = len(data.class_names) if conditional else 0
+    model = build_model(cfg.preset, max(1, n_labels) * cfg.tile_grid ** 2 if cfg.tile_grid else n_labels)
     opt = StableAdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, clip=cfg.update_rms_clip)
     mean, std = data.normalisation() if ckpt is None else (torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
@@ -703,10 +722,11 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
             start = (i * world + rank) * cfg.batch_size
             idx = perm[torch.arange(start, start + cfg.batch_size) % n]
-            x = random_tiles(images, idx, cfg.tile, torch.Generator().manual_seed(
-                hash((cfg.seed, step, rank, 2)) & 0x7FFF_FFFF)) if cfg.tile else images[idx]
+            x, cells = random_tiles(images, idx, cfg.tile, torch.Generator().manual_seed(
+                hash((cfg.seed, step, rank, 2)) & 0x7FFF_FFFF), cfg.tile_grid) if cfg.tile else (images[idx], None)
             y = (x.to(device).float() / 255 - mean_d) / std_d
-            lab = labels_all[idx].to(device) if conditional else None
+            lab = position_labels(labels_all[idx] if conditional else None, cells, cfg.tile_grid)
+            lab = None if lab is None else lab.to(device)
             torch.manual_seed(hash((cfg.seed, step, rank)) & 0x7FFF_FFFF)  # dropout
             gen.manual_seed(hash((cfg.seed, step, rank, 1)) & 0x7FFF_FFFF)  # x0, t
             with autocast(device):
@@ -753,7 +773,7 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
             idx = [j for j, c in enumerate(held.labels.tolist()) if c == i]
             if idx:
                 calibration[name] = calibrate_on(model, held.subset(idx), ScoreConfig(), mean, std, device,
-                                                 i if conditional else None, cfg.tile)
+                                                 i if conditional else None, cfg.tile, cfg.tile_grid)
         save(ckpt_path, step)
     if world > 1:
         dist.barrier()  # the other ranks wait for rank 0's last checkpoint before they exit
@@ -789,7 +809,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 # weights_only=True, so unpickling builds only tensors and plain containers and never runs code.
 CKPT_KEYS = {"model": dict, "model_config": dict, "train_config": dict, "mean": list, "std": list,
              "class_names": list, "conditional": bool, "step": int}
-TRAIN_ADDED = ("tile", "tile_scale")  # TrainConfig fields younger than some checkpoints: those get the defaults
+TRAIN_ADDED = ("tile", "tile_scale", "tile_grid")  # TrainConfig fields younger than some checkpoints: those get the defaults
 CKPT_OPTIONAL = {"optimizer": dict, "data": (str, type(None)), "trained_on": list, "held_out": dict,
                  "calibration": dict}
 
@@ -1287,14 +1307,16 @@ def load_train(root, size: int, scale=1.0, tile=0) -> Dataset:
     return Dataset(as_images(images), torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
 
 
-def random_tiles(images, idx, N: int, gen) -> torch.Tensor:
-    """One N x N crop of each image idx at a position drawn from gen (CPU), (B, 3, N, N) uint8."""
-    out = []
+def random_tiles(images, idx, N: int, gen, grid=0) -> tuple:
+    """One N x N crop of each image idx at a position drawn from gen (CPU): (B, 3, N, N) uint8, and
+    with grid > 0 the crops' tile_cells (B,), else None."""
+    out, boxes = [], []
     for i in idx.tolist():
         H, W = images[i].shape[-2:]
         top, left = (int(torch.randint(L - N + 1, (), generator=gen)) for L in (H, W))
         out.append(images[i][:, top:top + N, left:left + N])
-    return torch.stack(out)
+        boxes.append((top, left, H, W))
+    return torch.stack(out), tile_cells(boxes, N, grid) if grid else None
 
 
 def split_calibration(data: Dataset, fraction: float, seed: int) -> tuple:
@@ -1432,26 +1454,28 @@ class Progress:
 
 
 def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, progress=None,
-                  first_id=0, tile=0):
+                  first_id=0, tile=0, grid=0):
     """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores
     every world-th image and rank 0 gathers them. Image i draws its paths as image first_id + i.
     With tile > 0 (a tiled checkpoint) each image is scored in tiles (tiled_maps) and its map has
-    the image's own size: a (N, H, W) tensor, or a list of (H, W) maps if the sizes differ."""
+    the image's own size: a (N, H, W) tensor, or a list of (H, W) maps if the sizes differ; with
+    grid > 0 each tile's label also names its cell (position_labels)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
     inputs_per_image = cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K
     mine = list(range(rank, len(data), world))
 
-    def heat_of(x, ids):  # uint8 (n, 3, h, w) -> (n, h, w)
+    def heat_of(x, ids, cells=None):  # uint8 (n, 3, h, w) -> (n, h, w)
         y = (x.to(device).float() / 255 - mean_d) / std_d
-        labels = None if labels_for is None else torch.full((len(x),), labels_for, device=device)
-        return SCORERS[cfg.score](model, y, labels, cfg, ids)
+        labels = None if labels_for is None else torch.full((len(x),), labels_for)
+        labels = position_labels(labels, cells, grid)
+        return SCORERS[cfg.score](model, y, None if labels is None else labels.to(device), cfg, ids)
 
     probe = torch.empty(1, 3, *((tile, tile) if tile else data.images[0].shape[-2:]), device=device)
     per_call = max(1, forward_batch(cfg, model, probe) // inputs_per_image)
     if tile:
         maps = tiled_maps(heat_of, [data.images[i] for i in mine], tile, cfg.stride or tile // 2,
-                          [first_id + i for i in mine], per_call, progress and (lambda n: progress(n * world)))
+                          [first_id + i for i in mine], per_call, progress and (lambda n: progress(n * world)), grid)
         heat = [torch.zeros(x.shape[-2:]) for x in data.images]
         for i, m in zip(mine, maps):
             heat[i] = m
@@ -1638,7 +1662,7 @@ def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
     for name, data in tests.items():
         label = ckpt["class_names"].index(name) if ckpt["conditional"] else None
         heat, scores = score_dataset(model, data, cfg, mean, std, device, label, progress,
-                                     tile=ckpt["train_config"]["tile"])
+                                     tile=ckpt["train_config"]["tile"], grid=ckpt["train_config"]["tile_grid"])
         if rank == 0:
             out[name] = heat.numpy().astype(np.float32), scores.numpy()
     return out
@@ -1862,9 +1886,9 @@ def conformal_threshold(calib, A: float) -> float:
 
 
 @torch.no_grad()
-def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, label=None, tile=0) -> dict:
+def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, label=None, tile=0, grid=0) -> dict:
     """Scores and heatmap maxima of normal images the model was not trained on, and the rule that scored them."""
-    heat, scores = score_dataset(model, data, cfg, mean, std, device, label, first_id=CALIB_IDS, tile=tile)
+    heat, scores = score_dataset(model, data, cfg, mean, std, device, label, first_id=CALIB_IDS, tile=tile, grid=grid)
     return dict(scores=scores.tolist(), maxima=[float(h.max()) for h in heat], paths=list(data.paths),
                 rule={f: getattr(cfg, f) for f in SCORE_RULE})
 
@@ -1915,7 +1939,7 @@ def format_operating_point(results: dict, A: float) -> str:
 # ----------------------------------------------------------------------------
 # Explain: inside the scorer for one image; the per-time maps that Eq. (4) averages into H.
 
-def explain(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0) -> dict:
+def explain(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0, grid=0) -> dict:
     """The scorer's intermediate quantities for one normalised image y (1, C, H, W):
     maps (T, H, W) = w(t) delta_t from mismatch_delta, whose mean over t is heat, the H of
     mismatch_heat; S; x_t of path 0 at every t; and, at the time t* contributing most to H's
@@ -1929,9 +1953,11 @@ def explain(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0) -> d
         if not tile:
             return mismatch_delta(model, y, None if label is None else torch.tensor([label], device=y.device), c)
         per_call = max(1, forward_batch(c, model, y[:, :, :tile, :tile]) // (c.K * c.T))
-        return tiled_maps(lambda x, ids: mismatch_delta(
-            model, x, None if label is None else torch.full((len(x),), label, device=y.device), c, ids),
-            [y[0]], tile, c.stride or tile // 2, [0], per_call)[0][None].to(y.device)
+        def fn(x, ids, cells):
+            labels = position_labels(None if label is None else torch.full((len(x),), label), cells, grid)
+            return mismatch_delta(model, x, None if labels is None else labels.to(y.device), c, ids)
+
+        return tiled_maps(fn, [y[0]], tile, c.stride or tile // 2, [0], per_call, grid=grid)[0][None].to(y.device)
 
     delta = delta_of(cfg)
     maps = w * delta
@@ -2324,9 +2350,10 @@ def cmd_train(args):
         recipe = CPU_RECIPES.get(args.preset, {})
         size = args.image_size or recipe.get("image_size", TrainConfig.image_size)
         check_image_size(size, args.preset)
-        tile, scale = args.tile or 0, args.tile_scale or 1.0
-        if args.tile_scale and not args.tile:
-            raise UserError("--tile-scale: give it with --tile N")
+        tile, scale, grid = args.tile or 0, args.tile_scale or 1.0, args.tile_grid or 0
+        for flag, value in (("--tile-scale", args.tile_scale), ("--tile-grid", args.tile_grid)):
+            if value and not args.tile:
+                raise UserError(f"{flag}: give it with --tile N")
         if args.tile:
             if args.image_size:
                 raise UserError("--image-size: not used with --tile (the model sees tiles at native resolution)")
@@ -2339,8 +2366,7 @@ def cmd_train(args):
                 raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
             ckpt = load_checkpoint(out / "ckpt.pt")
             data_root = args.data or ckpt.get("data")
-            size, tile, scale = ckpt["train_config"]["image_size"], ckpt["train_config"]["tile"], \
-                ckpt["train_config"]["tile_scale"]
+            size, tile, scale, grid = (ckpt["train_config"][k] for k in ("image_size", "tile", "tile_scale", "tile_grid"))
         elif (out / "ckpt.pt").exists():
             raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
                             f"another folder")
@@ -2352,7 +2378,7 @@ def cmd_train(args):
                           epochs=args.epochs or TrainConfig.epochs, steps=steps,
                           lr=args.lr or CPU_RECIPES.get(args.preset, {}).get("lr", TrainConfig.lr), seed=args.seed,
                           save_every=args.save_every, save_epochs=args.save_epochs, pooled=args.pooled,
-                          calib_fraction=calib, tile=tile, tile_scale=scale)
+                          calib_fraction=calib, tile=tile, tile_scale=scale, tile_grid=grid)
         path = train(data, cfg, out, args.device, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
@@ -2403,7 +2429,7 @@ def cmd_score(args):
     data = Dataset(as_images(arrays), torch.zeros(len(good), dtype=torch.long), [], [str(f) for f in good],
                    np.zeros(len(good), int), [np.zeros(a.shape[:2], np.uint8) for a in arrays], sizes=list(sizes))
     heat, scores = score_dataset(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label,
-                                 Progress(len(data)), tile=tile)
+                                 Progress(len(data)), tile=tile, grid=ckpt["train_config"]["tile_grid"])
     heat = [h.numpy() for h in heat]
     out.mkdir(parents=True, exist_ok=True)
     folder = aside(out / "heatmaps")
@@ -2472,7 +2498,8 @@ def cmd_calibrate(args):
     model = inference_model(model_from_checkpoint(ckpt, ckpt_path), device, args.compile)
     data = Dataset(images, torch.zeros(len(files), dtype=torch.long), names, [str(f) for f in files])
     label = names.index(category) if ckpt["conditional"] else None
-    cal = calibrate_on(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label, tile)
+    cal = calibrate_on(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label, tile,
+                       ckpt["train_config"]["tile_grid"])
     ckpt["calibration"] = {**(ckpt.get("calibration") or {}), category: cal}
     save_checkpoint(ckpt_path, ckpt)
     print(f"calibrated {category} on {len(files)} normal images (smallest --alarm-rate 1/(n+1) = "
@@ -2528,7 +2555,7 @@ def cmd_explain(args):
         mask = m > 127
     mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
     y = ((torch.tensor(arr).permute(2, 0, 1).float() / 255 - mean.view(-1, 1, 1)) / std.view(-1, 1, 1))
-    e = explain(model, y[None].to(device), label, cfg, tile)
+    e = explain(model, y[None].to(device), label, cfg, tile, ckpt["train_config"]["tile_grid"])
     about = dict(image=str(image), mask=args.mask, ckpt=str(args.ckpt), category=args.category, image_size=size,
                  tile=tile, tile_scale=scale,
                  K=cfg.K, T=cfg.T, aggregator=cfg.aggregator, weight=cfg.weight, seed=cfg.seed)
@@ -2603,6 +2630,9 @@ def build_parser() -> Parser:
                    help="train on random N x N crops at native resolution instead of resizing whole images "
                         "(large images, small defects); test and score then cover each image with tiles")
     p.add_argument("--tile-scale", type=positive_float, help="rescale images by S before tiles are cut (default 1)")
+    p.add_argument("--tile-grid", type=int_in(0, 64), metavar="G",
+                   help="also tell the model where a tile lies: its cell in a G x G grid over the image "
+                        "(label embedding over category x cell; default 0: not)")
     p.add_argument("--save-every", type=positive_int, default=TrainConfig.save_every, help="steps between checkpoints")
     p.add_argument("--save-epochs", type=listed(positive_int), default=(),
                    help="also keep ckpt_epochE.pt at these epochs")

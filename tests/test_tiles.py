@@ -1,6 +1,8 @@
 """Large images: tiled scoring (grid, blending window, stitching, path seeds), maps written at the
 original size in the official layouts, tiled training end to end."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,7 @@ def test_tile_grid_covers_the_image_with_edge_tiles_at_the_border():
 
 def test_stitching_a_constant_tile_map_gives_a_constant_map():
     images = [torch.zeros(3, 37, 50, dtype=torch.uint8), torch.zeros(3, 16, 16, dtype=torch.uint8)]
-    maps = fm.tiled_maps(lambda x, ids: torch.full((len(x), 16, 16), 2.5), images, 16, 8, [0, 1], per_call=5)
+    maps = fm.tiled_maps(lambda x, ids, cells: torch.full((len(x), 16, 16), 2.5), images, 16, 8, [0, 1], per_call=5)
     assert [m.shape for m in maps] == [(37, 50), (16, 16)]
     for m in maps:
         assert torch.allclose(m, torch.full_like(m, 2.5), rtol=1e-6)
@@ -85,7 +87,7 @@ def test_tile_order_and_batch_composition_do_not_change_the_map(model):
         assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
     y = images.float() * 64 / 255
 
-    def fn(x, ids):
+    def fn(x, ids, cells):
         return fm.mismatch_heat(model, x, None, fm.ScoreConfig(K=2, T=2), ids)
 
     backwards = fm.tiled_maps(fn, [y[1], y[0]], 16, 8, [1, 0], per_call=7)  # images, and so tiles, reversed
@@ -96,6 +98,30 @@ def test_tile_order_and_batch_composition_do_not_change_the_map(model):
 def test_stride_beyond_the_tile_is_refused(model):
     with pytest.raises(fm.UserError, match="--stride"):
         score(model, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), 16, stride=17)
+
+
+def test_tile_cells_name_the_grid_cell_of_the_tile_centre():
+    # 128 x 96 image, 32 px tiles, 4 x 4 grid (cells 32 x 24 px): centres (16, 16), (112, 80), (64, 40), (48, 24)
+    boxes = [(0, 0, 128, 96), (96, 64, 128, 96), (48, 24, 128, 96), (32, 8, 128, 96)]
+    assert fm.tile_cells(boxes, 32, 4).tolist() == [0, 3 * 4 + 3, 2 * 4 + 1, 1 * 4 + 1]
+    assert fm.position_labels(torch.tensor([0, 2]), torch.tensor([3, 5]), 4).tolist() == [3, 2 * 16 + 5]
+    assert fm.position_labels(None, torch.tensor([3]), 4).tolist() == [3]
+
+
+def test_position_conditioned_training_embeds_category_times_cell(mvtec, tmp_path):
+    data = fm.load_train(mvtec, None, tile=8)
+    cfg = fm.TrainConfig(preset="tiny", image_size=8, batch_size=4, steps=2, tile=8, tile_grid=2)
+    ckpt = fm.load_checkpoint(fm.train(data, cfg, tmp_path / "run", "cpu", log=lambda *_: None))
+    assert ckpt["model_config"]["num_classes"] == 2 * 4 and ckpt["train_config"]["tile_grid"] == 2
+    model = fm.model_from_checkpoint(ckpt).eval()
+    seen = []
+    forward = model.forward
+    model.forward = lambda x, t, labels=None: seen.append(labels) or forward(x, t, labels)
+    test = fm.load_test(mvtec, None, tile=8)["grid"]
+    fm.score_dataset(model, test.subset([0]), fm.ScoreConfig(K=1, T=1), torch.tensor(ckpt["mean"]),
+                     torch.tensor(ckpt["std"]), "cpu", labels_for=1, tile=8, grid=2)
+    # 3 x 3 tiles of 16^2 (stride 4): centres at 4, 8, 12 px lie in grid rows / columns 0, 1, 1
+    assert sorted(torch.cat(seen).tolist()) == [4, 5, 5, 6, 6, 7, 7, 7, 7]  # category 1 x cells 0-3
 
 
 def test_map_names_follow_the_official_layouts(tmp_path):
@@ -167,3 +193,21 @@ def test_old_checkpoint_without_tile_fields_loads_with_the_defaults(trained, tmp
     torch.save(ckpt, tmp_path / "odd.pt")
     with pytest.raises(fm.UserError, match="other fields"):
         fm.load_checkpoint(tmp_path / "odd.pt")
+
+
+def test_tiled_model_finds_small_defects_that_resizing_loses(tmp_path):
+    """64^2 parts with 2-8 px defects (conftest.write_highres): resized to 16^2 a defect is under two
+    pixels; the same model and steps on 16^2 tiles at native resolution localises them better
+    (pixel AUROC at the original size; tests/bench_tiles.py is the full-size benchmark)."""
+    from conftest import write_highres
+
+    data = write_highres(tmp_path / "data", size=64, n_train=16, n_test=8)
+    auroc = {}
+    for name, flags in (("resize", ["--image-size", "16"]), ("tiles", ["--tile", "16"])):
+        assert fm.main(list(map(str, ["train", "--data", data, "--out", tmp_path / name, *flags, "--preset", "tiny",
+                                      "--steps", 80, "--batch-size", 8, "--calib-fraction", 0, "--device", "cpu"]))) == 0
+        assert fm.main(list(map(str, ["test", "--ckpt", tmp_path / name / "ckpt.pt", "--data", data, "--out",
+                                      tmp_path / f"e_{name}", "-K", 3, "-T", 3, "--eval-size", "original",
+                                      "--no-overlays", "--device", "cpu"]))) == 0
+        auroc[name] = json.loads((tmp_path / f"e_{name}" / "metrics.json").read_text())["mean"]["pixel_auroc"]
+    assert auroc["tiles"] > 0.95 and auroc["tiles"] > auroc["resize"] + 0.02, auroc
