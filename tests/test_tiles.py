@@ -211,3 +211,24 @@ def test_tiled_model_finds_small_defects_that_resizing_loses(tmp_path):
                                       "--no-overlays", "--device", "cpu"]))) == 0
         auroc[name] = json.loads((tmp_path / f"e_{name}" / "metrics.json").read_text())["mean"]["pixel_auroc"]
     assert auroc["tiles"] > 0.95 and auroc["tiles"] > auroc["resize"] + 0.02, auroc
+
+
+def test_normalisation_over_images_of_different_sizes():
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randint(0, 255, shape, generator=g, dtype=torch.uint8) for shape in ((3, 8, 12), (3, 16, 8)))
+    mean, std = fm.Dataset([a, b], torch.zeros(2, dtype=torch.long), ["c"], ["a", "b"]).normalisation()
+    px = torch.cat([a.flatten(1), b.flatten(1)], 1).double() / 255  # every pixel once
+    assert torch.allclose(mean.double(), px.mean(1), rtol=1e-6) and torch.allclose(std.double(), px.std(1), rtol=1e-6)
+
+
+def test_explain_on_a_tiled_checkpoint_shows_the_tiled_map(tiled_run):
+    """explain stitches every per-time map from the same tiles, so the mean over t is the scorer's map."""
+    data, path = tiled_run
+    ckpt, model = fm.load_for_test(path, torch.device("cpu"))
+    test = fm.load_test(data, None, tile=8)["weave"].subset([5])
+    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+    cfg = fm.ScoreConfig(K=2, T=3)
+    heat, _ = fm.score_dataset(model, test, cfg, mean, std, "cpu", labels_for=1, tile=8)
+    y = (test.images.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    e = fm.explain(model, y, 1, cfg, tile=8)
+    assert e["maps"].shape == (3, 16, 16) and torch.allclose(e["heat"], heat[0], rtol=1e-5, atol=1e-6)
