@@ -18,15 +18,17 @@ Contents. The method, in the paper's order:
     CFM loss            Eq. (1)
     Scorer              Eqs. (2)-(4): paths x_t, mismatch Z_t, min over paths, heatmap H, score S
 The machinery:
-    Scorer machinery    forward batch, precision, input checks, the naive reference loop
+    Scorer machinery    forward batch, precision, input checks, the naive reference loop; tiles for large
+                        images (grid, blending window, stitching, position labels)
     Training loop       StableAdamW (App. C.2), seeded and resumable steps, signals, one run per folder
     Checkpoints         atomic saves, readable load errors
     Devices and DDP     torchrun process groups, device choice
     Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
     Metrics             the seven numbers of Table 1
     Data                benchmark layouts read in place (MVTec-AD, MPDD, VisA, MVTec AD 2, BTAD, LOCO,
-                        one's own), every mask encoding; the demo's generated data
-    Evaluation          scoring test sets, progress, overlays, tables, report.html; ablation sweeps (Tables 6-9)
+                        one's own), every mask encoding; native-size images and random tiles; the demo's data
+    Evaluation          scoring test sets, progress, overlays, maps at the original size (official TIFF
+                        layouts), tables, report.html; ablation sweeps (Tables 6-9)
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
     Speed               bench: batched scorer against the naive loop
@@ -510,7 +512,6 @@ def tile_window(N: int) -> torch.Tensor:
     return w[:, None] * w[None, :]
 
 
-@torch.no_grad()
 def tile_cells(boxes, N: int, G: int) -> torch.Tensor:
     """For tiles (top, left) of H x W images, boxes [(top, left, H, W)]: the cell r G + c of a G x G grid
     over the image that holds the tile's centre, (n,)."""
@@ -526,12 +527,13 @@ def position_labels(labels, cells, G: int):
     return cells if labels is None else labels * G * G + cells
 
 
+@torch.no_grad()
 def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=None, grid=0) -> list:
     """Maps of images larger than a tile: every N x N tile of every image ((3, H, W) each) goes
-    through fn(tiles (n, 3, N, N), tile ids, cells: tile_cells on a grid x grid grid, None for grid 0)
-    -> (n, *, N, N) in flat batches of per_call tiles,
-    and the tile maps are stitched as sum(window * map) / sum(window) into (*, H, W) per image. Only
-    per_call tiles are in flight at once: memory beyond the maps does not grow with the image."""
+    through fn(tiles (n, 3, N, N), tile ids, cells) -> (n, *, N, N) in flat batches of per_call
+    tiles (cells: tile_cells on a grid x grid grid, None for grid 0), and the tile maps are stitched
+    as sum(window * map) / sum(window) into (*, H, W) per image. Only per_call tiles are in flight
+    at once: memory beyond the maps does not grow with the image."""
     if not 0 < stride <= N:
         raise UserError(f"--stride: {stride} must be from 1 to the tile size {N} (0: half a tile), or pixels go unscored")
     window = tile_window(N)
@@ -1076,10 +1078,9 @@ class Dataset:
     def normalisation(self):
         """Per-channel mean and std of the training images in [0, 1] (Sec. 5.1), over all their
         pixels: for tiles, over the native-size images the tiles are cut from."""
-        x = [self.images] if torch.is_tensor(self.images) else [im[None] for im in self.images]
-        n = sum(a[:, 0].numel() for a in x)
-        m = sum(a.double().sum((0, 2, 3)) for a in x) / (255 * n)
-        var = sum(((a.double() / 255 - m.view(1, -1, 1, 1)) ** 2).sum((0, 2, 3)) for a in x) / (n - 1)
+        n = sum(im[0].numel() for im in self.images)  # image by image: no float copy of the whole set
+        m = sum(im.double().sum((1, 2)) for im in self.images) / (255 * n)
+        var = sum(((im.double() / 255 - m.view(-1, 1, 1)) ** 2).sum((1, 2)) for im in self.images) / (n - 1)
         return m.float(), var.sqrt().clamp_min(1e-3).float()
 
     def subset(self, idx):
@@ -1953,6 +1954,7 @@ def explain(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0, grid
         if not tile:
             return mismatch_delta(model, y, None if label is None else torch.tensor([label], device=y.device), c)
         per_call = max(1, forward_batch(c, model, y[:, :, :tile, :tile]) // (c.K * c.T))
+
         def fn(x, ids, cells):
             labels = position_labels(None if label is None else torch.full((len(x),), label), cells, grid)
             return mismatch_delta(model, x, None if labels is None else labels.to(y.device), c, ids)

@@ -225,7 +225,7 @@ def test_explain_on_a_tiled_checkpoint_shows_the_tiled_map(tiled_run):
     """explain stitches every per-time map from the same tiles, so the mean over t is the scorer's map."""
     data, path = tiled_run
     ckpt, model = fm.load_for_test(path, torch.device("cpu"))
-    test = fm.load_test(data, None, tile=8)["weave"].subset([5])
+    test = fm.load_test(data, None, tile=8)["weave"].subset([3])
     mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
     cfg = fm.ScoreConfig(K=2, T=3)
     heat, _ = fm.score_dataset(model, test, cfg, mean, std, "cpu", labels_for=1, tile=8)
