@@ -65,7 +65,60 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------
-# Config: one dataclass per concern; the CLI reads its defaults from here.
+# Config: one dataclass per concern. Each field is a `knob`: its default, its --help text and its
+# range live here once; the CLI's flags are generated from them and __post_init__ enforces them,
+# so Python callers and the command line are refused the same values with the same message.
+
+class UserError(Exception):
+    """Reported as one line without a traceback; exit status 2 for bad input."""
+
+    def __init__(self, message, status=2):
+        super().__init__(message)
+        self.status = status
+
+
+def knob(default, help, choices=None, ge=None, gt=None, le=None, lt=None, check=None, flag=None):
+    """A config field with the help text, choices and bounds its values must keep; `check` is a
+    further rule (a function raising UserError); flag: the CLI name if not --field-name."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata=dict(help=help, choices=choices, bounds=bounds, check=check, flag=flag))
+
+
+def flag_of(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+          "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def check_knob(f, value, flag=None):
+    """`value` if it keeps field f's type, choices and bounds (each item of a tuple), else UserError."""
+    flag = flag or flag_of(f)
+    if value is None and f.default is None:  # not set
+        return value
+    kind = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(f.type).split(" ")[0])
+    for v in value if isinstance(value, tuple) else (value,):
+        if kind is not None and (not isinstance(v, kind) or (kind is not bool and isinstance(v, bool))):
+            raise UserError(f"{flag}: {v!r} is not {'an integer' if kind is int else 'a ' + str(f.type)}")
+        m = f.metadata
+        if m.get("choices") and v not in m["choices"]:
+            raise UserError(f"{flag}: {v!r} is not one of {', '.join(m['choices'])}")
+        if not all(ok(v, b) for op, b in m.get("bounds", {}).items() for _, ok in [BOUNDS[op]]):
+            rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
+            raise UserError(f"{flag}: must be {rule}, got {v}")
+        if m.get("check"):
+            m["check"](v)
+    return value
+
+
+def check_knobs(cfg) -> None:
+    for f in fields(cfg):
+        check_knob(f, getattr(cfg, f.name))
+
+
+SEED = dict(ge=0, le=2**32 - 1)  # the range of a --seed
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -115,46 +168,62 @@ CPU_RECIPES = {"small": dict(image_size=64, steps=1000, lr=5e-4, calib_fraction=
 class TrainConfig:
     """Conditional flow matching (Eq. 1) with the optimiser of App. C.2."""
 
-    preset: str = "paper"
-    image_size: int = 128  # Sec. 5.1
-    batch_size: int = 32  # per process
-    epochs: int = 2000
-    steps: int = 0  # > 0 overrides epochs
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    betas: tuple = (0.9, 0.99)
-    eps: float = 1e-6
-    update_rms_clip: float = 1.0
-    seed: int = 0
-    save_every: int = 1000  # steps between checkpoints
-    save_epochs: tuple = ()  # extra snapshots ckpt_epoch{E}.pt (Table 9)
-    pooled: bool = False  # one unconditional model for all categories (Table 8)
-    calib_fraction: float = 0.0  # of each category's train/good, held out for calibration; 0: the paper, all train
+    preset: str = knob("paper", "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()), choices=tuple(PRESETS))
+    image_size: int = knob(128, "square size images are resized to (Sec. 5.1)", ge=1, le=4096)
+    batch_size: int = knob(32, "images per process and step", ge=1, le=4096)
+    epochs: int = knob(2000, "epochs", ge=1)
+    steps: int = knob(None, "optimiser steps, overriding --epochs; None: by epochs", ge=1)
+    lr: float = knob(1e-4, "learning rate", gt=0, lt=math.inf)
+    weight_decay: float = knob(1e-4, "decoupled weight decay", ge=0, lt=math.inf)
+    betas: tuple = knob((0.9, 0.99), "Adam's two moment decays", ge=0, lt=1)
+    eps: float = knob(1e-6, "Adam's epsilon", gt=0, lt=math.inf)
+    update_rms_clip: float = knob(1.0, "StableAdamW's update-RMS clip", gt=0, lt=math.inf)
+    seed: int = knob(0, "seed of the weights, batches, noise and dropout", **SEED)
+    save_every: int = knob(1000, "steps between checkpoints", ge=1)
+    save_epochs: tuple = knob((), "also keep ckpt_epochE.pt at these epochs (Table 9)", ge=1)
+    pooled: bool = knob(False, "one unconditional model for all categories (Table 8)")
+    calib_fraction: float = knob(0.0, "share of each category's train/good held out, never trained on, and scored "
+                                      "at the end (K = T = 10) as the calibration set of --alarm-rate; 0: the "
+                                      "paper, all train", ge=0, lt=1)
+
+    def __post_init__(self):
+        check_knobs(self)
+        factor = 2 ** (len(PRESETS[self.preset].channel_mult) - 1)  # the U-Net's total downsampling
+        if self.image_size % factor:
+            below = factor * max(1, self.image_size // factor)
+            raise UserError(f"--image-size: {self.image_size} is not a positive multiple of {factor}, the total "
+                            f"downsampling of preset {self.preset} ({below} or {below + factor} would work)")
+
+
+def train_config(preset="paper", **given) -> TrainConfig:
+    """The TrainConfig of `preset`: a CPU preset's recipe (CPU_RECIPES) wherever `given` is silent;
+    epochs given without steps train for those epochs."""
+    recipe = {k: v for k, v in CPU_RECIPES.get(preset, {}).items() if not (k == "steps" and "epochs" in given)}
+    return TrainConfig(preset=preset, **{**recipe, **given})
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
     """Test-time knobs of Eqs. (3)-(4); defaults are Sec. 5.1."""
 
-    K: int = 10  # paths
-    T: int = 10  # interior times j / (T + 1)
-    aggregator: str = "min"  # min | mean | quantile:ALPHA
-    weight: str = "t2"  # w(t): 1 | t | t2 | snr (= t^2 / (1 - t)^2)
-    max_batch: int = 0  # U-Net inputs per forward (memory budget); 0: automatic, see forward_batch
-    seed: int = 0
-    score: str = "mismatch"  # mismatch (Eqs. 2-4) | recon (App. C.2) | onestep (RADAR-style)
-    t0: float = 0.5  # start time of the recon and onestep baselines
-    ode_steps: int = 10  # Euler steps of the recon baseline from t0 to 1
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    image_score: str = "paper"  # S: paper (Eq. 4) | max (the map's maximum, as the MVTec-AD evaluation script)
+    K: int = knob(10, "paths per image (Eq. 3)", ge=1, le=1000, flag="-K")
+    T: int = knob(10, "interior times j / (T + 1) (Eq. 4)", ge=1, le=1000, flag="-T")
+    aggregator: str = knob("min", "over paths: min | mean | quantile:ALPHA (Eq. 3)",
+                           check=lambda a: aggregator_rank(a, 1))
+    weight: str = knob("t2", "w(t) of Eq. (4), t2: t^2, snr: t^2 / (1 - t)^2", choices=("1", "t", "t2", "snr"))
+    max_batch: int = knob(0, "U-Net inputs per forward, the memory budget; 0: automatic (512 on CUDA, by image "
+                             "size on CPU: 32 for tiny at 64^2)", ge=0, le=2**20)
+    seed: int = knob(0, "seed of the paths x0", **SEED)
+    score: str = knob("mismatch", "mismatch (Eqs. 2-4) | recon (ReconFlow, App. C.2) | onestep (RADAR-style)",
+                      choices=("mismatch", "recon", "onestep"))
+    t0: float = knob(0.5, "start time of the recon and onestep baselines", gt=0, lt=1)
+    ode_steps: int = knob(10, "Euler steps of the recon baseline from t0 to 1", ge=1, le=1000)
+    precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
+    image_score: str = knob("paper", "S: paper (max + mean of the top 1 %%, Eq. 4) | max (the map's maximum)",
+                            choices=("paper", "max"))
 
-
-class UserError(Exception):
-    """Reported as one line without a traceback; exit status 2 for bad input."""
-
-    def __init__(self, message, status=2):
-        super().__init__(message)
-        self.status = status
+    def __post_init__(self):
+        check_knobs(self)
 
 
 # ----------------------------------------------------------------------------
@@ -430,27 +499,6 @@ def autocast(device: torch.device, precision="auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def check_score_config(cfg: ScoreConfig) -> None:
-    for flag, value in (("-K", cfg.K), ("-T", cfg.T)):
-        if value < 1:
-            raise UserError(f"{flag}: must be at least 1, got {value}")
-    if cfg.max_batch < 0:
-        raise UserError(f"--max-batch: must be 0 (automatic) or positive, got {cfg.max_batch}")
-    if cfg.weight not in WEIGHTS:
-        raise UserError(f"--weight: {cfg.weight!r} is not one of {', '.join(WEIGHTS)}")
-    aggregator_rank(cfg.aggregator, cfg.K)
-    if cfg.score not in SCORERS:
-        raise UserError(f"--score: {cfg.score!r} is not one of {', '.join(SCORERS)}")
-    if not 0 < cfg.t0 < 1:
-        raise UserError(f"--t0: must lie in (0, 1), got {cfg.t0}")
-    if cfg.ode_steps < 1:
-        raise UserError(f"--ode-steps: must be at least 1, got {cfg.ode_steps}")
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"--precision: {cfg.precision!r} is not auto, fp32 or bf16")
-    if cfg.image_score not in ("paper", "max"):
-        raise UserError(f"--image-score: {cfg.image_score!r} is not paper or max")
-
-
 def inference_model(model: UNet, device, compile=False, channels_last=None):
     """Eval mode on `device`, torch.compile on request. Layout (None: by device): channels_last on a
     CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200, where channels_last scored slower; BENCHMARKS.md)."""
@@ -600,7 +648,7 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
         if world > 1 else model
     n = len(data)
     steps_per_epoch = max(1, n // (cfg.batch_size * world))
-    total = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+    total = cfg.steps or cfg.epochs * steps_per_epoch
     if rank == 0:
         nparams = sum(p.numel() for p in model.parameters())
         log(f"preset {cfg.preset}: {nparams:,} parameters ({nparams / 1e6:.1f} M); "
@@ -1172,14 +1220,6 @@ def note(message: str) -> None:
         print(f"flow_mismatch.py: {message}", file=sys.stderr, flush=True)
 
 
-def check_image_size(size: int, preset: str) -> None:
-    factor = 2 ** (len(PRESETS[preset].channel_mult) - 1) if preset in PRESETS else 1
-    if size < factor or size % factor:
-        below = factor * max(1, size // factor)
-        raise UserError(f"--image-size: {size} is not a positive multiple of {factor}, the total downsampling of "
-                        f"preset {preset} ({below} or {below + factor} would work)")
-
-
 def load_train(root, size: int) -> Dataset:
     images, labels, paths, names = [], [], [], []
     for c, cat in enumerate(find_categories(root)):
@@ -1547,7 +1587,6 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     """Score the test split of every category under data_root; write metrics and heatmaps to out.
     Pixel metrics at the training resolution, or at eval_size (N or "original").
     With alarm_rate, also the operating point of the calibrated decisions (see Calibration)."""
-    check_score_config(cfg)
     check_out_dir(out)
     rank, world, local_rank = distributed()
     device = pick_device(device, local_rank)
@@ -1604,8 +1643,6 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     given stay as in `base`); writes out/sweep.md and out/sweep.json (per-category results too)."""
     check_out_dir(out)
     settings = [replace(base, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
-    for cfg in settings:
-        check_score_config(cfg)
     rank, world, local_rank = distributed()
     device = pick_device(device, local_rank)
     rows, tests = [], {}
@@ -1990,41 +2027,23 @@ def compare(results: dict, dataset: str) -> str:
 # or flags, nothing done; 3 `score` wrote results but skipped unreadable images; 128 + signal
 # interrupted (130 Ctrl-C, 143 SIGTERM).
 SKIPPED = 3
-SEEDS = (0, 2**32 - 1)  # torch takes 64-bit seeds; training derives seed * 100003 + epoch from it
 DEVICES = ("auto", "cpu", "cuda")
+DEMO = dict(steps=160, image_size=64)  # the demo's training length and size
+
+
+class Help(argparse.HelpFormatter):
+    def _get_help_string(self, action):  # a default not already in the text, unless none
+        text = action.help or ""
+        return text if action.default in (None, False, argparse.SUPPRESS) else f"{text} (default {action.default})"
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **{"formatter_class": Help, **kw})
+
     def error(self, message):  # one line, exit status 2
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def int_in(lo, hi):
-    """argparse type: an integer in [lo, hi]."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be from {lo} to {hi}, got {value}")
-        return value
-    return parse
 
 
 def rate(text):
@@ -2034,71 +2053,69 @@ def rate(text):
     return value
 
 
-def fraction(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
-
-
 def eval_size(text):
     if text == "original":
         return text
-    try:
-        return positive_int(text)
-    except ValueError:
+    if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a positive integer nor 'original'")
+    return int(text)
 
 
-def listed(item):
-    """argparse type of a comma-separated list; each item passes `item`, an error names the flag."""
+def int_in(lo, hi):
+    """argparse type of a flag outside the config dataclasses: an integer in [lo, hi]."""
     def parse(text):
-        try:
-            return tuple(item(v) for v in text.split(","))
-        except (UserError, ValueError, argparse.ArgumentTypeError) as e:
-            raise argparse.ArgumentTypeError(f"{text!r}: {str(e).split(': ', 1)[-1]}")
+        if not text.lstrip("-").isdigit() or not lo <= int(text) <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {hi}, got {text}")
+        return int(text)
     return parse
 
 
-def checked(field):
-    """argparse type of a text ScoreConfig value: the rules of check_score_config."""
-    def item(text):
-        try:
-            check_score_config(replace(ScoreConfig(), **{field: text}))
-        except UserError as e:
-            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1])
-        return text
-    return item
+def number(text):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
-def add_score_args(p):
-    p.add_argument("-K", type=int_in(1, 1000), default=ScoreConfig.K, help="paths per image (Eq. 3)")
-    p.add_argument("-T", type=int_in(1, 1000), default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
-    p.add_argument("--aggregator", type=checked("aggregator"), default=ScoreConfig.aggregator,
-                   help="min | mean | quantile:ALPHA (Eq. 3)")
-    p.add_argument("--weight", type=checked("weight"), default=ScoreConfig.weight,
-                   help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
-    p.add_argument("--max-batch", type=int_in(0, 2**20), default=ScoreConfig.max_batch,
-                   help="U-Net inputs per forward, the memory budget (0: automatic, 512 on CUDA, "
-                        "by image size on CPU: 32 for tiny at 64^2)")
-    p.add_argument("--seed", type=int_in(*SEEDS), default=ScoreConfig.seed, help="seed of the paths x0")
-    p.add_argument("--score", type=checked("score"), default=ScoreConfig.score,
-                   help="mismatch (Eqs. 2-4) | recon (ReconFlow, App. C.2) | onestep (RADAR-style) baseline")
-    p.add_argument("--t0", type=rate, default=ScoreConfig.t0, help="start time of recon and onestep")
-    p.add_argument("--ode-steps", type=int_in(1, 1000), default=ScoreConfig.ode_steps,
-                   help="Euler steps of recon from t0 to 1")
+def parse_knob(f, text, flag=None):
+    """A flag's text as the value of config field f (a tuple: comma-separated numbers), checked by check_knob."""
+    flag = flag or flag_of(f)
+    try:
+        value = (tuple(number(v) for v in text.split(",")) if f.type == "tuple" else
+                 {"int": int, "float": float}.get(f.type, str)(text))
+    except ValueError:
+        raise UserError(f"{flag}: {text!r} is not {'an integer' if f.type == 'int' else 'a number'}"
+                        f"{' list' * (f.type == 'tuple')}")
+    return check_knob(f, value, flag)
+
+
+def knob_flags(p, cls, names=None, shown=None):
+    """A flag per field of the config dataclass cls (or per field in `names`), parsed and checked by
+    its knob; --help gives its default (or shown[name]) and range. A flag not given stays out of the
+    parsed arguments, so the dataclass's own default applies (see given)."""
+    for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        m = f.metadata
+        rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
+        about = f"{m['help']} (default {(shown or {}).get(f.name, f.default)}{'; ' + rule if rule else ''})"
+        if f.type == "bool":
+            p.add_argument(flag_of(f), dest=f.name, action="store_true", default=argparse.SUPPRESS, help=about)
+        else:
+            p.add_argument(flag_of(f), dest=f.name, type=lambda text, f=f: parse_knob(f, text),
+                           default=argparse.SUPPRESS, help=about,
+                           metavar="{" + ",".join(m["choices"]) + "}" if m["choices"] else f.name.upper())
+
+
+def scoring(p):
+    knob_flags(p, ScoreConfig)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (worth it for large test sets)")
-    p.add_argument("--precision", type=checked("precision"), default=ScoreConfig.precision,
-                   help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
-    p.add_argument("--image-score", type=checked("image_score"), default=ScoreConfig.image_score,
-                   help="image score S: paper (max + mean of the top 1 %%, Eq. 4) | max (the map's maximum)")
 
 
-def score_config(args) -> ScoreConfig:
-    return ScoreConfig(K=args.K, T=args.T, aggregator=args.aggregator, weight=args.weight,
-                       max_batch=args.max_batch, seed=args.seed, score=args.score, t0=args.t0,
-                       ode_steps=args.ode_steps, precision=args.precision, image_score=args.image_score)
+def given(cls, args) -> dict:
+    """The fields of config dataclass cls that were given as flags."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
 def category_label(ckpt, category):
@@ -2118,64 +2135,48 @@ def category_label(ckpt, category):
 
 
 def cmd_train(args):
-    out = Path(args.resume or args.out or "")
-    if not args.resume and not args.out:
-        raise UserError("--out: required (or --resume RUN_DIR)")
+    if args.resume is None and args.data is None:
+        raise UserError("--data: required (or --resume RUN_DIR)")
+    out = Path(args.resume or args.out or Path("runs") / Path(args.data).resolve().name)
     flag = "--resume" if args.resume else "--out"
+    cfg = train_config(**given(TrainConfig, args))
     check_out_dir(out, flag)
     pick_device(args.device)
-    if not args.resume:
-        if args.data is None:
-            raise UserError("--data: required")
-        recipe = CPU_RECIPES.get(args.preset, {})
-        size = args.image_size or recipe.get("image_size", TrainConfig.image_size)
-        check_image_size(size, args.preset)
-        data_root = args.data
     with run_lock(out, flag):  # held until training ends
+        data_root, size = args.data, cfg.image_size
         if args.resume:
             if not (out / "ckpt.pt").is_file():
                 raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
             ckpt = load_checkpoint(out / "ckpt.pt")
-            data_root = args.data or ckpt.get("data")
-            size = ckpt["train_config"]["image_size"]
+            data_root, size = args.data or ckpt.get("data"), ckpt["train_config"]["image_size"]
         elif (out / "ckpt.pt").exists():
             raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
                             f"another folder")
-        data = load_train(data_root, size)
-        steps = args.steps or (CPU_RECIPES.get(args.preset, {}).get("steps", 0) if args.epochs is None else 0)
-        calib = CPU_RECIPES.get(args.preset, {}).get("calib_fraction", TrainConfig.calib_fraction) \
-            if args.calib_fraction is None else args.calib_fraction
-        cfg = TrainConfig(preset=args.preset, image_size=size, batch_size=args.batch_size,
-                          epochs=args.epochs or TrainConfig.epochs, steps=steps,
-                          lr=args.lr or CPU_RECIPES.get(args.preset, {}).get("lr", TrainConfig.lr), seed=args.seed,
-                          save_every=args.save_every, save_epochs=args.save_epochs, pooled=args.pooled,
-                          calib_fraction=calib)
-        path = train(data, cfg, out, args.device, resume=bool(args.resume))
+        path = train(load_train(data_root, size), cfg, out, args.device, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
     return 0
 
 
 def cmd_test(args):
-    sweeps = {"score": args.scores, "K": args.grid_K, "T": args.grid_T, "aggregator": args.aggregators,
-              "weight": args.weights}
-    grid = {field: values for field, values in sweeps.items() if values is not None}
+    cfg = ScoreConfig(**given(ScoreConfig, args))
+    out = Path(args.out or Path("eval") / Path(args.ckpt[0]).resolve().parent.name)
+    grid = {name: getattr(args, "grid_" + name) for name in ("score", "K", "T", "aggregator", "weight")
+            if getattr(args, "grid_" + name) is not None}
     if (grid or len(args.ckpt) > 1) and args.alarm_rate:
         raise UserError("--alarm-rate: give it to a plain `test` of one checkpoint, not to an ablation")
     if grid or len(args.ckpt) > 1:
-        run_sweep(args.ckpt, args.data, Path(args.out), score_config(args), grid, args.device, args.compile,
-                  eval_size=args.eval_size)
+        run_sweep(args.ckpt, args.data, out, cfg, grid, args.device, args.compile, eval_size=args.eval_size)
     else:
-        run_test(args.ckpt[0], args.data, Path(args.out), score_config(args), args.device,
-                 overlays=not args.no_overlays, compile=args.compile, eval_size=args.eval_size,
-                 alarm_rate=args.alarm_rate)
+        run_test(args.ckpt[0], args.data, out, cfg, args.device, overlays=not args.no_overlays, compile=args.compile,
+                 eval_size=args.eval_size, alarm_rate=args.alarm_rate)
+    print(f"wrote {out}")
     return 0
 
 
 def cmd_score(args):
-    cfg = score_config(args)
-    check_score_config(cfg)
-    out = Path(args.out)
+    cfg = ScoreConfig(**given(ScoreConfig, args))
+    out = Path(args.out or Path("scored") / Path(args.images).resolve().name)
     check_out_dir(out)
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
@@ -2229,8 +2230,7 @@ def cmd_score(args):
 
 
 def cmd_calibrate(args):
-    cfg = score_config(args)
-    check_score_config(cfg)
+    cfg = ScoreConfig(**given(ScoreConfig, args))
     ckpt_path = Path(args.ckpt)
     check_out_dir(ckpt_path.parent, "--ckpt")  # the calibration is written into the checkpoint
     ckpt = load_checkpoint(ckpt_path)
@@ -2272,20 +2272,19 @@ def cmd_calibrate(args):
 
 
 def cmd_demo(args):
+    cfg = train_config("tiny", calib_fraction=0.0, **{**DEMO, **given(TrainConfig, args)})
+    cfg = replace(cfg, save_every=cfg.steps)
     out = Path(args.out)
     check_out_dir(out)
-    check_image_size(args.image_size, "tiny")
     pick_device(args.device)
     data = out / "data"
     if not data.exists():
-        make_demo_dataset(data, size=args.image_size)
+        make_demo_dataset(data, size=cfg.image_size)
     run = out / "run"
     with run_lock(run):
         if (run / "ckpt.pt").exists():
             (run / "ckpt.pt").unlink()
-        train(load_train(data, args.image_size), TrainConfig(preset="tiny", image_size=args.image_size,
-                                                             steps=args.steps, lr=CPU_RECIPES["tiny"]["lr"],
-                                                             seed=args.seed, save_every=args.steps), run, args.device)
+        train(load_train(data, cfg.image_size), cfg, run, args.device)
     results = run_test(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
     print(f"demo: image AUROC {percent(results['mean']['image_auroc'])}, pixel AUROC "
           f"{percent(results['mean']['pixel_auroc'])}; heatmaps under {out / 'eval'}")
@@ -2293,8 +2292,7 @@ def cmd_demo(args):
 
 
 def cmd_explain(args):
-    cfg = ScoreConfig(K=args.K, T=args.T, weight=args.weight, seed=args.seed)
-    check_score_config(cfg)
+    cfg = ScoreConfig(**given(ScoreConfig, args))
     out, image = Path(args.out), Path(args.image)
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise UserError(f"--out: {out} must end in .png, .pdf or .svg")
@@ -2353,11 +2351,9 @@ def cmd_bench(args):
         if os.path.isdir(args.json):
             raise UserError(f"--json: {args.json} is a folder; name a file")
         check_out_dir(Path(args.json).parent, "--json")
-    size = args.image_size or CPU_RECIPES.get(args.preset, {}).get("image_size", TrainConfig.image_size)
-    check_image_size(size, args.preset)
-    r = bench(args.preset, args.device, args.K, args.T, args.images, size, args.max_batch,
-              args.repeats, naive=not args.no_naive, train_mode=args.train, compile=args.compile,
-              layout=args.layout)
+    tc, sc = train_config(**given(TrainConfig, args)), ScoreConfig(**given(ScoreConfig, args))
+    r = bench(tc.preset, args.device, sc.K, sc.T, args.images, tc.image_size, sc.max_batch, args.repeats,
+              naive=not args.no_naive, train_mode=args.train, compile=args.compile, layout=args.layout)
     r.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     for k, v in r.items():
         print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
@@ -2371,31 +2367,14 @@ def build_parser() -> Parser:
     ap = Parser(prog="flow_mismatch.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
-    presets = "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items())
 
     p = sub.add_parser("train", help="train the flow on normal images (Eq. 1)")
     p.add_argument("--data", help="a category folder (mvtec/bottle) or a root of categories (mvtec)")
-    p.add_argument("--out", help="run folder; writes RUN_DIR/ckpt.pt")
+    p.add_argument("--out", help="run folder; writes RUN_DIR/ckpt.pt (default: runs/<name of the data folder>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    p.add_argument("--preset", choices=list(PRESETS), default=TrainConfig.preset, help=presets)
-    p.add_argument("--epochs", type=positive_int, help=f"epochs (paper: {TrainConfig.epochs})")
-    p.add_argument("--steps", type=positive_int, help="optimiser steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int_in(1, 4096), default=TrainConfig.batch_size,
-                   help="images per process and step")
-    p.add_argument("--image-size", type=int_in(1, 1024),
-                   help=f"square size images are resized to (paper: {TrainConfig.image_size})")
-    p.add_argument("--lr", type=positive_float,
-                   help=f"learning rate (paper: {TrainConfig.lr}; CPU presets: {CPU_RECIPES['tiny']['lr']})")
-    p.add_argument("--seed", type=int_in(*SEEDS), default=TrainConfig.seed)
-    p.add_argument("--pooled", action="store_true", help="one unconditional model for all categories (Table 8)")
-    p.add_argument("--save-every", type=positive_int, default=TrainConfig.save_every, help="steps between checkpoints")
-    p.add_argument("--save-epochs", type=listed(positive_int), default=(),
-                   help="also keep ckpt_epochE.pt at these epochs")
+    knob_flags(p, TrainConfig, shown={k: f"{getattr(TrainConfig, k)}; CPU presets: {v}"
+                                      for k, v in CPU_RECIPES["tiny"].items()})
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--calib-fraction", type=fraction,
-                   help="share of each category's train/good held out, never trained on, and scored at the end "
-                        "(K = T = 10) as the calibration set of --alarm-rate (paper: 0, CPU presets: "
-                        f"{CPU_RECIPES['tiny']['calib_fraction']})")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score the test split and print the seven metrics",
@@ -2406,18 +2385,19 @@ def build_parser() -> Parser:
                    help="checkpoint; repeat it for a row per checkpoint (Table 8: pooled vs conditional, "
                         "Table 9: ckpt_epochE.pt)")
     p.add_argument("--data", required=True, help="a category folder or a root of categories")
-    p.add_argument("--out", required=True, help="evaluation folder")
+    p.add_argument("--out", help="evaluation folder (default: eval/<name of the checkpoint's run folder>)")
     p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
     p.add_argument("--eval-size", type=eval_size,
                    help="pixel metrics on heatmaps upsampled (bilinear) to N x N, or to each image's original size "
                         "('original', as the MVTec-AD evaluation script); default: the training resolution (paper)")
-    add_score_args(p)
-    p.add_argument("--scores", type=listed(checked("score")), help="scorers to compare (Table 2)")
-    p.add_argument("--grid-K", type=listed(int_in(1, 1000)), help="values of K (Table 6)")
-    p.add_argument("--grid-T", type=listed(int_in(1, 1000)), help="values of T (Table 6)")
-    p.add_argument("--aggregators", type=listed(checked("aggregator")),
-                   help="e.g. min,mean,quantile:0.1 (Table 7)")
-    p.add_argument("--weights", type=listed(checked("weight")), help="e.g. 1,t,t2,snr")
+    scoring(p)
+    score_fields = {f.name: f for f in fields(ScoreConfig)}
+    for flag, name, about in (("--scores", "score", "scorers to compare (Table 2)"),
+                              ("--grid-K", "K", "values of K (Table 6)"), ("--grid-T", "T", "values of T (Table 6)"),
+                              ("--aggregators", "aggregator", "e.g. min,mean,quantile:0.1 (Table 7)"),
+                              ("--weights", "weight", "e.g. 1,t,t2,snr")):
+        p.add_argument(flag, dest="grid_" + name, help=about, type=lambda text, f=score_fields[name], flag=flag:
+                       tuple(parse_knob(f, v, flag) for v in text.split(",")))
     p.add_argument("--alarm-rate", type=rate, metavar="A",
                    help="also report, per category, the false-alarm and detection rates of the calibrated decision "
                         "p <= A and the pixel precision and recall of its masks")
@@ -2426,12 +2406,12 @@ def build_parser() -> Parser:
     p = sub.add_parser("score", help="heatmaps and scores for new, unlabelled images")
     p.add_argument("--ckpt", required=True)
     p.add_argument("images", help="an image or a folder of images")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="output folder (default: scored/<name of the folder or image>)")
     p.add_argument("--category", help="category label for a class-conditional model")
     p.add_argument("--alarm-rate", type=rate, metavar="A",
                    help="decide: scores.csv gains the conformal p_value and anomalous (p <= A), masks/ a binary "
                         "defect mask per image; at most a fraction A of normal images is flagged (README)")
-    add_score_args(p)
+    scoring(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("calibrate", help="score normal images the model has not seen: the thresholds of --alarm-rate")
@@ -2439,14 +2419,12 @@ def build_parser() -> Parser:
     p.add_argument("--data", help="a folder of normal images not used in training (default: the run's "
                                   "--calib-fraction hold-out, rescored with the options below)")
     p.add_argument("--category", help="the category these images belong to (several-category models)")
-    add_score_args(p)
+    scoring(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="generate textures with defects, train `tiny` on CPU, test")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--steps", type=int_in(1, 10**6), default=160)
-    p.add_argument("--image-size", type=int_in(4, 256), default=64, help="a multiple of 4")
-    p.add_argument("--seed", type=int_in(*SEEDS), default=0)
+    knob_flags(p, TrainConfig, ("steps", "image_size", "seed"), shown=DEMO)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_demo)
 
@@ -2456,11 +2434,7 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="FIG.png (or .pdf, .svg); also writes FIG.json and FIG.npz")
     p.add_argument("--mask", help="its ground-truth mask, drawn as a contour")
     p.add_argument("--category", help="category label for a class-conditional model")
-    p.add_argument("-K", type=int_in(1, 1000), default=ScoreConfig.K, help="paths (Eq. 3)")
-    p.add_argument("-T", type=int_in(1, 1000), default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
-    p.add_argument("--weight", type=checked("weight"), default=ScoreConfig.weight,
-                   help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
-    p.add_argument("--seed", type=int_in(*SEEDS), default=ScoreConfig.seed, help="seed of the paths x0")
+    knob_flags(p, ScoreConfig, ("K", "T", "weight", "seed"))
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_explain)
 
@@ -2470,14 +2444,10 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="images/s of the batched scorer vs a naive (k, t) loop")
-    p.add_argument("--preset", choices=list(PRESETS), default="paper")
+    knob_flags(p, TrainConfig, ("preset", "image_size"), shown=dict(image_size="the preset's training size"))
+    knob_flags(p, ScoreConfig, ("K", "T", "max_batch"))
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("-K", type=int_in(1, 1000), default=ScoreConfig.K)
-    p.add_argument("-T", type=int_in(1, 1000), default=ScoreConfig.T)
     p.add_argument("--images", type=int_in(1, 4096), default=4)
-    p.add_argument("--image-size", type=int_in(1, 1024),
-                   help="default: the preset's training size (paper: 128, CPU presets: 64)")
-    p.add_argument("--max-batch", type=int_in(0, 2**20), default=ScoreConfig.max_batch)
     p.add_argument("--repeats", type=int_in(1, 1000), default=3)
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
     p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")

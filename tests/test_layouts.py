@@ -302,14 +302,14 @@ def test_image_score_rule():
 def test_eval_size_and_image_score_flags(capsys):
     args = fm.build_parser().parse_args(["test", "--ckpt", "c", "--data", "d", "--out", "o", "--eval-size", "original",
                                          "--image-score", "max"])
-    assert args.eval_size == "original" and fm.score_config(args).image_score == "max"
+    assert args.eval_size == "original" and fm.ScoreConfig(**fm.given(fm.ScoreConfig, args)).image_score == "max"
     assert fm.build_parser().parse_args(["test", "--ckpt", "c", "--data", "d", "--out", "o", "--eval-size", "256"]
                                         ).eval_size == 256
     with pytest.raises(SystemExit) as e:
         fm.build_parser().parse_args(["test", "--ckpt", "c", "--data", "d", "--out", "o", "--eval-size", "big"])
     assert e.value.code == 2 and "--eval-size" in capsys.readouterr().err
     with pytest.raises(fm.UserError, match="--image-score"):
-        fm.check_score_config(fm.ScoreConfig(image_score="mean"))
+        fm.ScoreConfig(image_score="mean")
 
 
 def strict(text):
