@@ -992,7 +992,7 @@ def aupro(masks, heat, fpr_limit: float = 0.3) -> float:
     return float(np.trapezoid(yv, x) / fpr_limit)
 
 
-def evaluate(labels: np.ndarray, scores: np.ndarray, masks, heat) -> dict:
+def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks, heat) -> dict:
     """Image metrics from the scores S; pixel metrics over every test pixel, normal images included
     (masks and heat: (N, H, W) arrays or lists of 2-D arrays). A metric that cannot be computed (one
     class only; masks None: no ground truth) is None."""
@@ -1077,8 +1077,9 @@ def subfolders(folder: Path) -> list:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not hidden(d)) if folder.is_dir() else []
 
 
-def read_image(path: Path, size, mode="RGB"):
-    """-> (array (size, size[, 3]) uint8, original (w, h)); size None keeps the original size.
+def read_image(path, size, mode="RGB"):
+    """An image file (or PIL image) -> (array (size, size[, 3]) uint8, original (w, h)); size None
+    keeps the original size.
 
     mode "RGB": any mode and bit depth Pillow opens becomes 8-bit RGB with its range kept (16-bit
     values / 257). mode "mask": 1 where the stored value is non-zero (palette index, label id,
@@ -1086,7 +1087,7 @@ def read_image(path: Path, size, mode="RGB"):
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path) if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path) as im:
             im.load()
             original = im.size
             if mode == "mask":
@@ -1102,6 +1103,11 @@ def read_image(path: Path, size, mode="RGB"):
             return np.asarray(im), original
     except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, DecompressionBombError...)
         raise UserError(f"{path}: unreadable or corrupt image ({str(e)[:80]})")
+
+
+def uint8_batch(arrays) -> torch.Tensor:
+    """(H, W, 3) uint8 arrays of one size -> (N, 3, H, W) uint8."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def mask_index(folder: Path) -> dict:
@@ -1231,8 +1237,7 @@ def load_train(root, size: int) -> Dataset:
         labels += [c] * len(cat.train)
         paths += [str(f) for f in cat.train]
         names.append(cat.name)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return Dataset(x, torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
+    return Dataset(uint8_batch(images), torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
 
 
 def split_calibration(data: Dataset, fraction: float, seed: int) -> tuple:
@@ -1288,8 +1293,7 @@ def load_test(root, size: int) -> dict:
                          f"at {size}x{size} (no non-zero pixel); it adds no anomalous pixel")
         if not cat.has_masks:
             note(f"{cat.name}: no ground_truth folder, so image metrics only; pixel metrics are n/a")
-        x = torch.from_numpy(np.stack([a for a, _ in loaded])).permute(0, 3, 1, 2).contiguous()
-        out[cat.name] = Dataset(x, torch.zeros(len(files), dtype=torch.long), [cat.name], [str(f) for f in files],
+        out[cat.name] = Dataset(uint8_batch([a for a, _ in loaded]), torch.zeros(len(files), dtype=torch.long), [cat.name], [str(f) for f in files],
                                 np.array(anomalous), gt, mask_files=mask_files if cat.has_masks else None,
                                 sizes=sizes)
     return out
@@ -1396,14 +1400,14 @@ def overlay_name(path) -> str:
     return str(Path(p.parent.name, p.name + ".png"))
 
 
-def write_overlays(folder: Path, data: Dataset, heat: np.ndarray) -> None:
+def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> None:
     """image | ground-truth mask | heatmap over the image, one PNG per test image named by
     overlay_name, enlarged (nearest pixel) to at least 256 pixels high for the eye; the metrics
-    never see it."""
+    never see it. span: the colour range (lo, hi), by default the heatmaps' own, shared by the category."""
     from matplotlib import colormaps
     from PIL import Image
 
-    lo, hi = float(heat.min()), float(np.percentile(heat, 99.9))  # shared by the category
+    lo, hi = span or (float(heat.min()), float(np.percentile(heat, 99.9)))
     for i, path in enumerate(data.paths):
         img = data.images[i].permute(1, 2, 0).numpy()
         mask = np.repeat(data.masks[i][..., None] * 255, 3, axis=2).astype(np.uint8)
@@ -1470,12 +1474,6 @@ def swap(tmp: Path, folder: Path) -> None:
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def load_for_test(ckpt_path, device, compile=False):
-    """(checkpoint dict, inference model) of a checkpoint path."""
-    ckpt = load_checkpoint(ckpt_path)
-    return ckpt, inference_model(model_from_checkpoint(ckpt, ckpt_path), device, compile)
 
 
 def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: ScoreConfig, overlays=True) -> None:
@@ -1556,13 +1554,18 @@ def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
     return out
 
 
+def upsample(heat: np.ndarray, size) -> np.ndarray:
+    """A heatmap (S, S) at size (w, h), bilinear: (h, w) float32."""
+    return F.interpolate(torch.from_numpy(heat)[None, None], size=size[::-1], mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+
+
 def at_eval_size(data: Dataset, heat: np.ndarray, size) -> tuple:
     """(masks, heatmaps) at size x size, or at each image's original size (size "original"): the
     heatmaps upsampled bilinearly, the masks read again at that size (nearest neighbour)."""
     sizes = data.sizes if size == "original" else [(size, size)] * len(data)  # (w, h)
     masks = read_masks(data.paths, data.mask_files, data.sizes, None if size == "original" else size)
-    up = [F.interpolate(torch.from_numpy(h)[None, None], size=(hh, w), mode="bilinear", align_corners=False)[0, 0]
-          .numpy() for h, (w, hh) in zip(heat, sizes)]
+    up = [upsample(h, s) for h, s in zip(heat, sizes)]
     return [np.zeros((hh, w), np.uint8) if m is None else m for m, (w, hh) in zip(masks, sizes)], up
 
 
@@ -1576,13 +1579,13 @@ def metrics_of(tests: dict, scored: dict, eval_size=None) -> dict:
             masks = None
         elif eval_size is not None:
             masks, heat = at_eval_size(data, heat, eval_size)
-        results[name] = evaluate(data.anomalous, scores, masks, heat)
+        results[name] = compute_metrics(data.anomalous, scores, masks, heat)
     values = {k: [r[k] for r in results.values() if r[k] is not None] for k in METRICS}
     results["mean"] = {k: float(np.mean(v)) if v else None for k, v in values.items()}
     return results
 
 
-def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", overlays=True, compile=False,
+def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", overlays=True, compile=False,
              log=print, eval_size=None, alarm_rate=None) -> dict:
     """Score the test split of every category under data_root; write metrics and heatmaps to out.
     Pixel metrics at the training resolution, or at eval_size (N or "original").
@@ -1590,7 +1593,8 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     check_out_dir(out)
     rank, world, local_rank = distributed()
     device = pick_device(device, local_rank)
-    ckpt, model = load_for_test(ckpt_path, device, compile)
+    detector = load(ckpt_path, device, compile)
+    ckpt, model = detector.ckpt, detector.model
     tests = load_test(data_root, ckpt["train_config"]["image_size"])
     cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests} if alarm_rate else {}
     t0 = time.time()
@@ -1647,7 +1651,8 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     device = pick_device(device, local_rank)
     rows, tests = [], {}
     for path in ckpt_paths:
-        ckpt, model = load_for_test(path, device, compile)
+        detector = load(path, device, compile)
+        ckpt, model = detector.ckpt, detector.model
         size = ckpt["train_config"]["image_size"]
         if size not in tests:
             tests[size] = load_test(data_root, size)
@@ -2021,6 +2026,195 @@ def compare(results: dict, dataset: str) -> str:
 
 
 # ----------------------------------------------------------------------------
+# From Python: the functions every command calls. fm.load(ckpt).predict(images) scores images on
+# disk or in memory; train, evaluate (`test`), calibrate and score write what the commands write.
+
+@dataclass
+class Prediction:
+    """Detector.predict's answer, with the field names of anomalib."""
+
+    pred_score: np.ndarray  # (N,) image scores S (Eq. 4)
+    anomaly_map: list  # N float32 heatmaps H, each at its image's original size (bilinear)
+    image_path: list  # N paths; None for an image given in memory
+    p_value: np.ndarray = None  # with an alarm rate A: (N,) conformal p-values
+    pred_label: np.ndarray = None  # (N,) bool, p <= A: anomalous at false-alarm rate A
+    pred_mask: list = None  # N bool defect masks at the original size: H > tau_A of the maxima
+
+
+def image_inputs(images):
+    """(image, path or None) per image of a path, folder, PIL image, uint8 (H, W, 3) or (N, H, W, 3)
+    array, float tensor in [0, 1] of shape (3, H, W) or (N, 3, H, W), or a list of any of these."""
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike)):
+        target = Path(images)
+        if not target.exists():
+            raise UserError(f"{target}: no such file or folder")
+        files = image_files(target) if target.is_dir() else [target]
+        if not files:
+            raise UserError(f"{target}: holds no images")
+        yield from ((f, str(f)) for f in files)
+    elif isinstance(images, Image.Image):
+        yield images, None
+    elif isinstance(images, torch.Tensor):
+        if images.is_floating_point() and images.dim() in (3, 4) and images.shape[-3] == 3 and (
+                0 <= images.min() and images.max() <= 1):
+            yield from image_inputs((images.reshape(-1, *images.shape[-3:]) * 255).round().byte().permute(0, 2, 3, 1)
+                                    .cpu().numpy())
+        else:
+            raise UserError(f"images: a tensor must be float in [0, 1], (3, H, W) or (N, 3, H, W), not "
+                            f"{images.dtype} {tuple(images.shape)}")
+    elif isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[-1] != 3:
+            raise UserError(f"images: an array must be uint8 (H, W, 3) or (N, H, W, 3), not {images.dtype} "
+                            f"{images.shape}")
+        yield from ((Image.fromarray(a), None) for a in images.reshape(-1, *images.shape[-3:]))
+    elif isinstance(images, (list, tuple)):
+        for item in images:
+            yield from image_inputs(item)
+    else:
+        raise UserError(f"images: cannot read a {type(images).__name__}")
+
+
+class Detector:
+    """A trained model ready to score, from fm.load(ckpt): in eval mode on its device, with its
+    categories, training normalisation and size, and its calibration."""
+
+    def __init__(self, ckpt: dict, path, device="auto", compile=False):
+        self.ckpt, self.path = ckpt, Path(path)
+        self.device = device if isinstance(device, torch.device) else pick_device(device)
+        self.model = inference_model(model_from_checkpoint(ckpt, path), self.device, compile)
+        self.categories, self.size = ckpt["class_names"], ckpt["train_config"]["image_size"]
+        self.mean, self.std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+
+    def stream(self, images, category=None, alarm_rate=None, chunk=32, skip=False, progress=None, **overrides):
+        """(Prediction, data, heat) per chunk of at most `chunk` images, each read when its chunk is
+        scored, so memory does not grow with the number of images; data: the chunk at the model's
+        size, heat: (n, S, S) its maps there. With skip, an unreadable file is named and left out.
+        Image i draws its paths as image i of the readable ones, as `score` does."""
+        cfg = ScoreConfig(**overrides)
+        label = category_label(self.ckpt, category)
+        cal = calibration_of(self.ckpt, category, cfg, self.path, alarm_rate) if alarm_rate else None
+        inputs, done = image_inputs(images), 0
+        while items := list(itertools.islice(inputs, chunk)):
+            read = [(r, p) for r, p in zip(_load([x for x, _ in items], self.size, skip=skip), (p for _, p in items))
+                    if r is not None]
+            if not read:
+                continue
+            data = Dataset(uint8_batch([a for (a, _), _ in read]), torch.zeros(len(read), dtype=torch.long), [],
+                           [p for _, p in read], np.zeros(len(read), int),
+                           np.zeros((len(read), self.size, self.size), np.uint8), sizes=[s for (_, s), _ in read])
+            heat, scores = score_dataset(self.model, data, cfg, self.mean, self.std, self.device, label, progress,
+                                         first_id=done)
+            done += len(read)
+            maps = [upsample(h, size) for h, size in zip(heat.numpy(), data.sizes)]
+            pred = Prediction(scores.numpy(), maps, data.paths)
+            if cal is not None:
+                pred.p_value = p_values(cal["scores"], pred.pred_score)
+                pred.pred_label, tau = pred.p_value <= alarm_rate, conformal_threshold(cal["maxima"], alarm_rate)
+                pred.pred_mask = [m > tau for m in maps]
+            yield pred, data, heat
+
+    def predict(self, images, category=None, alarm_rate=None, chunk=32, **overrides) -> Prediction:
+        """Scores, maps at the original sizes and, with a calibrated alarm_rate, decisions for `images`
+        (see image_inputs); overrides: ScoreConfig fields (K=, T=, seed=, ...)."""
+        parts = [p for p, _, _ in self.stream(images, category, alarm_rate, chunk, **overrides)]
+        if not parts:
+            raise UserError("images: no readable image")
+        return Prediction(**{f.name: None if getattr(parts[0], f.name) is None else
+                             (np.concatenate if f.type == "np.ndarray" else lambda v: sum(v, []))(
+                                 [getattr(p, f.name) for p in parts]) for f in fields(Prediction)})
+
+
+def load(ckpt, device="auto", compile=False) -> Detector:
+    """The Detector of a checkpoint file (read without running anything in it)."""
+    return Detector(load_checkpoint(ckpt), ckpt, device, compile)
+
+
+def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, alarm_rate=None, device="auto",
+          compile=False, chunk=32, log=print) -> list:
+    """Score an image or a folder of them into `out`: scores.csv (path, score and, with alarm_rate,
+    p_value and anomalous; empty for an unreadable file, which is named and skipped), heatmaps/ (an
+    overlay per image, one colour range: the first chunk's) and with alarm_rate masks/ (defect masks
+    at each image's original size). Returns the rows of scores.csv."""
+    from PIL import Image
+
+    out = Path(out)
+    check_out_dir(out)
+    detector = load(ckpt, device, compile)
+    files = [p for _, p in image_inputs(images)]
+    rows, span, folders = {}, None, {}
+    for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,
+                                            progress=Progress(len(files)), **asdict(cfg)):
+        if not folders:
+            folders = {name: aside(out / name) for name in ("heatmaps", "masks")[:1 + bool(alarm_rate)]}
+        span = span or (float(heat.min()), float(np.percentile(heat, 99.9)))
+        write_overlays(folders["heatmaps"], data, heat.numpy(), span)
+        for i, path in enumerate(pred.image_path):
+            rows[path] = [pred.pred_score[i]] + ([] if pred.p_value is None else
+                                                 [pred.p_value[i], int(pred.pred_label[i])])
+            if alarm_rate:
+                name = folders["masks"] / overlay_name(path)
+                name.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pred.pred_mask[i].astype(np.uint8) * 255).save(name)
+    if not rows:
+        raise UserError(f"{images}: no readable image")
+    for name, folder in folders.items():
+        swap(folder, out / name)
+    table = [[str(p), *rows.get(str(p), [""] * (1 + 2 * bool(alarm_rate)))] for p in files]
+    with open(out / "scores.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "score"] + ["p_value", "anomalous"] * bool(alarm_rate)] + table)
+    for path, s, *_ in (r for r in table if r[1] != ""):
+        log(f"{s:.6g}\t{path}")
+    if alarm_rate:
+        flagged = sum(r[3] for r in table if r[1] != "")
+        log(f"{flagged} of {len(rows)} images anomalous at alarm rate {alarm_rate} "
+            f"({len(detector.ckpt['calibration'][category or detector.categories[0]]['scores'])} calibration "
+            f"images); masks in {out / 'masks'}")
+    return table
+
+
+def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), device="auto", compile=False,
+              log=print) -> dict:
+    """Score normal images the model was not trained on (the folder `data`, or the run's own
+    hold-out) and store them in the checkpoint as the calibration of `category`; returns it."""
+    ckpt_path = Path(ckpt)
+    check_out_dir(ckpt_path.parent, "--ckpt")  # the calibration is written into the checkpoint
+    detector = load(ckpt_path, device, compile)
+    ckpt, names = detector.ckpt, detector.categories
+    category = category or (names[0] if len(names) == 1 else None)
+    if category not in names:
+        raise UserError(f"--category: give one of {names}")
+    if data is None:  # the run's own hold-out, e.g. rescored under other -K/-T
+        files = [Path(p) for p in (ckpt.get("held_out") or {}).get(category, [])]
+        if not files:
+            raise UserError(f"--data: required, {ckpt_path} held out no images of {category} (train --calib-fraction)")
+    else:
+        if not Path(data).is_dir():
+            raise UserError(f"--data: {data} is not a folder")
+        files = image_files(Path(data))
+        if not files:
+            raise UserError(f"--data: {data} holds no images")
+    images = uint8_batch([a for a, _ in _load(files, detector.size)])
+    if "trained_on" not in ckpt:
+        note(f"warning: {ckpt_path} does not record its training images; cannot check that none is among "
+             f"the calibration images")
+    trained = set(ckpt.get("trained_on", ()))
+    seen = [f for f, h in zip(files, image_hashes(images)) if h in trained]
+    if seen:
+        raise UserError(f"--data: {len(seen)} of {len(files)} images were used to train {ckpt_path} (e.g. {seen[0]}); "
+                        f"calibrate on normal images the model has not seen")
+    held = Dataset(images, torch.zeros(len(files), dtype=torch.long), names, [str(f) for f in files])
+    cal = calibrate_on(detector.model, held, cfg, detector.mean, detector.std, detector.device,
+                       names.index(category) if ckpt["conditional"] else None)
+    ckpt["calibration"] = {**(ckpt.get("calibration") or {}), category: cal}
+    save_checkpoint(ckpt_path, ckpt)
+    log(f"calibrated {category} on {len(files)} normal images (smallest --alarm-rate 1/(n+1) = "
+        f"{1 / (len(files) + 1):.3g}); written to {ckpt_path}")
+    return cal
+
+
+# ----------------------------------------------------------------------------
 # CLI: a thin layer over train / run_test / mismatch_heat.
 
 # Exit statuses: 0 done; 1 the run failed (training diverged, disk full, out of memory); 2 bad input
@@ -2168,7 +2362,7 @@ def cmd_test(args):
     if grid or len(args.ckpt) > 1:
         run_sweep(args.ckpt, args.data, out, cfg, grid, args.device, args.compile, eval_size=args.eval_size)
     else:
-        run_test(args.ckpt[0], args.data, out, cfg, args.device, overlays=not args.no_overlays, compile=args.compile,
+        evaluate(args.ckpt[0], args.data, out, cfg, args.device, overlays=not args.no_overlays, compile=args.compile,
                  eval_size=args.eval_size, alarm_rate=args.alarm_rate)
     print(f"wrote {out}")
     return 0
@@ -2177,97 +2371,13 @@ def cmd_test(args):
 def cmd_score(args):
     cfg = ScoreConfig(**given(ScoreConfig, args))
     out = Path(args.out or Path("scored") / Path(args.images).resolve().name)
-    check_out_dir(out)
-    device = pick_device(args.device)
-    ckpt = load_checkpoint(args.ckpt)
-    model = inference_model(model_from_checkpoint(ckpt, args.ckpt), device, args.compile)
-    target = Path(args.images)
-    if not target.exists():
-        raise UserError(f"{target}: no such file or folder")
-    files = image_files(target) if target.is_dir() else [target]
-    if not files:
-        raise UserError(f"{target}: holds no images")
-    label = category_label(ckpt, args.category)
-    A = args.alarm_rate
-    cal = calibration_of(ckpt, args.category, cfg, args.ckpt, A) if A else None
-    size = ckpt["train_config"]["image_size"]
-    loaded = _load(files, size, skip=True)  # an inspection line: a bad file is named, the rest scored
-    good = [f for f, r in zip(files, loaded) if r is not None]
-    if not good:
-        raise UserError(f"{target}: no readable image")
-    images = torch.from_numpy(np.stack([r[0] for r in loaded if r is not None])).permute(0, 3, 1, 2).contiguous()
-    data = Dataset(images, torch.zeros(len(good), dtype=torch.long), [], [str(f) for f in good],
-                   np.zeros(len(good), int), np.zeros((len(good), size, size), np.uint8))
-    heat, scores = score_dataset(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label,
-                                 Progress(len(data)))
-    out.mkdir(parents=True, exist_ok=True)
-    folder = aside(out / "heatmaps")
-    write_overlays(folder, data, heat.numpy())
-    swap(folder, out / "heatmaps")
-    with open(out / "scores.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        cols = [scores.tolist()]
-        if A:
-            p = p_values(cal["scores"], scores.numpy())
-            cols += [p.tolist(), (p <= A).astype(int).tolist()]
-        rows = dict(zip(data.paths, zip(*cols)))
-        w.writerow(["path", "score"] + ["p_value", "anomalous"] * bool(A))
-        w.writerows([str(q), *rows.get(str(q), [""] * len(cols))] for q in files)  # empty: skipped, unreadable
-    for path, s in zip(data.paths, scores.tolist()):
-        print(f"{s:.6g}\t{path}")
-    if A:
-        from PIL import Image
-
-        folder = aside(out / "masks")
-        for path, mask in zip(data.paths, heat.numpy() > conformal_threshold(cal["maxima"], A)):
-            name = folder / overlay_name(path)
-            name.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(name)
-        swap(folder, out / "masks")
-        print(f"{int((p <= A).sum())} of {len(p)} images anomalous at alarm rate {A} "
-              f"({len(cal['scores'])} calibration images); masks in {out / 'masks'}")
-    return SKIPPED if len(good) < len(files) else 0
+    rows = score(args.ckpt, args.images, out, cfg, args.category, args.alarm_rate, args.device, args.compile)
+    print(f"wrote {out}")
+    return SKIPPED if any(r[1] == "" for r in rows) else 0
 
 
 def cmd_calibrate(args):
-    cfg = ScoreConfig(**given(ScoreConfig, args))
-    ckpt_path = Path(args.ckpt)
-    check_out_dir(ckpt_path.parent, "--ckpt")  # the calibration is written into the checkpoint
-    ckpt = load_checkpoint(ckpt_path)
-    names = ckpt["class_names"]
-    category = args.category or (names[0] if len(names) == 1 else None)
-    if category not in names:
-        raise UserError(f"--category: give one of {names}")
-    if args.data is None:  # the run's own hold-out, e.g. rescored under other -K/-T
-        files = [Path(p) for p in (ckpt.get("held_out") or {}).get(category, [])]
-        if not files:
-            raise UserError(f"--data: required, {ckpt_path} held out no images of {category} (train --calib-fraction)")
-    else:
-        folder = Path(args.data)
-        if not folder.is_dir():
-            raise UserError(f"--data: {folder} is not a folder")
-        files = image_files(folder)
-        if not files:
-            raise UserError(f"--data: {folder} holds no images")
-    size = ckpt["train_config"]["image_size"]
-    images = torch.from_numpy(np.stack([a for a, _ in _load(files, size)])).permute(0, 3, 1, 2).contiguous()
-    if "trained_on" not in ckpt:
-        print(f"warning: {ckpt_path} does not record its training images; cannot check that none is among "
-              f"the calibration images", file=sys.stderr)
-    trained = set(ckpt.get("trained_on", ()))
-    seen = [f for f, h in zip(files, image_hashes(images)) if h in trained]
-    if seen:
-        raise UserError(f"--data: {len(seen)} of {len(files)} images were used to train {ckpt_path} (e.g. {seen[0]}); "
-                        f"calibrate on normal images the model has not seen")
-    device = pick_device(args.device)
-    model = inference_model(model_from_checkpoint(ckpt, ckpt_path), device, args.compile)
-    data = Dataset(images, torch.zeros(len(files), dtype=torch.long), names, [str(f) for f in files])
-    label = names.index(category) if ckpt["conditional"] else None
-    cal = calibrate_on(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label)
-    ckpt["calibration"] = {**(ckpt.get("calibration") or {}), category: cal}
-    save_checkpoint(ckpt_path, ckpt)
-    print(f"calibrated {category} on {len(files)} normal images (smallest --alarm-rate 1/(n+1) = "
-          f"{1 / (len(files) + 1):.3g}); written to {ckpt_path}")
+    calibrate(args.ckpt, args.data, args.category, ScoreConfig(**given(ScoreConfig, args)), args.device, args.compile)
     return 0
 
 
@@ -2285,7 +2395,7 @@ def cmd_demo(args):
         if (run / "ckpt.pt").exists():
             (run / "ckpt.pt").unlink()
         train(load_train(data, cfg.image_size), cfg, run, args.device)
-    results = run_test(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
+    results = evaluate(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
     print(f"demo: image AUROC {percent(results['mean']['image_auroc'])}, pixel AUROC "
           f"{percent(results['mean']['pixel_auroc'])}; heatmaps under {out / 'eval'}")
     return 0
@@ -2301,8 +2411,8 @@ def cmd_explain(args):
     check_out_dir(out.parent)
     if not image.is_file():
         raise UserError(f"{image}: no such image file")
-    device = pick_device(args.device)
-    ckpt, model = load_for_test(args.ckpt, device)
+    detector = load(args.ckpt, args.device)
+    ckpt, model, device = detector.ckpt, detector.model, detector.device
     label = category_label(ckpt, args.category)
     size = ckpt["train_config"]["image_size"]
     arr, original = read_image(image, size)
