@@ -224,7 +224,8 @@ def test_normalisation_over_images_of_different_sizes():
 def test_explain_on_a_tiled_checkpoint_shows_the_tiled_map(tiled_run):
     """explain stitches every per-time map from the same tiles, so the mean over t is the scorer's map."""
     data, path = tiled_run
-    ckpt, model = fm.load_for_test(path, torch.device("cpu"))
+    detector = fm.load(path, "cpu")
+    ckpt, model = detector.ckpt, detector.model
     test = fm.load_test(data, None, tile=8)["weave"].subset([3])
     mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
     cfg = fm.ScoreConfig(K=2, T=3)
@@ -232,3 +233,17 @@ def test_explain_on_a_tiled_checkpoint_shows_the_tiled_map(tiled_run):
     y = (test.images.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     e = fm.explain(model, y, 1, cfg, tile=8)
     assert e["maps"].shape == (3, 16, 16) and torch.allclose(e["heat"], heat[0], rtol=1e-5, atol=1e-6)
+
+
+def test_predict_on_a_tiled_checkpoint_scores_in_tiles(tiled_run):
+    """fm.load(ckpt).predict: the tiled scorer's maps, at each image's original size."""
+    data, path = tiled_run
+    files = sorted((data / "weave" / "test" / "good").glob("*.png"))
+    detector = fm.load(path, "cpu")
+    pred = detector.predict([str(f) for f in files], category="weave", K=2, T=2)
+    images = fm.uint8_batch([fm.read_image(f, None)[0] for f in files])
+    heat, scores = fm.score_dataset(detector.model, dataset(images), fm.ScoreConfig(K=2, T=2), detector.mean,
+                                    detector.std, "cpu", labels_for=1, tile=8)
+    assert [m.shape for m in pred.anomaly_map] == [(16, 16)] * len(files)
+    assert np.allclose(np.stack(pred.anomaly_map), heat.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.allclose(pred.pred_score, scores.numpy(), rtol=1e-5)
