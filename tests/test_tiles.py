@@ -247,3 +247,14 @@ def test_predict_on_a_tiled_checkpoint_scores_in_tiles(tiled_run):
     assert [m.shape for m in pred.anomaly_map] == [(16, 16)] * len(files)
     assert np.allclose(np.stack(pred.anomaly_map), heat.numpy(), rtol=1e-5, atol=1e-6)
     assert np.allclose(pred.pred_score, scores.numpy(), rtol=1e-5)
+
+
+def test_score_writes_maps_at_each_input_size(trained, tmp_path):
+    """A 16^2 checkpoint scoring 32^2 images: maps/<folder>/<file>.tiff at 32^2."""
+    big = fm.make_demo_dataset(tmp_path / "big", size=32, n_train=1, n_test=2)
+    r = run_cli("score", "--ckpt", trained, big / "weave" / "test" / "good", "--out", tmp_path / "s", "-K", 2, "-T", 2,
+                "--category", "weave", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    maps = sorted((tmp_path / "s" / "maps").rglob("*.tiff"))
+    assert [m.name for m in maps] == ["000.png.tiff", "001.png.tiff"]
+    assert all(Image.open(m).size == (32, 32) and Image.open(m).mode == "F" for m in maps)
