@@ -109,7 +109,10 @@ def check_knob(f, value, flag=None):
             rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
             raise UserError(f"{flag}: must be {rule}, got {v}")
         if m.get("check"):
-            m["check"](v)
+            try:
+                m["check"](v)
+            except UserError as e:  # its rule, under the flag given
+                raise UserError(f"{flag}: {str(e).split(': ', 1)[-1]}")
     return value
 
 
@@ -1488,21 +1491,32 @@ def percent(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
-def format_table(results: dict) -> str:
+def table(head, rows, html=False) -> str:
+    """head and rows (lists of cells) as a markdown table, or as an HTML table of the same cells."""
+    if not html:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                         ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+    from html import escape
+
+    lines = [[f"<th>{escape(str(c))}</th>" for c in head]] + [
+        [f"<th>{escape(str(row[0]))}</th>"] + [f"<td>{escape(str(c))}</td>" for c in row[1:]] for row in rows]
+    return "<table>" + "".join("<tr>" + "".join(cells) + "</tr>" for cells in lines) + "</table>"
+
+
+def format_table(results: dict, html=False) -> str:
     """Percent, n/a where a metric could not be computed. A mean over k < n categories says so:
     `mean (k/n)` when every metric has the same k, else each such cell."""
     n = len(results) - 1
     counts = [sum(m[k] is not None for name, m in results.items() if name != "mean") for k in METRICS]
-    head = "| category | " + " | ".join(METRICS) + " |"
-    rows = [head, "|" + "---|" * (len(METRICS) + 1)]
+    rows = []
     for name, m in results.items():
         cells = [percent(m[k]) for k in METRICS]
         if name == "mean" and len(set(counts)) == 1 and 0 < counts[0] < n:
             name = f"mean ({counts[0]}/{n})"
         elif name == "mean":
             cells = [f"{c} ({k}/{n})" if 0 < k < n else c for c, k in zip(cells, counts)]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append([name, *cells])
+    return table(["category", *METRICS], rows, html)
 
 
 def check_out_dir(out: Path, flag="--out") -> None:
@@ -1558,11 +1572,8 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
             "figure img{height:160px;image-rendering:pixelated}figcaption{font-size:12px}</style></head><body>",
             f"<h1>flow-mismatch evaluation</h1><p>{escape(out.name)}: score {escape(cfg.score)}, K={cfg.K}, "
             f"T={cfg.T}, aggregator {escape(cfg.aggregator)}, w(t) = {escape(cfg.weight)}, seed {cfg.seed}. "
-            "Metrics in %; n/a: not computable on this test set.</p>",
-            "<table><tr><th>category</th>" + "".join(f"<th>{m}</th>" for m in METRICS) + "</tr>"]
-    page += [f"<tr><th>{escape(name)}</th>" + "".join(f"<td>{percent(r.get(m))}</td>" for m in METRICS) + "</tr>"
-             for name, r in results.items()]
-    page.append("</table><p>Categories: " + ", ".join(f"<a href='#{quote(n)}'>{escape(n)}</a>" for n in scored)
+            "Metrics in %; n/a: not computable on this test set.</p>", format_table(results, html=True)]
+    page.append("<p>Categories: " + ", ".join(f"<a href='#{quote(n)}'>{escape(n)}</a>" for n in scored)
                 + ". Overlays: image | ground truth | heatmap over the image, one colour range per category.</p>")
     for name, (heat, scores) in scored.items():
         data, r = tests[name], results.get(name, {})
@@ -1734,16 +1745,13 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     if rank != 0:
         return []
     keys = list(rows[0]["setting"])
-    table = ["| " + " | ".join(keys + list(METRICS)) + " | images/s |", "|" + "---|" * (len(keys) + len(METRICS) + 1)]
-    for r in rows:
-        m = r["results"]["mean"]
-        table.append("| " + " | ".join([str(r["setting"][k]) for k in keys] + [percent(m[k]) for k in METRICS])
-                     + f" | {r['images_per_s']:.2f} |")
+    md = table(keys + list(METRICS) + ["images/s"], [[r["setting"][k] for k in keys] + [
+        percent(r["results"]["mean"][k]) for k in METRICS] + [f"{r['images_per_s']:.2f}"] for r in rows])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.md").write_text("\n".join(table) + "\n")
+    (out / "sweep.md").write_text(md + "\n")
     (out / "sweep.json").write_text(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2,
                                                allow_nan=False))
-    log("\n".join(table))
+    log(md)
     return rows
 
 
@@ -1830,11 +1838,8 @@ def operating_point(cal: dict, A: float, scores, anomalous, heat, masks) -> dict
 
 
 def format_operating_point(results: dict, A: float) -> str:
-    rows = [f"At --alarm-rate {A} (calibrated thresholds), in percent:", "",
-            "| category | " + " | ".join(OPERATING) + " |", "|" + "---|" * (len(OPERATING) + 1)]
-    for name, m in results.items():
-        rows.append(f"| {name} | " + " | ".join(percent(m[k]) for k in OPERATING) + " |")
-    return "\n".join(rows)
+    return f"At --alarm-rate {A} (calibrated thresholds), in percent:\n\n" + table(
+        ["category", *OPERATING], [[name, *(percent(m[k]) for k in OPERATING)] for name, m in results.items()])
 
 
 # ----------------------------------------------------------------------------
@@ -2070,8 +2075,7 @@ def mean_coverage(results: dict, dataset: str):
 def compare(results: dict, dataset: str) -> str:
     """Our metrics beside the paper's for the categories both have: rows ours, paper, ours - paper.
     A mean that is not over the paper's categories is labelled as such (mean_coverage)."""
-    head = "| category | | " + " | ".join(METRICS) + " |"
-    rows = [head, "|" + "---|" * (len(METRICS) + 2)]
+    rows = []
     for name in results:
         if name not in PAPER[dataset]:
             continue
@@ -2080,9 +2084,8 @@ def compare(results: dict, dataset: str) -> str:
         diff = [None if o is None else o - p for o, p in zip(ours, paper)]
         ours_label = (name == "mean" and mean_coverage(results, dataset)) or "ours"
         for label, values in ((ours_label, ours), ("paper", paper), ("ours - paper", diff)):
-            cells = ("n/a" if v is None else f"{v:.1f}" for v in values)
-            rows.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+            rows.append([name, label, *("n/a" if v is None else f"{v:.1f}" for v in values)])
+    return table(["category", "", *METRICS], rows)
 
 
 # ----------------------------------------------------------------------------
