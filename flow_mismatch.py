@@ -111,8 +111,8 @@ def check_knob(f, value, flag=None):
         if m.get("check"):
             try:
                 m["check"](v)
-            except UserError as e:  # its rule, under the flag given
-                raise UserError(f"{flag}: {str(e).split(': ', 1)[-1]}")
+            except UserError as e:  # the check names the field's own flag; name the one given
+                raise UserError(f"{flag}:{str(e).split(':', 1)[1]}")
     return value
 
 
