@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import fcntl
 import hashlib
@@ -51,6 +52,7 @@ import signal
 import sys
 import tempfile
 import time
+import types
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -216,11 +218,15 @@ class Attention(nn.Module):
 
     def forward(self, x, emb=None):
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x).reshape(B, C, H * W))  # (B, 3C, L)
-        q, k, v = qkv.reshape(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, C/heads)
-        h = h.transpose(2, 3).reshape(B, C, H * W)
-        return x + self.proj(h).reshape(B, C, H, W)
+        # Tokens (B, L, C) and the 1x1 convolutions as F.linear, so q, k, v have stride 1 along
+        # channels: the layout the fused attention kernels need (a strided one falls back to an
+        # explicit L x L score matrix, 5x slower at L = 1024 on a CPU).
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C); contiguous for channels_last x
+        qkv = F.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)  # (B, L, 3C)
+        q, k, v = qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, L, C/heads) each
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+        h = F.linear(h, self.proj.weight[:, :, 0], self.proj.bias)  # (B, L, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class UNet(nn.Module):
@@ -451,13 +457,44 @@ def check_score_config(cfg: ScoreConfig) -> None:
         raise UserError(f"--image-score: {cfg.image_score!r} is not paper or max")
 
 
-def inference_model(model: UNet, device, compile=False, channels_last=None):
-    """Eval mode on `device`, torch.compile on request. Layout (None: by device): channels_last on a
-    CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200, where channels_last scored slower; BENCHMARKS.md)."""
+class Compiled(nn.Module):
+    """The U-Net under torch.compile at one fixed batch, so that its graph compiles once: each call
+    is cut into pieces of `batch` rows and the last piece padded with zeros (every row is computed
+    on its own, so padding changes no other row). `batch` is the scorer's forward batch
+    (forward_batch), fixed at the first call, which also prints the compile time. Inductor keeps
+    its compiled kernels on disk (TORCHINDUCTOR_CACHE_DIR), so a second run compiles faster."""
+
+    def __init__(self, model: UNet, max_batch=0, backend="inductor"):
+        super().__init__()
+        self.model, self.cfg, self.max_batch, self.batch, self.compile_s = model, model.cfg, max_batch, 0, 0.0
+        self.compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
+
+    def forward(self, x, t, labels=None):
+        first = not self.batch
+        if first:
+            self.batch = forward_batch(ScoreConfig(max_batch=self.max_batch), self.model, x)
+            t0 = time.perf_counter()
+        out = []
+        for sl in chunks(len(x), self.batch):
+            pad = self.batch - (sl.stop - sl.start)
+            xs, ts = F.pad(x[sl], (0, 0, 0, 0, 0, 0, 0, pad)).contiguous(), F.pad(t[sl], (0, pad))
+            ls = None if labels is None else F.pad(labels[sl], (0, pad))
+            out.append(self.compiled(xs, ts, ls)[:self.batch - pad])
+        if first:
+            self.compile_s = time.perf_counter() - t0
+            print(f"torch.compile: the U-Net at batch {self.batch} compiled in {self.compile_s:.1f} s",
+                  file=sys.stderr, flush=True)
+        return torch.cat(out)
+
+
+def inference_model(model: UNet, device, compile=False, channels_last=None, max_batch=0):
+    """Eval mode on `device`; with `compile`, the Compiled U-Net at the forward batch of --max-batch.
+    Layout (None: by device): channels_last on a CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200,
+    where channels_last scored slower; BENCHMARKS.md)."""
     if channels_last is None:
         channels_last = torch.device(device).type == "cpu"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return torch.compile(model) if compile else model
+    return Compiled(model, max_batch) if compile else model
 
 
 @torch.no_grad()
@@ -488,7 +525,10 @@ def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(),
 
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with AMSGrad and per-tensor update clipping (StableAdamW, Wortsman et al. 2023):
-    each tensor's step size is divided by max(1, RMS(g^2 / v_hat) / clip)."""
+    each tensor's step size is divided by max(1, RMS(g^2 / v_hat) / clip).
+
+    One step is a few dozen torch._foreach_* calls over all tensors of a group, not ~20 eager
+    ops per tensor (the paper U-Net has ~780 tensors)."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-4, clip=1.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip))
@@ -497,27 +537,32 @@ class StableAdamW(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.float()
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            g = [p.grad.float() for p in ps]
+            for p, gi in zip(ps, g):
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
-                    state["m"] = torch.zeros_like(g)
-                    state["v"] = torch.zeros_like(g)
-                    state["v_max"] = torch.zeros_like(g)
+                    state.update(step=0, m=torch.zeros_like(gi), v=torch.zeros_like(gi), v_max=torch.zeros_like(gi))
                 state["step"] += 1
-                m, v, v_max = state["m"], state["v"], state["v_max"]
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                torch.maximum(v_max, v, out=v_max)  # AMSGrad
-                v_hat = v_max / (1 - b2 ** state["step"])
-                rms = (g.square() / v_hat.clamp_min(group["eps"] ** 2)).mean().sqrt()
-                lr = group["lr"] / torch.clamp(rms / group["clip"], min=1.0)  # update-RMS clipping
-                p.mul_(1 - lr * group["weight_decay"])
-                update = (m / (1 - b1 ** state["step"])) / (v_hat.sqrt() + group["eps"])
-                p.add_(-lr * update)
+            states = [self.state[p] for p in ps]
+            m, v, v_max = ([s[k] for s in states] for k in ("m", "v", "v_max"))
+            torch._foreach_lerp_(m, g, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, g, g, value=1 - b2)
+            torch._foreach_maximum_(v_max, v)  # AMSGrad
+            v_hat = torch._foreach_div(v_max, [1 - b2 ** s["step"] for s in states])
+            ratio = torch._foreach_div(torch._foreach_mul(g, g), torch._foreach_clamp_min(v_hat, group["eps"] ** 2))
+            rms = torch.stack([r.mean() for r in ratio]).sqrt()  # RMS(g^2 / v_hat) per tensor
+            lr = group["lr"] / torch.clamp(rms / group["clip"], min=1.0)  # update-RMS clipping, (tensors,)
+            torch._foreach_mul_(ps, list((1 - lr * group["weight_decay"]).unbind()))
+            update = torch._foreach_div(m, [1 - b1 ** s["step"] for s in states])
+            denom = torch._foreach_sqrt(v_hat)
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_div_(update, denom)
+            torch._foreach_mul_(update, list((-lr).unbind()))
+            torch._foreach_add_(ps, update)
 
 
 class Stop:
@@ -562,8 +607,9 @@ def run_lock(out: Path, flag="--out"):
         f.close()
 
 
-def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=print) -> Path:
-    """Train v_theta on `data` (a Dataset of normal images) and write out/ckpt.pt.
+def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=print, compile=False) -> Path:
+    """Train v_theta on `data` (a Dataset of normal images) and write out/ckpt.pt; `compile`
+    runs the U-Net under torch.compile (every step has the same batch: it compiles once).
 
     With cfg.calib_fraction > 0 a seeded part of each category is held out, never drawn into a
     batch, and scored at the end (K = T = 10) as the run's calibration set (see Calibration).
@@ -598,6 +644,7 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
                 s[k] = v.to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if world > 1 else model
+    net = torch.compile(ddp, dynamic=False) if compile else ddp
     n = len(data)
     steps_per_epoch = max(1, n // (cfg.batch_size * world))
     total = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
@@ -652,7 +699,7 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
             torch.manual_seed(hash((cfg.seed, step, rank)) & 0x7FFF_FFFF)  # dropout
             gen.manual_seed(hash((cfg.seed, step, rank, 1)) & 0x7FFF_FFFF)  # x0, t
             with autocast(device):
-                loss = cfm_loss(ddp, y, lab, gen)
+                loss = cfm_loss(net, y, lab, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -661,6 +708,8 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
                 raise UserError(f"training diverged: non-finite loss ({loss_value}) at step {step + 1}; {kept()}",
                                 status=1)
             step += 1
+            if compile and step - step0 == 1 and rank == 0:
+                log(f"torch.compile: the first training step, compiling included, took {time.time() - t_start:.1f} s")
             if step - step0 == 2 and rank == 0 and device.type == "cpu" and cfg.preset not in CPU_RECIPES:
                 hours = (time.time() - t_start) / 2 * (total - step) / 3600
                 log(f"preset {cfg.preset} on a CPU: about {hours:,.1f} h for the remaining {total - step:,} steps "
@@ -1432,10 +1481,10 @@ def swap(tmp: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_for_test(ckpt_path, device, compile=False):
+def load_for_test(ckpt_path, device, compile=False, max_batch=0):
     """(checkpoint dict, inference model) of a checkpoint path."""
     ckpt = load_checkpoint(ckpt_path)
-    return ckpt, inference_model(model_from_checkpoint(ckpt, ckpt_path), device, compile)
+    return ckpt, inference_model(model_from_checkpoint(ckpt, ckpt_path), device, compile, max_batch=max_batch)
 
 
 def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: ScoreConfig, overlays=True) -> None:
@@ -1551,7 +1600,7 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     check_out_dir(out)
     rank, world, local_rank = distributed()
     device = pick_device(device, local_rank)
-    ckpt, model = load_for_test(ckpt_path, device, compile)
+    ckpt, model = load_for_test(ckpt_path, device, compile, cfg.max_batch)
     tests = load_test(data_root, ckpt["train_config"]["image_size"])
     cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests} if alarm_rate else {}
     t0 = time.time()
@@ -1610,7 +1659,7 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     device = pick_device(device, local_rank)
     rows, tests = [], {}
     for path in ckpt_paths:
-        ckpt, model = load_for_test(path, device, compile)
+        ckpt, model = load_for_test(path, device, compile, base.max_batch)
         size = ckpt["train_config"]["image_size"]
         if size not in tests:
             tests[size] = load_test(data_root, size)
@@ -1832,9 +1881,34 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 
 
+def strided_attention(self: Attention, x, emb=None):
+    """Attention.forward as first written: 1x1 convolutions over (B, C, L), so q, k, v are strided
+    along channels (stride L) and the fused attention kernels refuse them. The baseline ("before")
+    that `bench` times the U-Net against, and the reference of the attention's equality test."""
+    B, C, H, W = x.shape
+    qkv = self.qkv(self.norm(x).reshape(B, C, H * W))  # (B, 3C, L)
+    q, k, v = qkv.reshape(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
+    h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H * W)
+    return x + self.proj(h).reshape(B, C, H, W)
+
+
+def with_strided_attention(model: UNet) -> UNet:
+    """A copy of `model` whose attention layers run strided_attention."""
+    before = copy.deepcopy(model)
+    for m in before.modules():
+        if isinstance(m, Attention):
+            m.forward = types.MethodType(strided_attention, m)
+    return before
+
+
 def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, max_batch=0,
           repeats=3, naive=True, train_mode=False, compile=False, layout="auto") -> dict:
-    """Layout: auto (training: channels_last; scoring: inference_model's choice), channels_last or nchw."""
+    """Layout: auto (training: channels_last; scoring: inference_model's choice), channels_last or nchw.
+
+    Scoring times, in one run and interleaved repeat by repeat (so a load that comes and goes
+    hits every variant alike): the U-Net before the contiguous attention ("before"), as it is
+    ("eager") and, with `compile`, Compiled ("compiled"); each as one forward at the forward batch,
+    as images/s of the scorer on `images` images, and as latency (one image, K x T forwards)."""
     device = pick_device(device)
     torch.manual_seed(0)
     model = build_model(preset, 0).to(device)
@@ -1846,16 +1920,17 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
+    def seconds(fn):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return out, time.perf_counter() - t0
+
     def timed(fn):
         fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            out = fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return out, float(np.median(times))
+        times = [seconds(fn)[1] for _ in range(repeats)]
+        return fn(), float(np.median(times))
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -1865,32 +1940,45 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     if train_mode:
-        layout = "nchw" if layout == "nchw" else "channels_last"
-        model.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format).train()
-        opt = StableAdamW(model.parameters())
-        n_steps = 10
-
-        def steps():
-            for _ in range(n_steps):
-                with autocast(device):
-                    loss = cfm_loss(model, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-        _, seconds = timed(steps)
-        fps = n_steps * images / seconds
-        return dict(mode="train", device=name, preset=preset, layout=layout, batch=images, train_fps=fps,
-                    achieved_tflops=3 * flops * fps / 1e12, peak_mem_bytes=peak_memory(device))
+        return bench_train(model, y, device, layout, compile, repeats, seconds, dict(
+            mode="train", device=name, preset=preset, image_size=image_size, flops=flops))
     cfg = ScoreConfig(K=K, T=T, max_batch=max_batch)
-    fast = inference_model(model, device, compile, None if layout == "auto" else layout == "channels_last")
+    fast = inference_model(model, device, False, None if layout == "auto" else layout == "channels_last")
     conv = next(p for p in model.parameters() if p.dim() == 4)  # the layout inference_model chose
     layout = "nchw" if conv.is_contiguous() else "channels_last"
-    heat, seconds = timed(lambda: mismatch_heat(fast, y, cfg=cfg))
-    out = dict(mode="score", device=name, preset=preset, layout=layout, compile=compile, K=K, T=T, images=images,
-               image_size=image_size, max_batch=forward_batch(cfg, model, y),
-               batched_fps=images / seconds, forwards_per_s=images * K * T / seconds,
-               achieved_tflops=flops * images * K * T / seconds / 1e12, peak_mem_bytes=peak_memory(device))
+    fb = forward_batch(cfg, model, y)
+    variants = {"before": with_strided_attention(fast), "eager": fast}
+    if compile:
+        variants["compiled"] = Compiled(fast, max_batch)
+    x, t = torch.randn(fb, 3, image_size, image_size, device=device), torch.rand(fb, device=device)
+    tasks = {"forward": lambda m: m(x, t), "scorer": lambda m: mismatch_heat(m, y, cfg=cfg),
+             "latency": lambda m: mismatch_heat(m, y[:1], cfg=cfg)}
+    times, heats = {}, {}
+    with torch.no_grad(), autocast(device):
+        for v, m in variants.items():  # warm-up (compiles)
+            heats[v] = tasks["scorer"](m)
+            tasks["forward"](m)
+        for _ in range(repeats):
+            for v, m in variants.items():
+                for task, fn in tasks.items():
+                    times.setdefault((v, task), []).append(seconds(lambda: fn(m))[1])
+    med = {key: float(np.median(ts)) for key, ts in times.items()}
+    heat, sec = heats["eager"], med["eager", "scorer"]
+    out = dict(mode="score", device=name, preset=preset, layout=layout, K=K, T=T, images=images,
+               image_size=image_size, max_batch=fb, batched_fps=images / sec, forwards_per_s=images * K * T / sec,
+               achieved_tflops=flops * images * K * T / sec / 1e12, peak_mem_bytes=peak_memory(device))
+    for v in variants:
+        out.update({f"{v}_forward_ms": 1e3 * med[v, "forward"], f"{v}_fps": images / med[v, "scorer"],
+                    f"{v}_latency_ms": 1e3 * med[v, "latency"]})
+    for v in list(variants)[1:]:
+        out.update({f"{v}_forward_vs_before": med["before", "forward"] / med[v, "forward"],
+                    f"{v}_scorer_vs_before": med["before", "scorer"] / med[v, "scorer"],
+                    f"{v}_max_abs_diff_vs_before": float((heats[v] - heats["before"]).abs().max())})
+    if compile:
+        gain = med["eager", "latency"] - med["compiled", "latency"]  # seconds saved per image
+        c = variants["compiled"].compile_s
+        out.update(compiled_vs_eager=med["eager", "scorer"] / med["compiled", "scorer"], compile_s=c,
+                   compile_pays_after_images=c / gain if gain > 0 else None)
     if peak:
         out["fraction_of_bf16_peak"] = out["achieved_tflops"] / peak
     # The same batched scorer in the other precision: its speed, and how far bf16 moves the numbers.
@@ -1906,8 +1994,56 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
                bf16_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
     if naive:
         ref, seconds_naive = timed(lambda: mismatch_heat_naive(model, y, cfg=cfg))
-        out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / seconds,
+        out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / sec,
                    max_abs_diff=float((heat - ref).abs().max()))
+    return out
+
+
+def bench_train(model: UNet, y, device, layout, compile, repeats, seconds, out: dict) -> dict:
+    """Training images/s (10 StableAdamW steps) at batch len(y) and, on a GPU, at the largest batch
+    that fits (doubling until out of memory), eager and with `compile` compiled, interleaved."""
+    layout = "nchw" if layout == "nchw" else "channels_last"
+    model.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format).train()
+    opt = StableAdamW(model.parameters())
+    nets = {"eager": model, **({"compiled": torch.compile(model, dynamic=False)} if compile else {})}
+    n_steps = 10
+
+    def steps(net, yb, n=n_steps):
+        for _ in range(n):
+            with autocast(device):
+                loss = cfm_loss(net, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    batches = [len(y)]
+    if device.type == "cuda":  # the largest batch that fits, by doubling
+        b = len(y)
+        while True:
+            try:
+                steps(model, y[:1].expand(2 * b, -1, -1, -1).clone(), n=1)
+            except torch.cuda.OutOfMemoryError:
+                break
+            b *= 2
+        torch.cuda.empty_cache()
+        batches.append(b)
+    out.update(layout=layout, batch=len(y), batches=batches)
+    for b in batches:
+        yb = y[:1].expand(b, -1, -1, -1).clone() if b != len(y) else y
+        warm = {v: seconds(lambda: steps(net, yb))[1] for v, net in nets.items()}  # warm-up (compiles)
+        times = {}
+        for _ in range(repeats):
+            for v, net in nets.items():
+                times.setdefault(v, []).append(seconds(lambda: steps(net, yb))[1])
+        if compile and b == len(y):  # the warm-up's excess over a timed repeat
+            out["compile_s"] = warm["compiled"] - float(np.median(times["compiled"]))
+        for v in nets:
+            fps = n_steps * b / float(np.median(times[v]))
+            out[f"{v}_train_fps_batch{b}"] = fps
+            if b == len(y):
+                out.update({f"{v}_train_fps": fps, f"{v}_achieved_tflops": 3 * out["flops"] * fps / 1e12})
+    out["train_fps"] = out["eager_train_fps"]
+    out["peak_mem_bytes"] = peak_memory(device)
     return out
 
 
@@ -2150,7 +2286,7 @@ def cmd_train(args):
                           lr=args.lr or CPU_RECIPES.get(args.preset, {}).get("lr", TrainConfig.lr), seed=args.seed,
                           save_every=args.save_every, save_epochs=args.save_epochs, pooled=args.pooled,
                           calib_fraction=calib)
-        path = train(data, cfg, out, args.device, resume=bool(args.resume))
+        path = train(data, cfg, out, args.device, resume=bool(args.resume), compile=args.compile)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
     return 0
@@ -2179,7 +2315,7 @@ def cmd_score(args):
     check_out_dir(out)
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
-    model = inference_model(model_from_checkpoint(ckpt, args.ckpt), device, args.compile)
+    model = inference_model(model_from_checkpoint(ckpt, args.ckpt), device, args.compile, max_batch=cfg.max_batch)
     target = Path(args.images)
     if not target.exists():
         raise UserError(f"{target}: no such file or folder")
@@ -2260,7 +2396,7 @@ def cmd_calibrate(args):
         raise UserError(f"--data: {len(seen)} of {len(files)} images were used to train {ckpt_path} (e.g. {seen[0]}); "
                         f"calibrate on normal images the model has not seen")
     device = pick_device(args.device)
-    model = inference_model(model_from_checkpoint(ckpt, ckpt_path), device, args.compile)
+    model = inference_model(model_from_checkpoint(ckpt, ckpt_path), device, args.compile, max_batch=cfg.max_batch)
     data = Dataset(images, torch.zeros(len(files), dtype=torch.long), names, [str(f) for f in files])
     label = names.index(category) if ckpt["conditional"] else None
     cal = calibrate_on(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label)
@@ -2360,7 +2496,7 @@ def cmd_bench(args):
               layout=args.layout)
     r.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     for k, v in r.items():
-        print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
+        print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(r, indent=2))
@@ -2396,6 +2532,7 @@ def build_parser() -> Parser:
                    help="share of each category's train/good held out, never trained on, and scored at the end "
                         "(K = T = 10) as the calibration set of --alarm-rate (paper: 0, CPU presets: "
                         f"{CPU_RECIPES['tiny']['calib_fraction']})")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (BENCHMARKS.md: when it pays)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score the test split and print the seven metrics",
