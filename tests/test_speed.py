@@ -55,6 +55,7 @@ def aot_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()
 
@@ -91,8 +92,11 @@ def test_compiled_scorer_with_inductor_equals_eager(monkeypatch, capsys):
 def test_compiled_training_equals_eager(mvtec, tmp_path, aot_eager):
     data = fm.load_train(mvtec, 16)
     cfg = fm.TrainConfig(preset="tiny", image_size=16, batch_size=4, steps=3)
-    weights = [fm.load_checkpoint(fm.train(data, cfg, tmp_path / str(c), "cpu", log=lambda _: None, compile=c))["model"]
+    logs = []
+    weights = [fm.load_checkpoint(fm.train(data, cfg, tmp_path / str(c), "cpu", log=logs.append, compile=c))["model"]
                for c in (False, True)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the U-Net did run compiled
+    assert sum("torch.compile: the first training step" in m for m in logs) == 1
     for k, w in weights[0].items():
         assert torch.allclose(w, weights[1][k], atol=1e-5, rtol=0), k
 
