@@ -63,10 +63,10 @@ def aot_eager(monkeypatch):
 def check_compiled_scorer(capsys):
     model = random_unet()
     eager = fm.inference_model(model, "cpu")
-    compiled = fm.inference_model(model, "cpu", compile=True, max_batch=4)  # 4 rows per forward
+    compiled = fm.inference_model(model, "cpu", compile=True)
     x, t, labels = torch.randn(7, 3, 16, 16), torch.rand(7), torch.tensor([0, 1, 0, 1, 1, 0, 1])
     with torch.no_grad():
-        for n in (7, 3, 1):  # 4 + 3 rows, then a smaller second and third batch: padded, not recompiled
+        for n in (4, 7, 3, 1):  # the first call fixes 4 rows; then 4 + 3 rows, 3, 1: padded, not recompiled
             v = compiled(x[:n], t[:n], labels[:n])
             assert v.shape == (n, 3, 16, 16)
             assert torch.allclose(v, eager(x[:n], t[:n], labels[:n]), atol=1e-5, rtol=0)
