@@ -18,7 +18,7 @@ Contents. The method, in the paper's order:
     CFM loss            Eq. (1)
     Scorer              Eqs. (2)-(4): paths x_t, mismatch Z_t, min over paths, heatmap H, score S
 The machinery:
-    Scorer machinery    forward batch, precision, input checks, the naive reference loop
+    Scorer machinery    forward batch, precision, the compiled U-Net, input checks, the naive reference loop
     Training loop       StableAdamW (App. C.2), seeded and resumable steps, signals, one run per folder
     Checkpoints         atomic saves, readable load errors
     Devices and DDP     torchrun process groups, device choice
@@ -29,7 +29,7 @@ The machinery:
     Evaluation          scoring test sets, progress, overlays, tables, report.html; ablation sweeps (Tables 6-9)
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
-    Speed               bench: batched scorer against the naive loop
+    Speed               bench: U-Net before/eager/compiled, latency and throughput, training, the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
     CLI                 train, test, score, calibrate, explain, demo, compare, bench
 """
@@ -485,7 +485,8 @@ def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
 # checkpoints, devices and DDP, baselines, metrics, data, evaluation, calibration, speed, the paper's
 # numbers, CLI.
 #
-# Scorer machinery: forward batch size, precision, input checks, the one-forward-at-a-time reference.
+# Scorer machinery: forward batch size, precision, the compiled U-Net, input checks, the one-forward-at-a-time
+# reference.
 
 
 def forward_batch(cfg: ScoreConfig, model, y) -> int:
