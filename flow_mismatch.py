@@ -2440,7 +2440,8 @@ def knob_flags(p, cls, names=None, shown=None):
 def scoring(p):
     knob_flags(p, ScoreConfig)
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (worth it for large test sets)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net at one fixed batch (a CPU's first compile takes minutes; BENCHMARKS.md)")
 
 
 def given(cls, args) -> dict:
@@ -2698,7 +2699,7 @@ def build_parser() -> Parser:
     p.add_argument("--repeats", type=int_in(1, 1000), default=3)
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
     p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net of the batched scorer")
+    p.add_argument("--compile", action="store_true", help="also time the compiled U-Net (and training step)")
     p.add_argument("--layout", choices=("auto", "channels_last", "nchw"), default="auto",
                    help="memory layout to measure (auto: channels_last for training and CPU scoring, NCHW for GPU scoring)")
     p.add_argument("--json", help="also write the figures to this file")
