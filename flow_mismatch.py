@@ -16,12 +16,13 @@ Contents. The method, in the paper's order:
     Config              one dataclass per concern; presets (App. C.1), CPU recipes
     U-Net               App. C.1: residual blocks, time modulation, attention
     CFM loss            Eq. (1)
-    Scorer              Eqs. (2)-(4): paths x_t, mismatch Z_t, min over paths, heatmap H, score S
+    Scorer              Eqs. (2)-(4): paths x_t, mismatch Z_t, min over paths, heatmap H, score S;
+                        beside it the same definition one path, one time, one forward at a time
 The machinery:
     Scorer machinery    forward batch, precision, the compiled U-Net, input checks, the naive reference loop
-    Training loop       StableAdamW (App. C.2), seeded and resumable steps, signals, one run per folder
+    Training loop       StableAdamW (App. C.2), setup, one CFM step, the loop; resume, signals, log
     Checkpoints         atomic saves, readable load errors
-    Devices and DDP     torchrun process groups, device choice
+    Devices and DDP     torchrun process groups, device choice, inference layout
     Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
     Metrics             the seven numbers of Table 1
     Data                benchmark layouts read in place (MVTec-AD, MPDD, VisA, MVTec AD 2, BTAD, LOCO,
@@ -29,6 +30,7 @@ The machinery:
     Evaluation          scoring test sets, progress, overlays, tables, report.html; ablation sweeps (Tables 6-9)
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
+    From Python         fm.load(ckpt).predict(images); train, evaluate, calibrate, score as functions
     Speed               bench: U-Net before/eager/compiled, latency and throughput, training, the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
     CLI                 train, test, score, calibrate, explain, demo, compare, bench
@@ -110,7 +112,10 @@ def check_knob(f, value, flag=None):
             rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
             raise UserError(f"{flag}: must be {rule}, got {v}")
         if m.get("check"):
-            m["check"](v)
+            try:
+                m["check"](v)
+            except UserError as e:  # the check names the field's own flag; name the one given
+                raise UserError(f"{flag}:{str(e).split(':', 1)[1]}")
     return value
 
 
@@ -412,13 +417,26 @@ def aggregator_rank(aggregator: str, K: int):
     raise UserError(f"--aggregator: {aggregator!r} is not min, mean or quantile:ALPHA with 0 < ALPHA <= 1")
 
 
+def seed_mix(*ints) -> int:
+    """One 63-bit seed from integers (seed, image id, path, ...): each is folded in with the splitmix64
+    finaliser (Steele, Lea and Flood 2014), so neighbouring inputs give unrelated seeds, the same on
+    every run, machine and Python."""
+    h = 0
+    for v in ints:
+        h = ((h ^ int(v)) + 0x9E3779B97F4A7C15) & 0xFFFF_FFFF_FFFF_FFFF
+        h = ((h ^ h >> 30) * 0xBF58476D1CE4E5B9) & 0xFFFF_FFFF_FFFF_FFFF
+        h = ((h ^ h >> 27) * 0x94D049BB133111EB) & 0xFFFF_FFFF_FFFF_FFFF
+        h ^= h >> 31
+    return h >> 1
+
+
 def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
     """x0 of path k for the images `ids`, (len(ids), *shape): a function of (seed, image id, k)
     only, so a heatmap does not depend on batching, chunking or the number of processes."""
     gen = torch.Generator(device=device)
     x0 = torch.empty((len(ids), *shape), device=device)
     for i, image_id in enumerate(ids):
-        gen.manual_seed(hash((seed, int(image_id), k)) & 0x7FFF_FFFF_FFFF_FFFF)
+        gen.manual_seed(seed_mix(seed, image_id, k))
         x0[i] = torch.randn(shape, generator=gen, device=device)
     return x0
 
@@ -426,6 +444,23 @@ def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
 def interior_times(T: int, device=None) -> torch.Tensor:
     """The T interior times j / (T + 1), j = 1..T, (T,)."""
     return torch.arange(1, T + 1, device=device) / (T + 1)
+
+
+def forward_batch(cfg: ScoreConfig, model, y) -> int:
+    """U-Net inputs per forward for images y: 512 fill a GPU; on a CPU, as many as keep one
+    full-resolution activation (base_channels x H x W per input) within 2^21 numbers, the
+    batch that measured fastest for every preset (BENCHMARKS.md): larger ones leave the caches."""
+    if cfg.max_batch:
+        return cfg.max_batch
+    if y.device.type == "cuda":
+        return 512
+    return max(1, 2**21 // (model.cfg.base_channels * y.shape[-2] * y.shape[-1]))
+
+
+def autocast(device: torch.device, precision="auto"):
+    """bf16 on CUDA (App. C.2), full fp32 on CPU; precision "fp32" or "bf16" forces one."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 @torch.no_grad()
@@ -471,41 +506,6 @@ def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=N
     return (w * mismatch_delta(model, y, labels, cfg, ids)).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
 
 
-def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
-    """Eq. (4): S = max H + mean of the top 1 % of H, (B, H, W) -> (B,); rule "max": S = max H."""
-    flat = heat.flatten(1)
-    if rule == "max":
-        return flat.amax(1)
-    top = flat.topk(max(1, math.ceil(0.01 * flat.shape[1])), dim=1).values
-    return top[:, 0] + top.mean(1)
-
-
-# ----------------------------------------------------------------------------
-# End of the method. The machinery follows: how the scorer is batched and checked, training,
-# checkpoints, devices and DDP, baselines, metrics, data, evaluation, calibration, speed, the paper's
-# numbers, CLI.
-#
-# Scorer machinery: forward batch size, precision, the compiled U-Net, input checks, the one-forward-at-a-time
-# reference.
-
-
-def forward_batch(cfg: ScoreConfig, model, y) -> int:
-    """U-Net inputs per forward for images y: 512 fill a GPU; on a CPU, as many as keep one
-    full-resolution activation (base_channels x H x W per input) within 2^21 numbers, the
-    batch that measured fastest for every preset (BENCHMARKS.md): larger ones leave the caches."""
-    if cfg.max_batch:
-        return cfg.max_batch
-    if y.device.type == "cuda":
-        return 512
-    return max(1, 2**21 // (model.cfg.base_channels * y.shape[-2] * y.shape[-1]))
-
-
-def autocast(device: torch.device, precision="auto"):
-    """bf16 on CUDA (App. C.2), full fp32 on CPU; precision "fp32" or "bf16" forces one."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
 class Compiled(nn.Module):
     """The U-Net under torch.compile at one fixed batch, so that its graph compiles once: the rows
     of the first call (the scorer's first forward, a full forward batch) fix `batch`; every later
@@ -536,18 +536,10 @@ class Compiled(nn.Module):
         return torch.cat(out)
 
 
-def inference_model(model: UNet, device, compile=False, channels_last=None):
-    """Eval mode on `device`; with `compile`, the Compiled U-Net. Layout (None: by device): channels_last
-    on a CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200, where channels_last scored slower; BENCHMARKS.md)."""
-    if channels_last is None:
-        channels_last = torch.device(device).type == "cpu"
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return Compiled(model) if compile else model
-
-
 @torch.no_grad()
 def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """Eqs. (2)-(4) one forward at a time: the reference the batched scorer is checked against."""
+    """Eqs. (2)-(4) as written, one path, one time, one forward at a time: the readable definition
+    the batched mismatch_heat is checked against."""
     B, C, H, W = y.shape
     ids = list(range(B)) if ids is None else ids
     m = aggregator_rank(cfg.aggregator, cfg.K)
@@ -568,6 +560,20 @@ def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(),
     return heat
 
 
+def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
+    """Eq. (4): S = max H + mean of the top 1 % of H, (B, H, W) -> (B,); rule "max": S = max H."""
+    flat = heat.flatten(1)
+    if rule == "max":
+        return flat.amax(1)
+    top = flat.topk(max(1, math.ceil(0.01 * flat.shape[1])), dim=1).values
+    return top[:, 0] + top.mean(1)
+
+
+# ----------------------------------------------------------------------------
+# End of the method: everything above uses only torch, the standard library and names defined
+# above. The machinery follows: training loop, checkpoints, devices and DDP, baselines, metrics,
+# data, evaluation, calibration, explain, the Python API, speed, the paper's numbers, CLI.
+# ----------------------------------------------------------------------------
 # ----------------------------------------------------------------------------
 # Training loop: the optimiser of App. C.2 and a loop that survives interruption.
 
@@ -613,16 +619,6 @@ class StableAdamW(torch.optim.Optimizer):
             torch._foreach_add_(ps, update)
 
 
-class Stop:
-    """SIGINT/SIGTERM during training: finish the step, save, exit."""
-
-    def __init__(self):
-        self.signum = 0
-
-    def __call__(self, signum, frame):
-        self.signum = signum
-
-
 @contextlib.contextmanager
 def run_lock(out: Path, flag="--out"):
     """One `train` per run folder: an exclusive OS lock (flock) on RUN_DIR/.lock, which holds the
@@ -655,24 +651,107 @@ def run_lock(out: Path, flag="--out"):
         f.close()
 
 
-def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=print, compile=False) -> Path:
-    """Train v_theta on `data` (a Dataset of normal images) and write out/ckpt.pt; `compile`
-    runs the U-Net under torch.compile (every step has the same batch: it compiles once).
+def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resume=False, log=print,
+          compile=False) -> Path:
+    """Train v_theta on `data` (a folder of categories or a Dataset of normal images) and write
+    out/ckpt.pt (out: runs/<name of the data folder>); resume continues out's checkpoint.
 
     With cfg.calib_fraction > 0 a seeded part of each category is held out, never drawn into a
     batch, and scored at the end (K = T = 10) as the run's calibration set (see Calibration).
-    Step s draws its batch, noise and dropout from (seed, s, rank) alone, so a run resumed
-    from any checkpoint continues exactly as if it had never stopped."""
+    Step s draws its batch, noise and dropout from (seed, s, rank) alone, so a run resumed from any
+    checkpoint continues exactly as if it had never stopped. Every step's loss, learning rate and
+    speed go to out/train_log.csv, drawn at the end as out/loss.png."""
+    out = Path(out or Path("runs") / Path(data.root if isinstance(data, Dataset) else data).resolve().name)
+    flag = "--resume" if resume else "--out"
+    check_out_dir(out, flag)
+    with run_lock(out, flag):  # held until training ends
+        run = train_setup(data, cfg, out, pick_device(device, distributed()[2]), resume, log, compile)
+        stop = []  # the signal that asks to stop: finish the step, save, exit
+        old = {sig: signal.signal(sig, lambda signum, _: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            train_loop(run, stop, log)
+            calibrate_held_out(run)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            run["log"].close()
+        if run["rank"] == 0:
+            plot_loss(out)
+    if run["world"] > 1:
+        dist.barrier()  # the other ranks wait for rank 0's last checkpoint before they exit
+    return out / "ckpt.pt"
+
+
+def cfm_step(model, opt, y, labels=None, generator=None) -> float:
+    """One training step: the CFM loss of Eq. (1) on a batch, its gradient, one StableAdamW update."""
+    with autocast(y.device):
+        loss = cfm_loss(model, y, labels, generator)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def train_loop(run: dict, stop: list, log) -> None:
+    """Steps run["step"] + 1 .. total: batch, seeds, cfm_step; then log, checkpoint, stop on a signal."""
+    cfg, out, total, device, world = run["cfg"], run["out"], run["total"], run["device"], run["world"]
+    gen, step0, t_start = torch.Generator(device=device), run["step"], time.time()
+    progress = Progress(total, "step", run["step"], per=cfg.batch_size * world) if run["rank"] == 0 else None
+    run["model"].train()
+    while run["step"] < total:
+        step = run["step"]
+        y, labels = train_batch(run, step)
+        torch.manual_seed(seed_mix(cfg.seed, step, run["rank"]))  # dropout
+        gen.manual_seed(seed_mix(cfg.seed, step, run["rank"], 1))  # x0, t
+        loss = cfm_step(run["ddp"], run["opt"], y, labels, gen)
+        if not math.isfinite(loss):
+            raise UserError(f"training diverged: non-finite loss ({loss}) at step {step + 1}; {kept(out)}", status=1)
+        run["step"] = step = step + 1
+        wall = time.time() - t_start
+        run["rows"].writerow([step, f"{loss:.6g}", run["opt"].param_groups[0]["lr"],
+                              f"{(step - step0) * cfg.batch_size * world / wall:.2f}", f"{wall:.2f}"])
+        if step - step0 == 2 and run["rank"] == 0 and device.type == "cpu" and cfg.preset not in CPU_RECIPES:
+            log(f"preset {cfg.preset} on a CPU: about {wall / 2 * (total - step) / 3600:,.1f} h for the remaining "
+                f"{total - step:,} steps (timed over the first 2); the CPU preset, --preset tiny, trains in minutes "
+                f"(--preset small on more cores); continuing, Ctrl-C saves a checkpoint and stops")
+        signum = stop[-1] if stop else 0
+        if world > 1:  # every rank stops at the same step
+            flag = torch.tensor([signum], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        per_epoch = run["steps_per_epoch"]
+        if step % cfg.save_every == 0 or step == total or signum:
+            save_run(run, out / "ckpt.pt")
+        if step % per_epoch == 0 and step // per_epoch in cfg.save_epochs:
+            save_run(run, out / f"ckpt_epoch{step // per_epoch}.pt")
+        if signum:
+            if run["rank"] == 0:
+                log(f"interrupted by {signal.Signals(signum).name} at step {step}/{total}; "
+                    f"checkpoint saved, continue with: train --resume {out}")
+            raise SystemExit(128 + signum)
+        if progress:
+            progress(1, f"epoch {step / per_epoch:.1f}  loss {loss:.4f}  ")
+
+
+def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=False) -> dict:
+    """What a run holds: its configuration (the checkpoint's, on resume), data and hold-out, model,
+    optimiser, DDP wrapper (under torch.compile with `compile`: every step has the same batch, so it
+    compiles once), normalisation, step and total; out/train_log.csv opened, rows past the
+    checkpoint's step dropped."""
     rank, world, local_rank = distributed()
-    device = pick_device(device, local_rank)
-    ckpt_path = out / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path) if resume else None
-    out.mkdir(parents=True, exist_ok=True)
+    if resume and not (out / "ckpt.pt").is_file():
+        raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
+    ckpt = load_checkpoint(out / "ckpt.pt") if resume else None
     if ckpt is not None:
         cfg = replace(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()}),
                       steps=cfg.steps or ckpt["train_config"]["steps"], epochs=cfg.epochs)
-        if ckpt["class_names"] != data.class_names:
-            raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
+    elif (out / "ckpt.pt").exists():
+        raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
+                        f"another folder")
+    if not isinstance(data, Dataset):
+        data = load_train(data or ckpt.get("data"), cfg.image_size)
+    if ckpt is not None and ckpt["class_names"] != data.class_names:
+        raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
     data, held = split_calibration(data, cfg.calib_fraction, cfg.seed)
     conditional = len(data.class_names) > 1 and not cfg.pooled
     torch.manual_seed(cfg.seed)  # initial weights
@@ -680,11 +759,9 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
     opt = StableAdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, clip=cfg.update_rms_clip)
     mean, std = data.normalisation() if ckpt is None else (torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
-    step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
     model.to(device, memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     for s in opt.state.values():
         for k, v in s.items():
@@ -692,111 +769,85 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
                 s[k] = v.to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if world > 1 else model
-    net = torch.compile(ddp, dynamic=False) if compile else ddp
-    n = len(data)
-    steps_per_epoch = max(1, n // (cfg.batch_size * world))
-    total = cfg.steps or cfg.epochs * steps_per_epoch
+    steps_per_epoch = max(1, len(data) // (cfg.batch_size * world))
+    total, step = cfg.steps or cfg.epochs * steps_per_epoch, 0 if ckpt is None else ckpt["step"]
     if rank == 0:
         nparams = sum(p.numel() for p in model.parameters())
         log(f"preset {cfg.preset}: {nparams:,} parameters ({nparams / 1e6:.1f} M); "
             f"{'class-conditional on ' + str(len(data.class_names)) + ' categories' if conditional else 'unconditional'}; "
-            f"{n} images{f' ({len(held)} more held out for calibration)' * (len(held) > 0)}, "
+            f"{len(data)} images{f' ({len(held)} more held out for calibration)' * (len(held) > 0)}, "
             f"{steps_per_epoch} steps/epoch, {total} steps on {device} x{world}")
-    trained_on = image_hashes(data.images)
+    path = out / "train_log.csv"
+    rows = list(csv.reader(open(path)))[1:] if resume and path.is_file() else []
+    log_file = open(path if rank == 0 else os.devnull, "w", newline="")
+    writer = csv.writer(log_file)
+    writer.writerows([["step", "loss", "lr", "images_per_s", "wall_s"]] + [r for r in rows if int(r[0]) <= step])
+    return dict(cfg=replace(cfg, steps=total), data=data, held=held, conditional=conditional, model=model, opt=opt,
+                ddp=torch.compile(ddp, dynamic=False) if compile else ddp, mean=mean, std=std, step=step, total=total, steps_per_epoch=steps_per_epoch, out=out,
+                rank=rank, world=world, device=device, calibration={}, trained_on=image_hashes(data.images),
+                log=log_file, rows=writer)
+
+
+def train_batch(run: dict, step: int) -> tuple:
+    """Step `step`'s normalised images (B, 3, S, S) and labels: epoch e's order is drawn from (seed, e),
+    this rank's slice of it from the step."""
+    cfg, data, world, n = run["cfg"], run["data"], run["world"], len(run["data"])
+    epoch, i = divmod(step, run["steps_per_epoch"])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_mix(cfg.seed, epoch)))
+    start = (i * world + run["rank"]) * cfg.batch_size
+    idx = perm[torch.arange(start, start + cfg.batch_size) % n]
+    return (normalise(data.images[idx].to(run["device"]), run["mean"], run["std"]),
+            data.labels[idx].to(run["device"]) if run["conditional"] else None)
+
+
+def kept(out: Path) -> str:
+    return (f"the last good checkpoint, {out / 'ckpt.pt'}, is kept" if (out / "ckpt.pt").exists() else
+            "no checkpoint had been written yet")
+
+
+def save_run(run: dict, path: Path) -> None:
+    """Rank 0 writes the run's checkpoint once its weights are checked finite, and flushes the log."""
+    if run["rank"] != 0:
+        return
+    model, data, held = run["model"], run["data"], run["held"]
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"training diverged before step {run['step']}: weights are not finite; {kept(run['out'])}",
+                        status=1)
     held_out = {name: [p for p, c in zip(held.paths, held.labels.tolist()) if c == i]
                 for i, name in enumerate(data.class_names)}
-    calibration = {}
-
-    def state(at_step):
-        return dict(model=model.state_dict(), optimizer=opt.state_dict(), model_config=asdict(model.cfg),
-                    train_config=asdict(replace(cfg, steps=total)), mean=mean.tolist(), std=std.tolist(),
-                    class_names=data.class_names, conditional=conditional, step=at_step, data=data.root,
-                    trained_on=trained_on, held_out=held_out, calibration=calibration)
-
-    def kept():
-        return (f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else
-                "no checkpoint had been written yet")
-
-    def save(path, at_step):
-        if rank == 0:
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise UserError(f"training diverged before step {at_step}: weights are not finite; {kept()}",
-                                status=1)
-            try:
-                save_checkpoint(path, state(at_step))
-            except OSError as e:
-                raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact",
-                                status=1)
-
-    stop = Stop()
-    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    images = data.images  # (N, 3, S, S) uint8, already resized
-    labels_all = data.labels
-    mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
-    gen = torch.Generator(device=device)
-    model.train()
-    t_start, t_log, step0 = time.time(), time.time(), step
     try:
-        while step < total:
-            epoch, i = divmod(step, steps_per_epoch)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-            start = (i * world + rank) * cfg.batch_size
-            idx = perm[torch.arange(start, start + cfg.batch_size) % n]
-            y = (images[idx].to(device).float() / 255 - mean_d) / std_d
-            lab = labels_all[idx].to(device) if conditional else None
-            torch.manual_seed(hash((cfg.seed, step, rank)) & 0x7FFF_FFFF)  # dropout
-            gen.manual_seed(hash((cfg.seed, step, rank, 1)) & 0x7FFF_FFFF)  # x0, t
-            with autocast(device):
-                loss = cfm_loss(net, y, lab, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise UserError(f"training diverged: non-finite loss ({loss_value}) at step {step + 1}; {kept()}",
-                                status=1)
-            step += 1
-            if compile and step - step0 == 1 and rank == 0:
-                log(f"torch.compile: the first training step, compiling included, took {time.time() - t_start:.1f} s")
-            if step - step0 == 2 and rank == 0 and device.type == "cpu" and cfg.preset not in CPU_RECIPES:
-                hours = (time.time() - t_start) / 2 * (total - step) / 3600
-                log(f"preset {cfg.preset} on a CPU: about {hours:,.1f} h for the remaining {total - step:,} steps "
-                    f"(timed over the first 2); the CPU preset, --preset tiny, trains in minutes "
-                    f"(--preset small on more cores); continuing, Ctrl-C saves a checkpoint and stops")
-            if world > 1:  # every rank stops at the same step
-                flag = torch.tensor([stop.signum], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop.signum = int(flag.item())
-            if step % cfg.save_every == 0 or step == total:
-                save(ckpt_path, step)
-            if step % steps_per_epoch == 0 and step // steps_per_epoch in cfg.save_epochs:
-                save(out / f"ckpt_epoch{step // steps_per_epoch}.pt", step)
-            if stop.signum:
-                save(ckpt_path, step)
-                if rank == 0:
-                    log(f"interrupted by {signal.Signals(stop.signum).name} at step {step}/{total}; "
-                        f"checkpoint saved, continue with: train --resume {out}")
-                raise SystemExit(128 + stop.signum)
-            if rank == 0 and (time.time() - t_log > 5 or step == total):
-                t_log = time.time()
-                rate = (step - step0) / (t_log - t_start)
-                eta = (total - step) / max(rate, 1e-9)
-                print(f"step {step}/{total}  epoch {step / steps_per_epoch:.1f}  loss {loss_value:.4f}  "
-                      f"{rate * cfg.batch_size * world:.1f} img/s  eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        save_checkpoint(path, dict(model=model.state_dict(), optimizer=run["opt"].state_dict(),
+                                   model_config=asdict(model.cfg), train_config=asdict(run["cfg"]),
+                                   mean=run["mean"].tolist(), std=run["std"].tolist(), class_names=data.class_names,
+                                   conditional=run["conditional"], step=run["step"], data=data.root,
+                                   trained_on=run["trained_on"], held_out=held_out, calibration=run["calibration"]))
+        run["log"].flush()
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact", status=1)
+
+
+def calibrate_held_out(run: dict) -> None:
+    """Score each category's held-out images with the default rule: the run's calibration."""
+    held = run["held"]
     if len(held):
-        model.eval()
-        for i, name in enumerate(data.class_names):
+        run["model"].eval()
+        for i, name in enumerate(run["data"].class_names):
             idx = [j for j, c in enumerate(held.labels.tolist()) if c == i]
             if idx:
-                calibration[name] = calibrate_on(model, held.subset(idx), ScoreConfig(), mean, std, device,
-                                                 i if conditional else None)
-        save(ckpt_path, step)
-    if world > 1:
-        dist.barrier()  # the other ranks wait for rank 0's last checkpoint before they exit
-    return ckpt_path
+                run["calibration"][name] = calibrate_on(run["model"], held.subset(idx), ScoreConfig(), run["mean"],
+                                                        run["std"], run["device"], i if run["conditional"] else None)
+        save_run(run, run["out"] / "ckpt.pt")
+
+
+def plot_loss(out: Path) -> None:
+    """out/loss.png: the loss of out/train_log.csv against the step."""
+    from matplotlib.figure import Figure
+
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    ax = (fig := Figure(figsize=(6, 3.5), layout="constrained")).subplots()
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.8)
+    ax.set(xlabel="step", ylabel="CFM loss (Eq. 1)", yscale="log", title=out.name)
+    fig.savefig(out / "loss.png", dpi=80)
 
 
 # ----------------------------------------------------------------------------
@@ -905,6 +956,15 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name != "cpu":
         raise UserError(f"--device: unknown device {name!r} (auto, cpu or cuda)")
     return torch.device("cpu")
+
+
+def inference_model(model: UNet, device, compile=False, channels_last=None):
+    """Eval mode on `device`; with `compile`, the Compiled U-Net. Layout (None: by device): channels_last
+    on a CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200, where channels_last scored slower; BENCHMARKS.md)."""
+    if channels_last is None:
+        channels_last = torch.device(device).type == "cpu"
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    return Compiled(model) if compile else model
 
 
 # ----------------------------------------------------------------------------
@@ -1154,6 +1214,11 @@ def read_image(path, size, mode="RGB"):
         raise UserError(f"{path}: unreadable or corrupt image ({str(e)[:80]})")
 
 
+def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, per channel (x / 255 - mean) / std with the training set's mean and std."""
+    return (images.float() / 255 - mean.to(images.device).view(1, -1, 1, 1)) / std.to(images.device).view(1, -1, 1, 1)
+
+
 def uint8_batch(arrays) -> torch.Tensor:
     """(H, W, 3) uint8 arrays of one size -> (N, 3, H, W) uint8."""
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
@@ -1400,21 +1465,22 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
 # Evaluation: score every test image of every category, write what the metrics used.
 
 class Progress:
-    """`images done/total, images/s, eta` on stderr every few seconds and at the end, as train logs steps."""
+    """`{unit} done/total, images/s, eta` on stderr every few seconds and at the end: images while
+    scoring, steps (of `per` images each) while training, from `done` on."""
 
-    def __init__(self, total: int, every: float = 5.0):
-        self.total, self.every, self.done = total, every, 0
+    def __init__(self, total: int, unit="images", done=0, per=1, every=5.0):
+        self.total, self.unit, self.done, self.start, self.per, self.every = total, unit, done, done, per, every
         self.t0 = self.t_log = time.time()
 
-    def __call__(self, n: int) -> None:
+    def __call__(self, n: int, extra="") -> None:
         self.done = min(self.total, self.done + n)
         now = time.time()
         if now - self.t_log > self.every or self.done == self.total:
             self.t_log = now
-            rate = self.done / max(now - self.t0, 1e-9)
+            rate = (self.done - self.start) / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"images {self.done}/{self.total}  {rate:.2f} img/s  eta {eta / 60:.1f} min", file=sys.stderr,
-                  flush=True)
+            print(f"{self.unit} {self.done}/{self.total}  {extra}{rate * self.per:.2f} img/s  eta {eta / 60:.1f} min",
+                  file=sys.stderr, flush=True)
 
 
 def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, progress=None,
@@ -1422,14 +1488,13 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
     """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores
     every world-th image and rank 0 gathers them. Image i draws its paths as image first_id + i."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
     inputs_per_image = cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K
     per_call = max(1, forward_batch(cfg, model, data.images[:1].to(device)) // inputs_per_image)
     mine = list(range(rank, len(data), world))
     heat = torch.zeros(len(data), *data.images.shape[2:])
     for i in range(0, len(mine), per_call):
         ids = mine[i:i + per_call]
-        y = (data.images[ids].to(device).float() / 255 - mean_d) / std_d
+        y = normalise(data.images[ids].to(device), mean, std)
         labels = None if labels_for is None else torch.full((len(ids),), labels_for, device=device)
         heat[ids] = SCORERS[cfg.score](model, y, labels, cfg, [first_id + i for i in ids]).cpu()
         if progress is not None:
@@ -1473,21 +1538,32 @@ def percent(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
-def format_table(results: dict) -> str:
+def table(head, rows, html=False) -> str:
+    """head and rows (lists of cells) as a markdown table, or as an HTML table of the same cells."""
+    if not html:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                         ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+    from html import escape
+
+    lines = [[f"<th>{escape(str(c))}</th>" for c in head]] + [
+        [f"<th>{escape(str(row[0]))}</th>"] + [f"<td>{escape(str(c))}</td>" for c in row[1:]] for row in rows]
+    return "<table>" + "".join("<tr>" + "".join(cells) + "</tr>" for cells in lines) + "</table>"
+
+
+def format_table(results: dict, html=False) -> str:
     """Percent, n/a where a metric could not be computed. A mean over k < n categories says so:
     `mean (k/n)` when every metric has the same k, else each such cell."""
     n = len(results) - 1
     counts = [sum(m[k] is not None for name, m in results.items() if name != "mean") for k in METRICS]
-    head = "| category | " + " | ".join(METRICS) + " |"
-    rows = [head, "|" + "---|" * (len(METRICS) + 1)]
+    rows = []
     for name, m in results.items():
         cells = [percent(m[k]) for k in METRICS]
         if name == "mean" and len(set(counts)) == 1 and 0 < counts[0] < n:
             name = f"mean ({counts[0]}/{n})"
         elif name == "mean":
             cells = [f"{c} ({k}/{n})" if 0 < k < n else c for c, k in zip(cells, counts)]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append([name, *cells])
+    return table(["category", *METRICS], rows, html)
 
 
 def check_out_dir(out: Path, flag="--out") -> None:
@@ -1543,11 +1619,8 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
             "figure img{height:160px;image-rendering:pixelated}figcaption{font-size:12px}</style></head><body>",
             f"<h1>flow-mismatch evaluation</h1><p>{escape(out.name)}: score {escape(cfg.score)}, K={cfg.K}, "
             f"T={cfg.T}, aggregator {escape(cfg.aggregator)}, w(t) = {escape(cfg.weight)}, seed {cfg.seed}. "
-            "Metrics in %; n/a: not computable on this test set.</p>",
-            "<table><tr><th>category</th>" + "".join(f"<th>{m}</th>" for m in METRICS) + "</tr>"]
-    page += [f"<tr><th>{escape(name)}</th>" + "".join(f"<td>{percent(r.get(m))}</td>" for m in METRICS) + "</tr>"
-             for name, r in results.items()]
-    page.append("</table><p>Categories: " + ", ".join(f"<a href='#{quote(n)}'>{escape(n)}</a>" for n in scored)
+            "Metrics in %; n/a: not computable on this test set.</p>", format_table(results, html=True)]
+    page.append("<p>Categories: " + ", ".join(f"<a href='#{quote(n)}'>{escape(n)}</a>" for n in scored)
                 + ". Overlays: image | ground truth | heatmap over the image, one colour range per category.</p>")
     for name, (heat, scores) in scored.items():
         data, r = tests[name], results.get(name, {})
@@ -1719,16 +1792,13 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     if rank != 0:
         return []
     keys = list(rows[0]["setting"])
-    table = ["| " + " | ".join(keys + list(METRICS)) + " | images/s |", "|" + "---|" * (len(keys) + len(METRICS) + 1)]
-    for r in rows:
-        m = r["results"]["mean"]
-        table.append("| " + " | ".join([str(r["setting"][k]) for k in keys] + [percent(m[k]) for k in METRICS])
-                     + f" | {r['images_per_s']:.2f} |")
+    md = table(keys + list(METRICS) + ["images/s"], [[r["setting"][k] for k in keys] + [
+        percent(r["results"]["mean"][k]) for k in METRICS] + [f"{r['images_per_s']:.2f}"] for r in rows])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.md").write_text("\n".join(table) + "\n")
+    (out / "sweep.md").write_text(md + "\n")
     (out / "sweep.json").write_text(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2,
                                                allow_nan=False))
-    log("\n".join(table))
+    log(md)
     return rows
 
 
@@ -1815,11 +1885,8 @@ def operating_point(cal: dict, A: float, scores, anomalous, heat, masks) -> dict
 
 
 def format_operating_point(results: dict, A: float) -> str:
-    rows = [f"At --alarm-rate {A} (calibrated thresholds), in percent:", "",
-            "| category | " + " | ".join(OPERATING) + " |", "|" + "---|" * (len(OPERATING) + 1)]
-    for name, m in results.items():
-        rows.append(f"| {name} | " + " | ".join(percent(m[k]) for k in OPERATING) + " |")
-    return "\n".join(rows)
+    return f"At --alarm-rate {A} (calibrated thresholds), in percent:\n\n" + table(
+        ["category", *OPERATING], [[name, *(percent(m[k]) for k in OPERATING)] for name, m in results.items()])
 
 
 # ----------------------------------------------------------------------------
@@ -2146,8 +2213,7 @@ def mean_coverage(results: dict, dataset: str):
 def compare(results: dict, dataset: str) -> str:
     """Our metrics beside the paper's for the categories both have: rows ours, paper, ours - paper.
     A mean that is not over the paper's categories is labelled as such (mean_coverage)."""
-    head = "| category | | " + " | ".join(METRICS) + " |"
-    rows = [head, "|" + "---|" * (len(METRICS) + 2)]
+    rows = []
     for name in results:
         if name not in PAPER[dataset]:
             continue
@@ -2156,9 +2222,8 @@ def compare(results: dict, dataset: str) -> str:
         diff = [None if o is None else o - p for o, p in zip(ours, paper)]
         ours_label = (name == "mean" and mean_coverage(results, dataset)) or "ours"
         for label, values in ((ours_label, ours), ("paper", paper), ("ours - paper", diff)):
-            cells = ("n/a" if v is None else f"{v:.1f}" for v in values)
-            rows.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+            rows.append([name, label, *("n/a" if v is None else f"{v:.1f}" for v in values)])
+    return table(["category", "", *METRICS], rows)
 
 
 # ----------------------------------------------------------------------------
@@ -2468,22 +2533,9 @@ def category_label(ckpt, category):
 def cmd_train(args):
     if args.resume is None and args.data is None:
         raise UserError("--data: required (or --resume RUN_DIR)")
-    out = Path(args.resume or args.out or Path("runs") / Path(args.data).resolve().name)
-    flag = "--resume" if args.resume else "--out"
     cfg = train_config(**given(TrainConfig, args))
-    check_out_dir(out, flag)
     pick_device(args.device)
-    with run_lock(out, flag):  # held until training ends
-        data_root, size = args.data, cfg.image_size
-        if args.resume:
-            if not (out / "ckpt.pt").is_file():
-                raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
-            ckpt = load_checkpoint(out / "ckpt.pt")
-            data_root, size = args.data or ckpt.get("data"), ckpt["train_config"]["image_size"]
-        elif (out / "ckpt.pt").exists():
-            raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
-                            f"another folder")
-        path = train(load_train(data_root, size), cfg, out, args.device, resume=bool(args.resume), compile=args.compile)
+    path = train(args.data, cfg, args.resume or args.out, args.device, resume=bool(args.resume), compile=args.compile)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
     return 0
@@ -2528,10 +2580,8 @@ def cmd_demo(args):
     if not data.exists():
         make_demo_dataset(data, size=cfg.image_size)
     run = out / "run"
-    with run_lock(run):
-        if (run / "ckpt.pt").exists():
-            (run / "ckpt.pt").unlink()
-        train(load_train(data, cfg.image_size), cfg, run, args.device)
+    (run / "ckpt.pt").unlink(missing_ok=True)
+    train(data, cfg, run, args.device)
     results = evaluate(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
     print(f"demo: image AUROC {percent(results['mean']['image_auroc'])}, pixel AUROC "
           f"{percent(results['mean']['pixel_auroc'])}; heatmaps under {out / 'eval'}")
@@ -2562,8 +2612,7 @@ def cmd_explain(args):
             raise UserError(f"--mask: {args.mask} is {msize[0]}x{msize[1]} but {image} is {original[0]}x{original[1]}")
         mask = m > 127
     mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
-    y = ((torch.tensor(arr).permute(2, 0, 1).float() / 255 - mean.view(-1, 1, 1)) / std.view(-1, 1, 1))
-    e = explain(model, y[None].to(device), label, cfg)
+    e = explain(model, normalise(uint8_batch([arr]).to(device), mean, std), label, cfg)
     about = dict(image=str(image), mask=args.mask, ckpt=str(args.ckpt), category=args.category, image_size=size,
                  K=cfg.K, T=cfg.T, aggregator=cfg.aggregator, weight=cfg.weight, seed=cfg.seed)
     write_explain(out, e, arr, mask, mean, std, about)

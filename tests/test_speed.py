@@ -96,7 +96,6 @@ def test_compiled_training_equals_eager(mvtec, tmp_path, aot_eager):
     weights = [fm.load_checkpoint(fm.train(data, cfg, tmp_path / str(c), "cpu", log=logs.append, compile=c))["model"]
                for c in (False, True)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the U-Net did run compiled
-    assert sum("torch.compile: the first training step" in m for m in logs) == 1
     for k, w in weights[0].items():
         assert torch.allclose(w, weights[1][k], atol=1e-5, rtol=0), k
 
