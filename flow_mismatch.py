@@ -19,6 +19,7 @@ Contents. The method, in the paper's order:
     Scorer              Eqs. (2)-(4): paths x_t, mismatch Z_t, min over paths, heatmap H, score S;
                         beside it the same definition one path, one time, one forward at a time
 The machinery:
+    Scorer machinery    forward batch, precision, the compiled U-Net, input checks, the naive reference loop
     Tiles               large images: tile grid, blending window, stitching, position labels
     Training loop       StableAdamW (App. C.2), setup, one CFM step, the loop; resume, signals, log
     Checkpoints         atomic saves, readable load errors
@@ -32,7 +33,7 @@ The machinery:
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
     From Python         fm.load(ckpt).predict(images); train, evaluate, calibrate, score as functions
-    Speed               bench: batched scorer against the naive loop
+    Speed               bench: U-Net before/eager/compiled, latency and throughput, training, the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
     CLI                 train, test, score, calibrate, explain, demo, compare, bench
 """
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import fcntl
 import hashlib
@@ -54,6 +56,7 @@ import signal
 import sys
 import tempfile
 import time
+import types
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -302,11 +305,15 @@ class Attention(nn.Module):
 
     def forward(self, x, emb=None):
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x).reshape(B, C, H * W))  # (B, 3C, L)
-        q, k, v = qkv.reshape(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, C/heads)
-        h = h.transpose(2, 3).reshape(B, C, H * W)
-        return x + self.proj(h).reshape(B, C, H, W)
+        # Tokens (B, L, C) and the 1x1 convolutions as F.linear, so q, k, v have stride 1 along
+        # channels: the layout the fused attention kernels need (a strided one falls back to an
+        # explicit L x L score matrix, 5x slower at L = 1024 on a CPU).
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C); contiguous for channels_last x
+        qkv = F.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)  # (B, L, 3C)
+        q, k, v = qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, L, C/heads) each
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+        h = F.linear(h, self.proj.weight[:, :, 0], self.proj.bias)  # (B, L, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class UNet(nn.Module):
@@ -512,6 +519,36 @@ def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=N
     return (w * mismatch_delta(model, y, labels, cfg, ids)).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
 
 
+class Compiled(nn.Module):
+    """The U-Net under torch.compile at one fixed batch, so that its graph compiles once: the rows
+    of the first call (the scorer's first forward, a full forward batch) fix `batch`; every later
+    call is cut into pieces of `batch` rows and the last piece padded with zeros (each row is
+    computed on its own, so padding changes no other row). The first call prints the compile time.
+    Inductor keeps what it compiled on disk (TORCHINDUCTOR_CACHE_DIR, by default under /tmp), so the
+    next run on the same machine compiles in seconds (BENCHMARKS.md)."""
+
+    def __init__(self, model: UNet):
+        super().__init__()
+        self.model, self.cfg, self.batch, self.compile_s = model, model.cfg, 0, 0.0
+        self.compiled = torch.compile(model, fullgraph=True, dynamic=False)
+
+    def forward(self, x, t, labels=None):
+        first = not self.batch
+        if first:
+            self.batch, t0 = len(x), time.perf_counter()
+        out = []
+        for sl in chunks(len(x), self.batch):
+            pad = self.batch - (sl.stop - sl.start)
+            xs, ts = F.pad(x[sl], (0, 0, 0, 0, 0, 0, 0, pad)).contiguous(), F.pad(t[sl], (0, pad))
+            ls = None if labels is None else F.pad(labels[sl], (0, pad))
+            out.append(self.compiled(xs, ts, ls)[:self.batch - pad])
+        if first:
+            self.compile_s = time.perf_counter() - t0
+            print(f"torch.compile: the U-Net at batch {self.batch} compiled in {self.compile_s:.1f} s",
+                  file=sys.stderr, flush=True)
+        return torch.cat(out)
+
+
 @torch.no_grad()
 def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
     """Eqs. (2)-(4) as written, one path, one time, one forward at a time: the readable definition
@@ -624,7 +661,10 @@ def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=Non
 
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with AMSGrad and per-tensor update clipping (StableAdamW, Wortsman et al. 2023):
-    each tensor's step size is divided by max(1, RMS(g^2 / v_hat) / clip)."""
+    each tensor's step size is divided by max(1, RMS(g^2 / v_hat) / clip).
+
+    One step is a few dozen torch._foreach_* calls over all tensors of a group, not ~20 eager
+    ops per tensor (the paper U-Net has ~780 tensors)."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-4, clip=1.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip))
@@ -633,27 +673,32 @@ class StableAdamW(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.float()
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            g = [p.grad.float() for p in ps]
+            for p, gi in zip(ps, g):
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
-                    state["m"] = torch.zeros_like(g)
-                    state["v"] = torch.zeros_like(g)
-                    state["v_max"] = torch.zeros_like(g)
+                    state.update(step=0, m=torch.zeros_like(gi), v=torch.zeros_like(gi), v_max=torch.zeros_like(gi))
                 state["step"] += 1
-                m, v, v_max = state["m"], state["v"], state["v_max"]
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                torch.maximum(v_max, v, out=v_max)  # AMSGrad
-                v_hat = v_max / (1 - b2 ** state["step"])
-                rms = (g.square() / v_hat.clamp_min(group["eps"] ** 2)).mean().sqrt()
-                lr = group["lr"] / torch.clamp(rms / group["clip"], min=1.0)  # update-RMS clipping
-                p.mul_(1 - lr * group["weight_decay"])
-                update = (m / (1 - b1 ** state["step"])) / (v_hat.sqrt() + group["eps"])
-                p.add_(-lr * update)
+            states = [self.state[p] for p in ps]
+            m, v, v_max = ([s[k] for s in states] for k in ("m", "v", "v_max"))
+            torch._foreach_lerp_(m, g, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, g, g, value=1 - b2)
+            torch._foreach_maximum_(v_max, v)  # AMSGrad
+            v_hat = torch._foreach_div(v_max, [1 - b2 ** s["step"] for s in states])
+            ratio = torch._foreach_div(torch._foreach_mul(g, g), torch._foreach_clamp_min(v_hat, group["eps"] ** 2))
+            rms = torch.stack([r.mean() for r in ratio]).sqrt()  # RMS(g^2 / v_hat) per tensor
+            lr = group["lr"] / torch.clamp(rms / group["clip"], min=1.0)  # update-RMS clipping, (tensors,)
+            torch._foreach_mul_(ps, list((1 - lr * group["weight_decay"]).unbind()))
+            update = torch._foreach_div(m, [1 - b1 ** s["step"] for s in states])
+            denom = torch._foreach_sqrt(v_hat)
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_div_(update, denom)
+            torch._foreach_mul_(update, list((-lr).unbind()))
+            torch._foreach_add_(ps, update)
 
 
 @contextlib.contextmanager
@@ -688,7 +733,8 @@ def run_lock(out: Path, flag="--out"):
         f.close()
 
 
-def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resume=False, log=print) -> Path:
+def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resume=False, log=print,
+          compile=False) -> Path:
     """Train v_theta on `data` (a folder of categories or a Dataset of normal images) and write
     out/ckpt.pt (out: runs/<name of the data folder>); resume continues out's checkpoint.
 
@@ -701,7 +747,7 @@ def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resum
     flag = "--resume" if resume else "--out"
     check_out_dir(out, flag)
     with run_lock(out, flag):  # held until training ends
-        run = train_setup(data, cfg, out, pick_device(device, distributed()[2]), resume, log)
+        run = train_setup(data, cfg, out, pick_device(device, distributed()[2]), resume, log, compile)
         stop = []  # the signal that asks to stop: finish the step, save, exit
         old = {sig: signal.signal(sig, lambda signum, _: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -769,9 +815,10 @@ def train_loop(run: dict, stop: list, log) -> None:
             progress(1, f"epoch {step / per_epoch:.1f}  loss {loss:.4f}  ")
 
 
-def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log) -> dict:
+def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=False) -> dict:
     """What a run holds: its configuration (the checkpoint's, on resume), data and hold-out, model,
-    optimiser, DDP wrapper, normalisation, step and total; out/train_log.csv opened, rows past the
+    optimiser, DDP wrapper (under torch.compile with `compile`: every step has the same batch, so it
+    compiles once), normalisation, step and total; out/train_log.csv opened, rows past the
     checkpoint's step dropped."""
     rank, world, local_rank = distributed()
     if resume and not (out / "ckpt.pt").is_file():
@@ -820,7 +867,7 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log) -> dict:
     writer = csv.writer(log_file)
     writer.writerows([["step", "loss", "lr", "images_per_s", "wall_s"]] + [r for r in rows if int(r[0]) <= step])
     return dict(cfg=replace(cfg, steps=total), data=data, held=held, conditional=conditional, model=model, opt=opt,
-                ddp=ddp, mean=mean, std=std, step=step, total=total, steps_per_epoch=steps_per_epoch, out=out,
+                ddp=torch.compile(ddp, dynamic=False) if compile else ddp, mean=mean, std=std, step=step, total=total, steps_per_epoch=steps_per_epoch, out=out,
                 rank=rank, world=world, device=device, calibration={}, trained_on=image_hashes(data.images),
                 log=log_file, rows=writer)
 
@@ -1001,12 +1048,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def inference_model(model: UNet, device, compile=False, channels_last=None):
-    """Eval mode on `device`, torch.compile on request. Layout (None: by device): channels_last on a
-    CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200, where channels_last scored slower; BENCHMARKS.md)."""
+    """Eval mode on `device`; with `compile`, the Compiled U-Net. Layout (None: by device): channels_last
+    on a CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200, where channels_last scored slower; BENCHMARKS.md)."""
     if channels_last is None:
         channels_last = torch.device(device).type == "cpu"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return torch.compile(model) if compile else model
+    return Compiled(model) if compile else model
 
 
 # ----------------------------------------------------------------------------
@@ -2161,9 +2208,34 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 
 
+def strided_attention(self: Attention, x, emb=None):
+    """Attention.forward as first written: 1x1 convolutions over (B, C, L), so q, k, v are strided
+    along channels (stride L) and the fused attention kernels refuse them. The baseline ("before")
+    that `bench` times the U-Net against, and the reference of the attention's equality test."""
+    B, C, H, W = x.shape
+    qkv = self.qkv(self.norm(x).reshape(B, C, H * W))  # (B, 3C, L)
+    q, k, v = qkv.reshape(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
+    h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H * W)
+    return x + self.proj(h).reshape(B, C, H, W)
+
+
+def with_strided_attention(model: UNet) -> UNet:
+    """A copy of `model` whose attention layers run strided_attention."""
+    before = copy.deepcopy(model)
+    for m in before.modules():
+        if isinstance(m, Attention):
+            m.forward = types.MethodType(strided_attention, m)
+    return before
+
+
 def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, max_batch=0,
           repeats=3, naive=True, train_mode=False, compile=False, layout="auto") -> dict:
-    """Layout: auto (training: channels_last; scoring: inference_model's choice), channels_last or nchw."""
+    """Layout: auto (training: channels_last; scoring: inference_model's choice), channels_last or nchw.
+
+    Scoring times, in one run and interleaved repeat by repeat (so a load that comes and goes
+    hits every variant alike): the U-Net before the contiguous attention ("before"), as it is
+    ("eager") and, with `compile`, Compiled ("compiled"); each as one forward at the forward batch,
+    as images/s of the scorer on `images` images, and as latency (one image, K x T forwards)."""
     device = pick_device(device)
     torch.manual_seed(0)
     model = build_model(preset, 0).to(device)
@@ -2175,16 +2247,17 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
+    def seconds(fn):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return out, time.perf_counter() - t0
+
     def timed(fn):
         fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            out = fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return out, float(np.median(times))
+        times = [seconds(fn)[1] for _ in range(repeats)]
+        return fn(), float(np.median(times))
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -2194,28 +2267,45 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     if train_mode:
-        layout = "nchw" if layout == "nchw" else "channels_last"
-        model.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format).train()
-        opt = StableAdamW(model.parameters())
-        n_steps = 10
-
-        def steps():
-            for _ in range(n_steps):
-                cfm_step(model, opt, y)
-
-        _, seconds = timed(steps)
-        fps = n_steps * images / seconds
-        return dict(mode="train", device=name, preset=preset, layout=layout, batch=images, train_fps=fps,
-                    achieved_tflops=3 * flops * fps / 1e12, peak_mem_bytes=peak_memory(device))
+        return bench_train(model, y, device, layout, compile, repeats, seconds, dict(
+            mode="train", device=name, preset=preset, image_size=image_size, flops=flops))
     cfg = ScoreConfig(K=K, T=T, max_batch=max_batch)
-    fast = inference_model(model, device, compile, None if layout == "auto" else layout == "channels_last")
+    fast = inference_model(model, device, False, None if layout == "auto" else layout == "channels_last")
     conv = next(p for p in model.parameters() if p.dim() == 4)  # the layout inference_model chose
     layout = "nchw" if conv.is_contiguous() else "channels_last"
-    heat, seconds = timed(lambda: mismatch_heat(fast, y, cfg=cfg))
-    out = dict(mode="score", device=name, preset=preset, layout=layout, compile=compile, K=K, T=T, images=images,
-               image_size=image_size, max_batch=forward_batch(cfg, model, y),
-               batched_fps=images / seconds, forwards_per_s=images * K * T / seconds,
-               achieved_tflops=flops * images * K * T / seconds / 1e12, peak_mem_bytes=peak_memory(device))
+    fb = forward_batch(cfg, model, y)
+    variants = {"before": with_strided_attention(fast), "eager": fast}
+    if compile:
+        variants["compiled"] = Compiled(fast)
+    x, t = torch.randn(fb, 3, image_size, image_size, device=device), torch.rand(fb, device=device)
+    tasks = {"forward": lambda m: m(x, t), "scorer": lambda m: mismatch_heat(m, y, cfg=cfg),
+             "latency": lambda m: mismatch_heat(m, y[:1], cfg=cfg)}
+    times, heats = {}, {}
+    with torch.no_grad(), autocast(device):
+        for v, m in variants.items():  # warm-up (compiles)
+            heats[v] = tasks["scorer"](m)
+            tasks["forward"](m)
+        for _ in range(repeats):
+            for v, m in variants.items():
+                for task, fn in tasks.items():
+                    times.setdefault((v, task), []).append(seconds(lambda: fn(m))[1])
+    med = {key: float(np.median(ts)) for key, ts in times.items()}
+    heat, sec = heats["eager"], med["eager", "scorer"]
+    out = dict(mode="score", device=name, preset=preset, layout=layout, K=K, T=T, images=images,
+               image_size=image_size, max_batch=fb, batched_fps=images / sec, forwards_per_s=images * K * T / sec,
+               achieved_tflops=flops * images * K * T / sec / 1e12, peak_mem_bytes=peak_memory(device))
+    for v in variants:
+        out.update({f"{v}_forward_ms": 1e3 * med[v, "forward"], f"{v}_fps": images / med[v, "scorer"],
+                    f"{v}_latency_ms": 1e3 * med[v, "latency"]})
+    for v in list(variants)[1:]:
+        out.update({f"{v}_forward_vs_before": med["before", "forward"] / med[v, "forward"],
+                    f"{v}_scorer_vs_before": med["before", "scorer"] / med[v, "scorer"],
+                    f"{v}_max_abs_diff_vs_before": float((heats[v] - heats["before"]).abs().max())})
+    if compile:
+        gain = med["eager", "latency"] - med["compiled", "latency"]  # seconds saved per image
+        c = variants["compiled"].compile_s
+        out.update(compiled_vs_eager=med["eager", "scorer"] / med["compiled", "scorer"], compile_s=c,
+                   compile_pays_after_images=c / gain if gain > 0 else None)
     if peak:
         out["fraction_of_bf16_peak"] = out["achieved_tflops"] / peak
     # The same batched scorer in the other precision: its speed, and how far bf16 moves the numbers.
@@ -2231,8 +2321,56 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
                bf16_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
     if naive:
         ref, seconds_naive = timed(lambda: mismatch_heat_naive(model, y, cfg=cfg))
-        out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / seconds,
+        out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / sec,
                    max_abs_diff=float((heat - ref).abs().max()))
+    return out
+
+
+def bench_train(model: UNet, y, device, layout, compile, repeats, seconds, out: dict) -> dict:
+    """Training images/s (10 StableAdamW steps) at batch len(y) and, on a GPU, at the largest batch
+    that fits (doubling until out of memory), eager and with `compile` compiled, interleaved."""
+    layout = "nchw" if layout == "nchw" else "channels_last"
+    model.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format).train()
+    opt = StableAdamW(model.parameters())
+    nets = {"eager": model, **({"compiled": torch.compile(model, dynamic=False)} if compile else {})}
+    n_steps = 10
+
+    def steps(net, yb, n=n_steps):
+        for _ in range(n):
+            with autocast(device):
+                loss = cfm_loss(net, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    batches = [len(y)]
+    if device.type == "cuda":  # the largest batch that fits, by doubling
+        b = len(y)
+        while True:
+            try:
+                steps(model, y[:1].expand(2 * b, -1, -1, -1).clone(), n=1)
+            except torch.cuda.OutOfMemoryError:
+                break
+            b *= 2
+        torch.cuda.empty_cache()
+        batches.append(b)
+    out.update(layout=layout, batch=len(y), batches=batches)
+    for b in batches:
+        yb = y[:1].expand(b, -1, -1, -1).clone() if b != len(y) else y
+        warm = {v: seconds(lambda: steps(net, yb))[1] for v, net in nets.items()}  # warm-up (compiles)
+        times = {}
+        for _ in range(repeats):
+            for v, net in nets.items():
+                times.setdefault(v, []).append(seconds(lambda: steps(net, yb))[1])
+        if compile and b == len(y):  # the warm-up's excess over a timed repeat
+            out["compile_s"] = warm["compiled"] - float(np.median(times["compiled"]))
+        for v in nets:
+            fps = n_steps * b / float(np.median(times[v]))
+            out[f"{v}_train_fps_batch{b}"] = fps
+            if b == len(y):
+                out.update({f"{v}_train_fps": fps, f"{v}_achieved_tflops": 3 * out["flops"] * fps / 1e12})
+    out["train_fps"] = out["eager_train_fps"]
+    out["peak_mem_bytes"] = peak_memory(device)
     return out
 
 
@@ -2600,7 +2738,8 @@ def knob_flags(p, cls, names=None, shown=None):
 def scoring(p):
     knob_flags(p, ScoreConfig)
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (worth it for large test sets)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net at one fixed batch (a CPU's first compile takes minutes; BENCHMARKS.md)")
 
 
 def given(cls, args) -> dict:
@@ -2629,7 +2768,7 @@ def cmd_train(args):
         raise UserError("--data: required (or --resume RUN_DIR)")
     cfg = train_config(**given(TrainConfig, args))
     pick_device(args.device)
-    path = train(args.data, cfg, args.resume or args.out, args.device, resume=bool(args.resume))
+    path = train(args.data, cfg, args.resume or args.out, args.device, resume=bool(args.resume), compile=args.compile)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
     return 0
@@ -2750,7 +2889,7 @@ def cmd_bench(args):
               naive=not args.no_naive, train_mode=args.train, compile=args.compile, layout=args.layout)
     r.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     for k, v in r.items():
-        print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
+        print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(r, indent=2))
@@ -2769,6 +2908,7 @@ def build_parser() -> Parser:
     knob_flags(p, TrainConfig, shown={k: f"{getattr(TrainConfig, k)}; CPU presets: {v}"
                                       for k, v in CPU_RECIPES["tiny"].items()})
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (BENCHMARKS.md: when it pays)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score the test split and print the seven metrics",
@@ -2849,7 +2989,7 @@ def build_parser() -> Parser:
     p.add_argument("--repeats", type=int_in(1, 1000), default=3)
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
     p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net of the batched scorer")
+    p.add_argument("--compile", action="store_true", help="also time the compiled U-Net (and training step)")
     p.add_argument("--layout", choices=("auto", "channels_last", "nchw"), default="auto",
                    help="memory layout to measure (auto: channels_last for training and CPU scoring, NCHW for GPU scoring)")
     p.add_argument("--json", help="also write the figures to this file")

@@ -1,0 +1,162 @@
+"""The speed paths compute what the plain ones do: contiguous attention, the compiled U-Net at
+one fixed batch, compiled training, the foreach StableAdamW."""
+
+import functools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flow_mismatch as fm
+
+# Smallest U-Net with every block kind: one downsampling, attention at 8^2 (16^2 inputs), two classes.
+MINI = fm.ModelConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), head_channels=8,
+                      norm_groups=4, num_classes=2)
+
+
+def random_unet(cfg=MINI, seed=0):
+    torch.manual_seed(seed)
+    model = fm.UNet(cfg)
+    for p in model.parameters():
+        if not p.any():  # undo the zero initialisations: outputs worth comparing
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_attention_gives_sdpa_stride_one_and_equals_the_strided_formulation(monkeypatch):
+    seen = []
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append([u.stride(-1) for u in (q, k, v)])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = random_unet().eval()  # no dropout
+    x, t, labels = torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 1])
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model, xf = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+        seen.clear()
+        v = model(xf, t, labels)
+        assert len(seen) == sum(isinstance(m, fm.Attention) for m in model.modules()) == 4
+        assert all(s == [1, 1, 1] for s in seen)  # q, k, v: stride 1 along channels
+        ref = fm.with_strided_attention(model)(xf, t, labels)
+        assert torch.allclose(v, ref, atol=1e-5, rtol=0), (v - ref).abs().max()
+        attn = model.mid[1]
+        h = torch.randn(2, attn.norm.num_channels, 4, 4).contiguous(memory_format=fmt)
+        assert torch.allclose(attn(h), fm.strided_attention(attn, h), atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """torch.compile with the aot_eager backend: the same graph capture, padding and guards as
+    inductor without its C++ build (80+ s for this model on 2 cores); a recompile is an error."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def check_compiled_scorer(capsys):
+    model = random_unet()
+    eager = fm.inference_model(model, "cpu")
+    compiled = fm.inference_model(model, "cpu", compile=True)
+    x, t, labels = torch.randn(7, 3, 16, 16), torch.rand(7), torch.tensor([0, 1, 0, 1, 1, 0, 1])
+    with torch.no_grad():
+        for n in (4, 7, 3, 1):  # the first call fixes 4 rows; then 4 + 3 rows, 3, 1: padded, not recompiled
+            v = compiled(x[:n], t[:n], labels[:n])
+            assert v.shape == (n, 3, 16, 16)
+            assert torch.allclose(v, eager(x[:n], t[:n], labels[:n]), atol=1e-5, rtol=0)
+        y = torch.randn(2, 3, 16, 16)
+        cfg = fm.ScoreConfig(K=3, T=2, max_batch=4)
+        assert torch.allclose(fm.mismatch_heat(compiled, y, labels[:2], cfg), fm.mismatch_heat(eager, y, labels[:2], cfg),
+                              atol=1e-5, rtol=0)
+    assert capsys.readouterr().err.count("compiled in") == 1  # the compile time, printed once
+
+
+def test_compiled_scorer_equals_eager_and_compiles_once(aot_eager, capsys):
+    check_compiled_scorer(capsys)
+
+
+@pytest.mark.skipif(not os.environ.get("FM_INDUCTOR_TESTS"),
+                    reason="inductor's first compile of even this U-Net takes 80+ s on 2 cores; FM_INDUCTOR_TESTS=1 runs it")
+def test_compiled_scorer_with_inductor_equals_eager(monkeypatch, capsys):
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    check_compiled_scorer(capsys)
+
+
+def test_compiled_training_equals_eager(mvtec, tmp_path, aot_eager):
+    data = fm.load_train(mvtec, 16)
+    cfg = fm.TrainConfig(preset="tiny", image_size=16, batch_size=4, steps=3)
+    logs = []
+    weights = [fm.load_checkpoint(fm.train(data, cfg, tmp_path / str(c), "cpu", log=logs.append, compile=c))["model"]
+               for c in (False, True)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the U-Net did run compiled
+    for k, w in weights[0].items():
+        assert torch.allclose(w, weights[1][k], atol=1e-5, rtol=0), k
+
+
+class ReferenceStableAdamW(torch.optim.Optimizer):
+    """StableAdamW one tensor at a time, as first written: the reference of the foreach one."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-4, clip=1.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip))
+        self.clipped = 0  # tensor-steps whose update RMS exceeded the clip
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(g)
+                    state["v"] = torch.zeros_like(g)
+                    state["v_max"] = torch.zeros_like(g)
+                state["step"] += 1
+                m, v, v_max = state["m"], state["v"], state["v_max"]
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                torch.maximum(v_max, v, out=v_max)  # AMSGrad
+                v_hat = v_max / (1 - b2 ** state["step"])
+                rms = (g.square() / v_hat.clamp_min(group["eps"] ** 2)).mean().sqrt()
+                self.clipped += int(rms > group["clip"])
+                lr = group["lr"] / torch.clamp(rms / group["clip"], min=1.0)  # update-RMS clipping
+                p.mul_(1 - lr * group["weight_decay"])
+                update = (m / (1 - b1 ** state["step"])) / (v_hat.sqrt() + group["eps"])
+                p.add_(-lr * update)
+
+
+def test_foreach_stable_adamw_equals_the_per_tensor_one_over_20_steps():
+    """20 steps of the tiny-preset-like U-Net with gradient spikes every 5th step (so both
+    AMSGrad's maximum and the update-RMS clip act) and a second group with a gradless tensor."""
+    models = [random_unet(seed=1).eval() for _ in range(2)]  # eval: no dropout, the same gradients
+    spare = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]  # never gets a gradient
+    kw = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2, clip=1.0)
+    ours = fm.StableAdamW([{"params": models[0].parameters()}, {"params": [spare[0]], "lr": 5e-3}], **kw)
+    ref = ReferenceStableAdamW([{"params": models[1].parameters()}, {"params": [spare[1]], "lr": 5e-3}], **kw)
+    gen = torch.Generator().manual_seed(0)
+    y, labels = torch.randn(4, 3, 16, 16, generator=gen), torch.tensor([0, 1, 0, 1])
+    for step in range(20):
+        scale = 30.0 if step % 5 == 4 else 1.0
+        for model, opt in ((models[0], ours), (models[1], ref)):
+            loss = scale * fm.cfm_loss(model, y, labels, torch.Generator().manual_seed(step))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    assert ref.clipped > 0  # the clip acted
+    assert any((s["v_max"] > s["v"]).any() for s in ref.state.values())  # AMSGrad's maximum acted
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+    assert torch.equal(spare[0], spare[1]) and not ours.state[spare[0]]
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert ours.state[a]["step"] == ref.state[b]["step"] == 20
+        assert torch.allclose(ours.state[a]["v_max"], ref.state[b]["v_max"], atol=1e-12, rtol=1e-6)
