@@ -19,8 +19,8 @@ Contents. The method, in the paper's order:
     Scorer              Eqs. (2)-(4): paths x_t, mismatch Z_t, min over paths, heatmap H, score S
 The machinery:
     Scorer machinery    forward batch, precision, input checks, the naive reference loop
-    Training loop       StableAdamW (App. C.2), seeded and resumable steps, signals, one run per folder
-    Checkpoints         atomic saves, readable load errors
+    Training loop       StableAdamW (App. C.2), seeded and resumable steps, signals, one writer per folder
+    Checkpoints         atomic writes of every file, checkpoints read as plain data and checked
     Devices and DDP     torchrun process groups, device choice
     Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
     Metrics             the seven numbers of Table 1
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import fcntl
 import hashlib
 import itertools
 import json
@@ -54,8 +53,10 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback; main() restores it
-    signal.signal(signal.SIGINT, lambda *_: (print("flow_mismatch.py: interrupted", file=sys.stderr), os._exit(130)))
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while torch loads (seconds): one line, not a traceback
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, lambda sig, _: (print("flow_mismatch.py: interrupted", file=sys.stderr),
+                                            os._exit(128 + sig)))
 
 import numpy as np
 import torch
@@ -530,11 +531,34 @@ class Stop:
         self.signum = signum
 
 
+def try_lock(f) -> bool:
+    """An exclusive OS lock on the open file f, without waiting: False if another process holds it.
+    fcntl.flock where it exists (POSIX), msvcrt.locking of the first byte on Windows; the OS drops
+    it when the process dies, kill -9 included."""
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        f.seek(0)
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def run_lock(out: Path, flag="--out"):
-    """One `train` per run folder: an exclusive OS lock (flock) on RUN_DIR/.lock, which holds the
-    holder's pid, for as long as the block runs; the OS drops it when the process dies, kill -9
-    included, so no stale lock survives. A run folder made here and left empty is removed again."""
+def run_lock(out: Path, flag="--out", command="train", wait=False):
+    """One writer per folder (`train` and `calibrate` of a run folder, `test` or `score` of an output
+    folder): an exclusive OS lock (try_lock) on OUT/.lock, which names the holder's pid and command,
+    for as long as the block runs. Busy: an error naming the folder and the holder, or with wait,
+    one line saying so and a wait. A folder made here and left empty is removed again."""
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
         yield
         return
@@ -542,24 +566,58 @@ def run_lock(out: Path, flag="--out"):
     out.mkdir(parents=True, exist_ok=True)
     path = out / ".lock"
     f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    said = False
+    while not try_lock(f):
         f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise UserError(f"{flag}: {out} is in use by another train (pid {holder}); wait for it or choose "
-                        f"another folder")
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
+        try:
+            pid, *what = f.read().split() or ["unknown"]
+        except OSError:  # Windows: the holder's locked byte cannot be read
+            pid, what = "unknown", []
+        holder = f"{what[0] if what else 'run'} (pid {pid})"
+        if not wait:
+            f.close()
+            raise UserError(f"{flag}: {out} is in use by another {holder}; wait for it or choose another folder")
+        if not said:
+            note(f"waiting for {holder} to finish with {out}")
+            said = True
+        time.sleep(0.2)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} {command}\n")
     f.flush()
     try:
         yield
     finally:
         if made and [p.name for p in out.iterdir()] == [".lock"]:
+            f.close()
             path.unlink()
             out.rmdir()
         f.close()
+
+
+RESUMABLE = ("epochs", "steps", "save_every", "save_epochs")  # how long and what to keep; not what is learnt
+
+
+def train_config_of(ckpt: dict) -> TrainConfig:
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()})
+
+
+def resumed_config(ckpt: dict, cfg: TrainConfig, log=print) -> TrainConfig:
+    """The run's own TrainConfig with cfg's RESUMABLE fields, each change logged; any other field of
+    cfg that differs from the run's is refused, naming its flag."""
+    saved = train_config_of(ckpt)
+    for f in fields(TrainConfig):
+        if f.name not in RESUMABLE and getattr(cfg, f.name) != getattr(saved, f.name):
+            raise UserError(f"--{f.name.replace('_', '-')}: {getattr(cfg, f.name)} differs from the run's "
+                            f"{getattr(saved, f.name)}; a resumed run keeps it (start a new run to change it)")
+    length = (dict(steps=cfg.steps) if cfg.steps else
+              dict(steps=0, epochs=cfg.epochs) if cfg.epochs != saved.epochs else {})
+    new = replace(saved, save_every=cfg.save_every, save_epochs=cfg.save_epochs, **length)
+    changed = [f"--{k.replace('_', '-')} {getattr(saved, k)} -> {getattr(new, k)}" for k in RESUMABLE
+               if getattr(new, k) != getattr(saved, k)]
+    if changed:
+        log(f"resuming with {', '.join(changed)}")
+    return new
 
 
 def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=print) -> Path:
@@ -575,8 +633,10 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
     ckpt = load_checkpoint(ckpt_path) if resume else None
     out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
-        cfg = replace(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()}),
-                      steps=cfg.steps or ckpt["train_config"]["steps"], epochs=cfg.epochs)
+        cfg = resumed_config(ckpt, cfg, log if rank == 0 else (lambda *_: None))
+        if ckpt.get("data") and data.root != ckpt["data"]:
+            raise UserError(f"--data: {data.root} is not the data of this run, {ckpt['data']}; a resumed run "
+                            f"trains on what it began with (start a new run for other data)")
         if ckpt["class_names"] != data.class_names:
             raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
     data, held = split_calibration(data, cfg.calib_fraction, cfg.seed)
@@ -607,10 +667,14 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
             f"{'class-conditional on ' + str(len(data.class_names)) + ' categories' if conditional else 'unconditional'}; "
             f"{n} images{f' ({len(held)} more held out for calibration)' * (len(held) > 0)}, "
             f"{steps_per_epoch} steps/epoch, {total} steps on {device} x{world}")
-    trained_on = image_hashes(data.images)
-    held_out = {name: [p for p, c in zip(held.paths, held.labels.tolist()) if c == i]
+    trained_on = list(ckpt.get("trained_on", [])) if ckpt is not None else []  # only grows, over resumes
+    seen = set(trained_on)
+    trained_on += [h for h in image_hashes(data.images) if h not in seen]
+    held_paths = [str(Path(p).resolve()) for p in held.paths]
+    held_out = {name: dict(paths=[p for p, c in zip(held_paths, held.labels.tolist()) if c == i],
+                           sha256=[h for h, c in zip(image_hashes(held.images), held.labels.tolist()) if c == i])
                 for i, name in enumerate(data.class_names)}
-    calibration = {}
+    calibration = dict(ckpt.get("calibration") or {}) if ckpt is not None else {}  # of older weights: re-scored below
 
     def state(at_step):
         return dict(model=model.state_dict(), optimizer=opt.state_dict(), model_config=asdict(model.cfg),
@@ -689,13 +753,24 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    if len(held):
+    if len(held) or calibration:  # each calibration scored again, on these weights
         model.eval()
-        for i, name in enumerate(data.class_names):
-            idx = [j for j, c in enumerate(held.labels.tolist()) if c == i]
-            if idx:
-                calibration[name] = calibrate_on(model, held.subset(idx), ScoreConfig(), mean, std, device,
-                                                 i if conditional else None)
+        sources = {name: held_out[name] for name in data.class_names if held_out[name]["paths"]}
+        sources.update({name: cal for name, cal in calibration.items() if name in data.class_names})
+        calibration = {}
+        for name, record in sources.items():
+            try:
+                images = bound_images(record, cfg.image_size, dict(zip(held_paths, held.images)))
+                if set(record["sha256"]) & set(trained_on):
+                    raise UserError("some of its images are now training images")
+            except UserError as e:
+                note(f"warning: the calibration of {name} is dropped ({e}); calibrate it again")
+                continue
+            c = data.class_names.index(name)
+            calibration[name] = calibrate_on(model, Dataset(images, torch.full((len(images),), c), data.class_names,
+                                                            record["paths"]),
+                                             replace(ScoreConfig(), **record.get("rule", {})), mean, std, device,
+                                             c if conditional else None, step)
         save(ckpt_path, step)
     if world > 1:
         dist.barrier()  # the other ranks wait for rank 0's last checkpoint before they exit
@@ -703,14 +778,17 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints: atomic writes, readable errors.
+# Checkpoints and output files: every file written atomically, checkpoints read as plain data.
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temp file, fsync, rename; a kill at any moment leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+@contextlib.contextmanager
+def atomic_write(path, mode="w", **kw):
+    """Open a temp file beside `path` for writing; when the block ends, fsync it and rename it over
+    `path`. An error, Ctrl-C or kill at any moment leaves the old file (or none) intact, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -720,11 +798,17 @@ def save_checkpoint(path: Path, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: the rename itself survives a crash
+        dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 # What a checkpoint of ours holds: key -> the type its value must have. Loading uses
@@ -1033,8 +1117,9 @@ def read_image(path: Path, size, mode="RGB"):
     """-> (array (size, size[, 3]) uint8, original (w, h)); size None keeps the original size.
 
     mode "RGB": any mode and bit depth Pillow opens becomes 8-bit RGB with its range kept (16-bit
-    values / 257). mode "mask": 1 where the stored value is non-zero (palette index, label id,
-    16-bit value, any colour channel; alpha is ignored), as the MVTec-AD evaluation reads masks."""
+    values / 257, floats in [0, 1] x 255, floats of another range min-max with a warning).
+    mode "mask": 1 where the stored value is non-zero (palette index, label id, 16-bit value, any
+    colour channel; alpha is ignored), as the MVTec-AD evaluation reads masks."""
     from PIL import Image
 
     try:
@@ -1047,6 +1132,16 @@ def read_image(path: Path, size, mode="RGB"):
                 im = Image.fromarray(a.reshape(a.shape[0], a.shape[1], -1).any(-1).astype(np.uint8))
             elif im.mode.startswith("I"):  # 16- and 32-bit integer images
                 im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+            elif im.mode == "F":  # 32-bit float: [0, 1] scaled to 8 bits, any other range min-max, said
+                a = np.asarray(im, np.float64)
+                finite = a[np.isfinite(a)]
+                lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+                if lo < 0 or hi > 1 or finite.size < a.size:
+                    note(f"warning: {path}: float image with values in [{lo:.4g}, {hi:.4g}]"
+                         f"{' and non-finite ones' * (finite.size < a.size)}, not [0, 1]; "
+                         f"mapped min-max to 0-255")
+                    a = (np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo) - lo) / max(hi - lo, 1e-12)
+                im = Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8))
             if mode == "RGB":
                 im = im.convert("RGB")
             if size is not None:
@@ -1057,18 +1152,36 @@ def read_image(path: Path, size, mode="RGB"):
 
 
 def mask_index(folder: Path) -> dict:
-    """{image name, lower case: [mask files]} of a ground-truth folder: <name>.ext, <name>_mask.ext
-    (any case) or a folder <name>/ of several masks (MVTec LOCO)."""
+    """{image name: [mask files]} of a ground-truth folder: <name>.ext, <name>_mask.ext (_mask in any
+    case) or a folder <name>/ of several masks (MVTec LOCO)."""
     index = {}
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if hidden(p):
             continue
         if p.is_dir():
-            index[p.name.lower()] = image_files(p)
+            index[p.name] = image_files(p)
         elif p.suffix.lower() in IMAGE_EXTS:
-            stem = p.stem.lower()
-            index.setdefault(stem[:-5] if stem.endswith("_mask") else stem, [p])
+            index.setdefault(p.stem[:-5] if p.stem.lower().endswith("_mask") else p.stem, [p])
     return index
+
+
+def match_masks(images: list, index: dict) -> list:
+    """Each image's masks from a mask_index: of its exact name; else of its name up to case, when
+    that is the only such mask and no other image has its name exactly; else an error naming both."""
+    by_name, out = {f.stem: f for f in images}, []
+    for f in images:
+        near = [k for k in index if k.lower() == f.stem.lower()]
+        if f.stem in index:
+            out.append(index[f.stem])
+        elif len(near) > 1:
+            raise UserError(f"{f}: no mask of exactly its name, and two up to case: {index[near[0]][0]}, "
+                            f"{index[near[1]][0]}")
+        elif near and near[0] in by_name:
+            raise UserError(f"{f}: no mask of exactly its name; {index[near[0]][0]} is the mask of "
+                            f"{by_name[near[0]]}, not of both")
+        else:
+            out.append(index[near[0]] if near else [])
+    return out
 
 
 def folder_category(cat: Path):
@@ -1082,14 +1195,16 @@ def folder_category(cat: Path):
     for defect in subfolders(test_dir):
         if defect.name == "ground_truth":
             continue
-        index = mask_index(gt / defect.name) if gt else {}
-        for f in image_files(defect):
-            if defect.name.lower() in NORMAL:
+        files = image_files(defect)
+        normal = defect.name.lower() in NORMAL
+        masks = match_masks(files, mask_index(gt / defect.name)) if gt and not normal else [[]] * len(files)
+        for f, ms in zip(files, masks):
+            if normal:
                 test.append((f, 0, []))
-            elif gt and not index.get(f.stem.lower()):
+            elif gt and not ms:
                 raise UserError(f"{f}: no mask at {gt / defect.name / (f.stem + '_mask.png')}")
             else:
-                test.append((f, 1, index.get(f.stem.lower(), [])))
+                test.append((f, 1, ms))
     return Category(cat.resolve().name, train_dir, test_dir,  # `--data .` is the folder's own name
                     image_files(train_dir) if train_dir.is_dir() else [], test, has_masks=gt is not None)
 
@@ -1373,7 +1488,8 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray) -> None:
         scale = -(-256 // strip.height)
         name = folder / overlay_name(path)
         name.parent.mkdir(parents=True, exist_ok=True)
-        strip.resize((scale * strip.width, scale * strip.height), Image.NEAREST).save(name)
+        with atomic_write(name, "wb") as f:
+            strip.resize((scale * strip.width, scale * strip.height), Image.NEAREST).save(f, format="PNG")
 
 
 def percent(v) -> str:
@@ -1411,25 +1527,41 @@ def check_out_dir(out: Path, flag="--out") -> None:
         raise UserError(f"{flag}: {out} cannot be written: no write permission in {have} (or a read-only disk)")
 
 
-# A rerun replaces an output folder as a whole: the new contents are written aside, then swapped
-# in, so old and new files never mix, and an error or Ctrl-C while writing leaves the old folder.
+# A rerun replaces a run's outputs as a whole: they are written into a hidden folder inside --out
+# and only then moved in together. An error or interrupt while writing leaves the previous run as it
+# was; one during the moves (renames, milliseconds) leaves OUT/INCOMPLETE naming what is missing.
 
-def aside(folder: Path) -> Path:
-    """An empty hidden folder beside `folder` to write its new contents in (one left by an
-    interrupted run is cleared)."""
-    tmp = folder.parent / f".{folder.name}.new"
-    shutil.rmtree(tmp, ignore_errors=True)
+@contextlib.contextmanager
+def staged(out: Path, stale=()):
+    """A fresh folder in which to write the new outputs of `out` (files and folders named as in
+    `out`); when the block ends they replace their namesakes in `out`, and the outputs named in
+    `stale` (an earlier run's, this run does not write) are removed."""
+    tmp = out / ".staging"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
     tmp.mkdir(parents=True)
-    return tmp
-
-
-def swap(tmp: Path, folder: Path) -> None:
-    old = folder.parent / f".{folder.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        yield tmp
+        names = sorted(os.listdir(tmp))
+        with atomic_write(out / "INCOMPLETE") as f:
+            f.write(f"an interrupted run was replacing {', '.join(names)} here; some may be missing\n")
+        trash = tmp / ".old"
+        trash.mkdir()
+        for name in [*names, *stale]:
+            if os.path.lexists(out / name):
+                os.replace(out / name, trash / name)
+        moved = []
+        try:
+            for name in names:
+                os.replace(tmp / name, out / name)
+                moved.append(name)
+        except BaseException:
+            with atomic_write(out / "INCOMPLETE") as f:
+                f.write(f"missing: {', '.join(n for n in names if n not in moved)} (an interrupted run); "
+                        f"run it again\n")
+            raise
+        (out / "INCOMPLETE").unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_for_test(ckpt_path, device, compile=False):
@@ -1438,8 +1570,9 @@ def load_for_test(ckpt_path, device, compile=False):
     return ckpt, inference_model(model_from_checkpoint(ckpt, ckpt_path), device, compile)
 
 
-def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: ScoreConfig, overlays=True) -> None:
-    """out/report.html, a static page to read the evaluation by eye: the metrics table, each
+def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict, cfg: ScoreConfig,
+                 overlays=True) -> None:
+    """out/report.html, headed `title`, a static page to read the evaluation by eye: the metrics table, each
     category's image ROC, pixel ROC and PRO curves (out/report/CATEGORY.png) and its overlays,
     worst first: normal images by falling score, then defective images by rising score."""
     from html import escape
@@ -1454,7 +1587,7 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
             "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #bbb;"
             "padding:3px 8px;text-align:right}figure{display:inline-block;margin:4px}"
             "figure img{height:160px;image-rendering:pixelated}figcaption{font-size:12px}</style></head><body>",
-            f"<h1>flow-mismatch evaluation</h1><p>{escape(out.name)}: score {escape(cfg.score)}, K={cfg.K}, "
+            f"<h1>flow-mismatch evaluation</h1><p>{escape(title)}: score {escape(cfg.score)}, K={cfg.K}, "
             f"T={cfg.T}, aggregator {escape(cfg.aggregator)}, w(t) = {escape(cfg.weight)}, seed {cfg.seed}. "
             "Metrics in %; n/a: not computable on this test set.</p>",
             "<table><tr><th>category</th>" + "".join(f"<th>{m}</th>" for m in METRICS) + "</tr>"]
@@ -1480,7 +1613,8 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
         axes[2].axvline(0.3, color="grey", ls=":")
         axes[2].set(title=f"PRO, AUPRO (FPR <= 0.3) {percent(r.get('pixel_aupro'))}", xlabel="false positive rate",
                     ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
-        fig.savefig(out / "report" / f"{name}.png", dpi=80)
+        with atomic_write(out / "report" / f"{name}.png", "wb") as f:
+            fig.savefig(f, format="png", dpi=80)
         page.append(f"<h2 id='{quote(name)}'>{escape(name)}</h2><img src='report/{quote(name)}.png' alt='curves of {escape(name)}'>")
         if not overlays:
             continue
@@ -1496,7 +1630,8 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
                             f"<figcaption>S = {scores[i]:.4g} &middot; {escape(rel)}</figcaption></figure>")
             page.append("</div>")
     page.append("</body></html>")
-    (out / "report.html").write_text("\n".join(page) + "\n")
+    with atomic_write(out / "report.html") as f:
+        f.write("\n".join(page) + "\n")
 
 
 def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
@@ -1528,7 +1663,8 @@ def at_eval_size(data: Dataset, heat: np.ndarray, size) -> tuple:
 
 def metrics_of(tests: dict, scored: dict, eval_size=None) -> dict:
     """The seven metrics per category (pixel metrics at the training resolution, or at eval_size: N
-    or "original") and their mean over the categories that have each (None if none has it)."""
+    or "original") and their mean over the categories that have each (None if none has it), with
+    the number of those categories per metric (mean.categories)."""
     results = {}
     for name, (heat, scores) in scored.items():
         data, masks = tests[name], tests[name].masks
@@ -1539,6 +1675,7 @@ def metrics_of(tests: dict, scored: dict, eval_size=None) -> dict:
         results[name] = evaluate(data.anomalous, scores, masks, heat)
     values = {k: [r[k] for r in results.values() if r[k] is not None] for k in METRICS}
     results["mean"] = {k: float(np.mean(v)) if v else None for k, v in values.items()}
+    results["mean"]["categories"] = {k: len(v) for k, v in values.items()}  # how many each mean is over
     return results
 
 
@@ -1559,17 +1696,6 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
     if rank != 0:
         return {}
-    for name, (heat, scores) in scored.items():
-        data, folder = tests[name], aside(out / name)
-        with open(folder / "scores.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label", "score"])
-            w.writerows(zip(data.paths, data.anomalous.tolist(), scores.tolist()))
-        np.savez_compressed(folder / "heatmaps.npz", paths=np.array(data.paths), labels=data.anomalous.astype(np.uint8),
-                            scores=scores.astype(np.float32), heat=heat, masks=data.masks)
-        if overlays:
-            write_overlays(folder / "overlays", data, heat)
-        swap(folder, out / name)
     results = metrics_of(tests, scored, eval_size)
     table = format_table(results)
     if alarm_rate:
@@ -1580,11 +1706,27 @@ def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
         for k in OPERATING:
             values = [results[name][k] for name in scored if results[name][k] is not None]
             results["mean"][k] = float(np.mean(values)) if values else None
+            results["mean"]["categories"][k] = len(values)
         table += "\n\n" + format_operating_point(results, alarm_rate)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False))
-    (out / "table.md").write_text(table + "\n")
-    write_report(out, tests, scored, results, cfg, overlays)
+    with staged(out) as new:
+        for name, (heat, scores) in scored.items():
+            data, folder = tests[name], new / name
+            folder.mkdir()
+            with atomic_write(folder / "scores.csv", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "label", "score"])
+                w.writerows(zip(data.paths, data.anomalous.tolist(), scores.tolist()))
+            with atomic_write(folder / "heatmaps.npz", "wb") as f:
+                np.savez_compressed(f, paths=np.array(data.paths), labels=data.anomalous.astype(np.uint8),
+                                    scores=scores.astype(np.float32), heat=heat, masks=data.masks)
+            if overlays:
+                write_overlays(folder / "overlays", data, heat)
+        with atomic_write(new / "metrics.json") as f:
+            f.write(json.dumps(results, indent=2, allow_nan=False))
+        with atomic_write(new / "table.md") as f:
+            f.write(table + "\n")
+        write_report(new, out.name, tests, scored, results, cfg, overlays)
     log(table)
     rule = (f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}" if cfg.score == "mismatch" else
             f"{cfg.score}: K={cfg.K} t0={cfg.t0}{f' steps={cfg.ode_steps}' * (cfg.score == 'recon')} "
@@ -1634,9 +1776,10 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
         table.append("| " + " | ".join([str(r["setting"][k]) for k in keys] + [percent(m[k]) for k in METRICS])
                      + f" | {r['images_per_s']:.2f} |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.md").write_text("\n".join(table) + "\n")
-    (out / "sweep.json").write_text(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2,
-                                               allow_nan=False))
+    with atomic_write(out / "sweep.md") as f:
+        f.write("\n".join(table) + "\n")
+    with atomic_write(out / "sweep.json") as f:
+        f.write(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2, allow_nan=False))
     log("\n".join(table))
     return rows
 
@@ -1681,11 +1824,42 @@ def conformal_threshold(calib, A: float) -> float:
 
 
 @torch.no_grad()
-def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, label=None) -> dict:
-    """Scores and heatmap maxima of normal images the model was not trained on, and the rule that scored them."""
+def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, label, step: int) -> dict:
+    """Scores and heatmap maxima of normal images the model was not trained on, bound to what made
+    them: the images (data.paths, absolute, and their sha256), the rule, the weights' step."""
     heat, scores = score_dataset(model, data, cfg, mean, std, device, label, first_id=CALIB_IDS)
     return dict(scores=scores.tolist(), maxima=heat.flatten(1).amax(1).tolist(), paths=list(data.paths),
-                rule={f: getattr(cfg, f) for f in SCORE_RULE})
+                sha256=image_hashes(data.images), rule={f: getattr(cfg, f) for f in SCORE_RULE}, step=step)
+
+
+def bound_images(record: dict, size: int, known=None) -> torch.Tensor:
+    """The images a record {"paths", "sha256"} names (a run's hold-out, a calibration), each checked
+    against its sha256: a missing or changed file is an error naming it. known: {path: image} in memory."""
+    paths, hashes, known = record.get("paths"), record.get("sha256"), known or {}
+    if not isinstance(paths, list) or not isinstance(hashes, list) or len(paths) != len(hashes) or not paths:
+        raise UserError("the checkpoint records no images with their sha256 for it")
+    for p in paths:
+        if p not in known and not Path(p).is_file():
+            raise UserError(f"{p}: missing; it is one of the recorded calibration images")
+    read = iter(_load([Path(p) for p in paths if p not in known], size))
+    images = torch.stack([known[p] if p in known else torch.tensor(next(read)[0]).permute(2, 0, 1)
+                          for p in paths])  # (N, 3, S, S) uint8
+    for p, h, h_now in zip(paths, hashes, image_hashes(images)):
+        if h != h_now:
+            raise UserError(f"{p}: changed since it was recorded as a calibration image (its sha256 differs)")
+    return images
+
+
+def check_unseen(ckpt: dict, data: Dataset, ckpt_path) -> None:
+    """No calibration image is among the images the checkpoint was trained on (by sha256)."""
+    if "trained_on" not in ckpt:
+        note(f"warning: {ckpt_path} does not record its training images; cannot check that none is among "
+             f"the calibration images")
+    trained = set(ckpt.get("trained_on", ()))
+    seen = [f for f, h in zip(data.paths, image_hashes(data.images)) if h in trained]
+    if seen:
+        raise UserError(f"--data: {len(seen)} of {len(data)} images were used to train {ckpt_path} (e.g. {seen[0]}); "
+                        f"calibrate on normal images the model has not seen")
 
 
 def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) -> dict:
@@ -1699,6 +1873,10 @@ def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) 
     if cal is None:
         raise UserError(f"--alarm-rate: {ckpt_path} holds no calibration of {category}; train with --calib-fraction "
                         f"or run: calibrate --ckpt {ckpt_path} --data FOLDER_OF_NORMAL_IMAGES")
+    if cal.get("step") != ckpt["step"]:
+        raise UserError(f"--alarm-rate: the calibration of {category} in {ckpt_path} was scored on the weights of "
+                        f"step {cal.get('step')}, not on these (step {ckpt['step']}); run calibrate --ckpt {ckpt_path} "
+                        f"again")
     differ = [f for f in SCORE_RULE if cal["rule"].get(f) != getattr(cfg, f)]
     if differ:
         flags = " ".join(f"{'-' * (1 + (len(f) > 1))}{f.replace('_', '-')} {cal['rule'].get(f)}" for f in differ)
@@ -1807,7 +1985,8 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
     ax.tick_params(labelsize=7)
     fig.suptitle(f"{about['image']}: S = {e['score']:.4g}", fontsize=9)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, format=out.suffix[1:].lower(), dpi=80)
 
     def stats(a):
         return dict(max=float(a.max()), mean=float(a.mean()), at_peak=float(a[e["peak"]]))
@@ -1821,9 +2000,11 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
     if mask is not None:
         numbers["heat_in_mask"] = dict(inside=float(heat[mask].mean()) if mask.any() else None,
                                        outside=float(heat[~mask].mean()) if (~mask).any() else None)
-    out.with_suffix(".json").write_text(json.dumps(numbers, indent=2))
-    np.savez_compressed(out.with_suffix(".npz"), t=e["t"].numpy(), maps=maps, heat=heat, xt=e["xt"].numpy(),
-                        **{f"delta_{a}": m.numpy() for a, m in e["spread"].items()})
+    with atomic_write(out.with_suffix(".json")) as f:
+        f.write(json.dumps(numbers, indent=2))
+    with atomic_write(out.with_suffix(".npz"), "wb") as f:
+        np.savez_compressed(f, t=e["t"].numpy(), maps=maps, heat=heat, xt=e["xt"].numpy(),
+                            **{f"delta_{a}": m.numpy() for a, m in e["spread"].items()})
 
 
 # ----------------------------------------------------------------------------
@@ -2000,17 +2181,10 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text):
+def learning_rate(text):
     value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not 0 < value <= 1e3:  # 100 already diverges within 3 steps (tiny); above 1e3 is a typo
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1e3, got {text}")
     return value
 
 
@@ -2045,9 +2219,12 @@ def eval_size(text):
     if text == "original":
         return text
     try:
-        return positive_int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive integer nor 'original'")
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'original'")
+    if not 1 <= value <= 8192:  # 8192^2 floats per image are 256 MiB; larger is a typo
+        raise argparse.ArgumentTypeError(f"must be from 1 to 8192 or 'original', got {value}")
+    return value
 
 
 def listed(item):
@@ -2124,32 +2301,28 @@ def cmd_train(args):
     flag = "--resume" if args.resume else "--out"
     check_out_dir(out, flag)
     pick_device(args.device)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}  # the flags on the command line
     if not args.resume:
         if args.data is None:
             raise UserError("--data: required")
-        recipe = CPU_RECIPES.get(args.preset, {})
-        size = args.image_size or recipe.get("image_size", TrainConfig.image_size)
-        check_image_size(size, args.preset)
-        data_root = args.data
+        recipe = dict(CPU_RECIPES.get(given.get("preset", TrainConfig.preset), {}))
+        if "epochs" in given:
+            recipe.pop("steps", None)
+        cfg = replace(TrainConfig(), **{**recipe, **given})
+        check_image_size(cfg.image_size, cfg.preset)
     with run_lock(out, flag):  # held until training ends
         if args.resume:
             if not (out / "ckpt.pt").is_file():
                 raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
             ckpt = load_checkpoint(out / "ckpt.pt")
-            data_root = args.data or ckpt.get("data")
-            size = ckpt["train_config"]["image_size"]
+            cfg = resumed_config(ckpt, replace(train_config_of(ckpt), **given), log=lambda *_: None)  # before any work
+            data = load_train(args.data or ckpt.get("data"), cfg.image_size)
         elif (out / "ckpt.pt").exists():
             raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
                             f"another folder")
-        data = load_train(data_root, size)
-        steps = args.steps or (CPU_RECIPES.get(args.preset, {}).get("steps", 0) if args.epochs is None else 0)
-        calib = CPU_RECIPES.get(args.preset, {}).get("calib_fraction", TrainConfig.calib_fraction) \
-            if args.calib_fraction is None else args.calib_fraction
-        cfg = TrainConfig(preset=args.preset, image_size=size, batch_size=args.batch_size,
-                          epochs=args.epochs or TrainConfig.epochs, steps=steps,
-                          lr=args.lr or CPU_RECIPES.get(args.preset, {}).get("lr", TrainConfig.lr), seed=args.seed,
-                          save_every=args.save_every, save_epochs=args.save_epochs, pooled=args.pooled,
-                          calib_fraction=calib)
+        else:
+            data = load_train(args.data, cfg.image_size)
         path = train(data, cfg, out, args.device, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
@@ -2162,13 +2335,15 @@ def cmd_test(args):
     grid = {field: values for field, values in sweeps.items() if values is not None}
     if (grid or len(args.ckpt) > 1) and args.alarm_rate:
         raise UserError("--alarm-rate: give it to a plain `test` of one checkpoint, not to an ablation")
-    if grid or len(args.ckpt) > 1:
-        run_sweep(args.ckpt, args.data, Path(args.out), score_config(args), grid, args.device, args.compile,
-                  eval_size=args.eval_size)
-    else:
-        run_test(args.ckpt[0], args.data, Path(args.out), score_config(args), args.device,
-                 overlays=not args.no_overlays, compile=args.compile, eval_size=args.eval_size,
-                 alarm_rate=args.alarm_rate)
+    check_out_dir(Path(args.out))
+    with run_lock(Path(args.out), "--out", "test"):  # one run per output folder
+        if grid or len(args.ckpt) > 1:
+            run_sweep(args.ckpt, args.data, Path(args.out), score_config(args), grid, args.device, args.compile,
+                      eval_size=args.eval_size)
+        else:
+            run_test(args.ckpt[0], args.data, Path(args.out), score_config(args), args.device,
+                     overlays=not args.no_overlays, compile=args.compile, eval_size=args.eval_size,
+                     alarm_rate=args.alarm_rate)
     return 0
 
 
@@ -2177,55 +2352,53 @@ def cmd_score(args):
     check_score_config(cfg)
     out = Path(args.out)
     check_out_dir(out)
-    device = pick_device(args.device)
-    ckpt = load_checkpoint(args.ckpt)
-    model = inference_model(model_from_checkpoint(ckpt, args.ckpt), device, args.compile)
-    target = Path(args.images)
-    if not target.exists():
-        raise UserError(f"{target}: no such file or folder")
-    files = image_files(target) if target.is_dir() else [target]
-    if not files:
-        raise UserError(f"{target}: holds no images")
-    label = category_label(ckpt, args.category)
-    A = args.alarm_rate
-    cal = calibration_of(ckpt, args.category, cfg, args.ckpt, A) if A else None
-    size = ckpt["train_config"]["image_size"]
-    loaded = _load(files, size, skip=True)  # an inspection line: a bad file is named, the rest scored
-    good = [f for f, r in zip(files, loaded) if r is not None]
-    if not good:
-        raise UserError(f"{target}: no readable image")
-    images = torch.from_numpy(np.stack([r[0] for r in loaded if r is not None])).permute(0, 3, 1, 2).contiguous()
-    data = Dataset(images, torch.zeros(len(good), dtype=torch.long), [], [str(f) for f in good],
-                   np.zeros(len(good), int), np.zeros((len(good), size, size), np.uint8))
-    heat, scores = score_dataset(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label,
-                                 Progress(len(data)))
-    out.mkdir(parents=True, exist_ok=True)
-    folder = aside(out / "heatmaps")
-    write_overlays(folder, data, heat.numpy())
-    swap(folder, out / "heatmaps")
-    with open(out / "scores.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        cols = [scores.tolist()]
+    with run_lock(out, "--out", "score"):  # one run per output folder
+        device = pick_device(args.device)
+        ckpt = load_checkpoint(args.ckpt)
+        model = inference_model(model_from_checkpoint(ckpt, args.ckpt), device, args.compile)
+        target = Path(args.images)
+        if not target.exists():
+            raise UserError(f"{target}: no such file or folder")
+        files = image_files(target) if target.is_dir() else [target]
+        if not files:
+            raise UserError(f"{target}: holds no images")
+        label = category_label(ckpt, args.category)
+        A = args.alarm_rate
+        cal = calibration_of(ckpt, args.category, cfg, args.ckpt, A) if A else None
+        size = ckpt["train_config"]["image_size"]
+        loaded = _load(files, size, skip=True)  # an inspection line: a bad file is named, the rest scored
+        good = [f for f, r in zip(files, loaded) if r is not None]
+        if not good:
+            raise UserError(f"{target}: no readable image")
+        images = torch.from_numpy(np.stack([r[0] for r in loaded if r is not None])).permute(0, 3, 1, 2).contiguous()
+        data = Dataset(images, torch.zeros(len(good), dtype=torch.long), [], [str(f) for f in good],
+                       np.zeros(len(good), int), np.zeros((len(good), size, size), np.uint8))
+        heat, scores = score_dataset(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device,
+                                     label, Progress(len(data)))
         if A:
             p = p_values(cal["scores"], scores.numpy())
-            cols += [p.tolist(), (p <= A).astype(int).tolist()]
-        rows = dict(zip(data.paths, zip(*cols)))
-        w.writerow(["path", "score"] + ["p_value", "anomalous"] * bool(A))
-        w.writerows([str(q), *rows.get(str(q), [""] * len(cols))] for q in files)  # empty: skipped, unreadable
-    for path, s in zip(data.paths, scores.tolist()):
-        print(f"{s:.6g}\t{path}")
-    if A:
-        from PIL import Image
+        with staged(out, stale=() if A else ("masks",)) as new:
+            write_overlays(new / "heatmaps", data, heat.numpy())
+            with atomic_write(new / "scores.csv", newline="") as f:
+                w = csv.writer(f)
+                cols = [scores.tolist()] + ([p.tolist(), (p <= A).astype(int).tolist()] if A else [])
+                rows = dict(zip(data.paths, zip(*cols)))
+                w.writerow(["path", "score"] + ["p_value", "anomalous"] * bool(A))
+                w.writerows([str(q), *rows.get(str(q), [""] * len(cols))] for q in files)  # empty: skipped, unreadable
+            if A:
+                from PIL import Image
 
-        folder = aside(out / "masks")
-        for path, mask in zip(data.paths, heat.numpy() > conformal_threshold(cal["maxima"], A)):
-            name = folder / overlay_name(path)
-            name.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(name)
-        swap(folder, out / "masks")
-        print(f"{int((p <= A).sum())} of {len(p)} images anomalous at alarm rate {A} "
-              f"({len(cal['scores'])} calibration images); masks in {out / 'masks'}")
-    return SKIPPED if len(good) < len(files) else 0
+                for path, mask in zip(data.paths, heat.numpy() > conformal_threshold(cal["maxima"], A)):
+                    name = new / "masks" / overlay_name(path)
+                    name.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_write(name, "wb") as f:
+                        Image.fromarray(mask.astype(np.uint8) * 255).save(f, format="PNG")
+        for path, s in zip(data.paths, scores.tolist()):
+            print(f"{s:.6g}\t{path}")
+        if A:
+            print(f"{int((p <= A).sum())} of {len(p)} images anomalous at alarm rate {A} "
+                  f"({len(cal['scores'])} calibration images); masks in {out / 'masks'}")
+        return SKIPPED if len(good) < len(files) else 0
 
 
 def cmd_calibrate(args):
@@ -2238,10 +2411,12 @@ def cmd_calibrate(args):
     category = args.category or (names[0] if len(names) == 1 else None)
     if category not in names:
         raise UserError(f"--category: give one of {names}")
-    if args.data is None:  # the run's own hold-out, e.g. rescored under other -K/-T
-        files = [Path(p) for p in (ckpt.get("held_out") or {}).get(category, [])]
-        if not files:
+    size = ckpt["train_config"]["image_size"]
+    if args.data is None:  # the run's own hold-out, e.g. rescored under other -K/-T; each file checked
+        record = (ckpt.get("held_out") or {}).get(category)
+        if not record:
             raise UserError(f"--data: required, {ckpt_path} held out no images of {category} (train --calib-fraction)")
+        images, paths = bound_images(record, size), record["paths"]
     else:
         folder = Path(args.data)
         if not folder.is_dir():
@@ -2249,25 +2424,30 @@ def cmd_calibrate(args):
         files = image_files(folder)
         if not files:
             raise UserError(f"--data: {folder} holds no images")
-    size = ckpt["train_config"]["image_size"]
-    images = torch.from_numpy(np.stack([a for a, _ in _load(files, size)])).permute(0, 3, 1, 2).contiguous()
-    if "trained_on" not in ckpt:
-        print(f"warning: {ckpt_path} does not record its training images; cannot check that none is among "
-              f"the calibration images", file=sys.stderr)
-    trained = set(ckpt.get("trained_on", ()))
-    seen = [f for f, h in zip(files, image_hashes(images)) if h in trained]
-    if seen:
-        raise UserError(f"--data: {len(seen)} of {len(files)} images were used to train {ckpt_path} (e.g. {seen[0]}); "
-                        f"calibrate on normal images the model has not seen")
+        images = torch.from_numpy(np.stack([a for a, _ in _load(files, size)])).permute(0, 3, 1, 2).contiguous()
+        paths = [str(f.resolve()) for f in files]
+    data = Dataset(images, torch.zeros(len(paths), dtype=torch.long), names, paths)
+    check_unseen(ckpt, data, ckpt_path)
     device = pick_device(args.device)
-    model = inference_model(model_from_checkpoint(ckpt, ckpt_path), device, args.compile)
-    data = Dataset(images, torch.zeros(len(files), dtype=torch.long), names, [str(f) for f in files])
     label = names.index(category) if ckpt["conditional"] else None
-    cal = calibrate_on(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label)
-    ckpt["calibration"] = {**(ckpt.get("calibration") or {}), category: cal}
-    save_checkpoint(ckpt_path, ckpt)
-    print(f"calibrated {category} on {len(files)} normal images (smallest --alarm-rate 1/(n+1) = "
-          f"{1 / (len(files) + 1):.3g}); written to {ckpt_path}")
+
+    def scored(ckpt):
+        model = inference_model(model_from_checkpoint(ckpt, ckpt_path), device, args.compile)
+        return calibrate_on(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label,
+                            ckpt["step"])
+
+    cal = scored(ckpt)  # without the lock: a `train --resume` may run meanwhile
+    with run_lock(ckpt_path.parent, "--ckpt", "calibrate", wait=True):
+        newest = load_checkpoint(ckpt_path)  # with another calibration, or trained on
+        if newest["model"].keys() != ckpt["model"].keys() or not all(
+                torch.equal(v, newest["model"][k]) for k, v in ckpt["model"].items()):
+            note(f"{ckpt_path} was trained on to step {newest['step']} meanwhile; scoring again on its weights")
+            check_unseen(newest, data, ckpt_path)
+            cal = scored(newest)
+        newest["calibration"] = {**(newest.get("calibration") or {}), category: cal}
+        save_checkpoint(ckpt_path, newest)
+    print(f"calibrated {category} on {len(paths)} normal images (smallest --alarm-rate 1/(n+1) = "
+          f"{1 / (len(paths) + 1):.3g}); written to {ckpt_path}")
     return 0
 
 
@@ -2343,7 +2523,8 @@ def cmd_compare(args):
     if partial:
         note(f"our mean is not over the paper's {len(PAPER_CATEGORIES[args.dataset])} {args.dataset} categories "
              f"({partial}); the mean rows are not like for like")
-    (path.parent / f"compare_{args.dataset}.md").write_text(table + "\n")
+    with atomic_write(path.parent / f"compare_{args.dataset}.md") as f:
+        f.write(table + "\n")
     print(table)
     return 0
 
@@ -2363,7 +2544,8 @@ def cmd_bench(args):
         print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(r, indent=2))
+        with atomic_write(args.json) as f:
+            f.write(json.dumps(r, indent=2))
     return 0
 
 
@@ -2377,20 +2559,20 @@ def build_parser() -> Parser:
     p.add_argument("--data", help="a category folder (mvtec/bottle) or a root of categories (mvtec)")
     p.add_argument("--out", help="run folder; writes RUN_DIR/ckpt.pt")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    p.add_argument("--preset", choices=list(PRESETS), default=TrainConfig.preset, help=presets)
-    p.add_argument("--epochs", type=positive_int, help=f"epochs (paper: {TrainConfig.epochs})")
-    p.add_argument("--steps", type=positive_int, help="optimiser steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int_in(1, 4096), default=TrainConfig.batch_size,
-                   help="images per process and step")
+    p.add_argument("--preset", choices=list(PRESETS), help=f"default {TrainConfig.preset}; {presets}")
+    p.add_argument("--epochs", type=int_in(1, 10**6), help=f"epochs (paper: {TrainConfig.epochs})")
+    p.add_argument("--steps", type=int_in(1, 10**9), help="optimiser steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int_in(1, 4096), help=f"images per process and step ({TrainConfig.batch_size})")
     p.add_argument("--image-size", type=int_in(1, 1024),
                    help=f"square size images are resized to (paper: {TrainConfig.image_size})")
-    p.add_argument("--lr", type=positive_float,
+    p.add_argument("--lr", type=learning_rate,
                    help=f"learning rate (paper: {TrainConfig.lr}; CPU presets: {CPU_RECIPES['tiny']['lr']})")
-    p.add_argument("--seed", type=int_in(*SEEDS), default=TrainConfig.seed)
-    p.add_argument("--pooled", action="store_true", help="one unconditional model for all categories (Table 8)")
-    p.add_argument("--save-every", type=positive_int, default=TrainConfig.save_every, help="steps between checkpoints")
-    p.add_argument("--save-epochs", type=listed(positive_int), default=(),
-                   help="also keep ckpt_epochE.pt at these epochs")
+    p.add_argument("--seed", type=int_in(*SEEDS), help=f"default {TrainConfig.seed}")
+    p.add_argument("--pooled", action="store_true", default=None,
+                   help="one unconditional model for all categories (Table 8)")
+    p.add_argument("--save-every", type=int_in(1, 10**9),
+                   help=f"steps between checkpoints ({TrainConfig.save_every})")
+    p.add_argument("--save-epochs", type=listed(int_in(1, 10**6)), help="also keep ckpt_epochE.pt at these epochs")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--calib-fraction", type=fraction,
                    help="share of each category's train/good held out, never trained on, and scored at the end "
@@ -2489,6 +2671,11 @@ def build_parser() -> Parser:
     return ap
 
 
+def terminated(signum, frame):
+    """SIGTERM outside training (which saves first) stops a command as Ctrl-C does: exit 143."""
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv=None) -> int:
     """Runs a command; returns its exit status (SKIPPED and the others above the Parser)."""
     try:
@@ -2507,9 +2694,9 @@ def main(argv=None) -> int:
     except OSError as e:  # the disk, not the input: full, gone, or refused mid-run
         print(f"flow_mismatch.py: error: {e.filename or 'writing output'}: {e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM by `terminated`
         print("flow_mismatch.py: interrupted", file=sys.stderr)
-        return 130
+        return 128 + (e.args[0] if e.args else signal.SIGINT)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -2517,4 +2704,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C is KeyboardInterrupt again
+    signal.signal(signal.SIGTERM, terminated)
     sys.exit(main())
