@@ -237,6 +237,19 @@ def test_calibrate_without_data_rescores_the_hold_out_from_anywhere_and_refuses_
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
 
 
+def test_a_calibration_of_older_weights_is_refused(trained, mvtec, tmp_path, capsys):
+    ckpt = torch.load(trained, weights_only=True)
+    assert {cal["step"] for cal in ckpt["calibration"].values()} == {ckpt["step"]}
+    ckpt["step"] += 1  # as if trained on while its calibration stayed
+    fm.save_checkpoint(tmp_path / "moved.pt", ckpt)
+    images = mvtec / "grid" / "test" / "good"
+    rc = fm.main(["score", "--ckpt", str(tmp_path / "moved.pt"), str(images), "--out", str(tmp_path / "o"),
+                  "--category", "grid", "--alarm-rate", "0.6"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "step 6, not on these (step 7)" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_refuses_other_data_or_a_changed_flag_and_keeps_every_training_image_on_record(mvtec, tmp_path,
                                                                                               capsys):
     data, other = tmp_path / "data", tmp_path / "other"
