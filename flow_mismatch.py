@@ -1776,10 +1776,11 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
         table.append("| " + " | ".join([str(r["setting"][k]) for k in keys] + [percent(m[k]) for k in METRICS])
                      + f" | {r['images_per_s']:.2f} |")
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "sweep.md") as f:
-        f.write("\n".join(table) + "\n")
-    with atomic_write(out / "sweep.json") as f:
-        f.write(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2, allow_nan=False))
+    with staged(out) as new:
+        with atomic_write(new / "sweep.md") as f:
+            f.write("\n".join(table) + "\n")
+        with atomic_write(new / "sweep.json") as f:
+            f.write(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2, allow_nan=False))
     log("\n".join(table))
     return rows
 
