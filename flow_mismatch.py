@@ -66,7 +66,60 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------
-# Config: one dataclass per concern; the CLI reads its defaults from here.
+# Config: one dataclass per concern. Each field is a `knob`: its default, its --help text and its
+# range live here once; the CLI's flags are generated from them and __post_init__ enforces them,
+# so Python callers and the command line are refused the same values with the same message.
+
+class UserError(Exception):
+    """Reported as one line without a traceback; exit status 2 for bad input."""
+
+    def __init__(self, message, status=2):
+        super().__init__(message)
+        self.status = status
+
+
+def knob(default, help, choices=None, ge=None, gt=None, le=None, lt=None, check=None, flag=None):
+    """A config field with the help text, choices and bounds its values must keep; `check` is a
+    further rule (a function raising UserError); flag: the CLI name if not --field-name."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata=dict(help=help, choices=choices, bounds=bounds, check=check, flag=flag))
+
+
+def flag_of(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+          "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def check_knob(f, value, flag=None):
+    """`value` if it keeps field f's type, choices and bounds (each item of a tuple), else UserError."""
+    flag = flag or flag_of(f)
+    if value is None and f.default is None:  # not set
+        return value
+    kind = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(f.type).split(" ")[0])
+    for v in value if isinstance(value, tuple) else (value,):
+        if kind is not None and (not isinstance(v, kind) or (kind is not bool and isinstance(v, bool))):
+            raise UserError(f"{flag}: {v!r} is not {'an integer' if kind is int else 'a ' + str(f.type)}")
+        m = f.metadata
+        if m.get("choices") and v not in m["choices"]:
+            raise UserError(f"{flag}: {v!r} is not one of {', '.join(m['choices'])}")
+        if not all(ok(v, b) for op, b in m.get("bounds", {}).items() for _, ok in [BOUNDS[op]]):
+            rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
+            raise UserError(f"{flag}: must be {rule}, got {v}")
+        if m.get("check"):
+            m["check"](v)
+    return value
+
+
+def check_knobs(cfg) -> None:
+    for f in fields(cfg):
+        check_knob(f, getattr(cfg, f.name))
+
+
+SEED = dict(ge=0, le=2**32 - 1)  # the range of a --seed
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -116,46 +169,62 @@ CPU_RECIPES = {"small": dict(image_size=64, steps=1000, lr=5e-4, calib_fraction=
 class TrainConfig:
     """Conditional flow matching (Eq. 1) with the optimiser of App. C.2."""
 
-    preset: str = "paper"
-    image_size: int = 128  # Sec. 5.1
-    batch_size: int = 32  # per process
-    epochs: int = 2000
-    steps: int = 0  # > 0 overrides epochs
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    betas: tuple = (0.9, 0.99)
-    eps: float = 1e-6
-    update_rms_clip: float = 1.0
-    seed: int = 0
-    save_every: int = 1000  # steps between checkpoints
-    save_epochs: tuple = ()  # extra snapshots ckpt_epoch{E}.pt (Table 9)
-    pooled: bool = False  # one unconditional model for all categories (Table 8)
-    calib_fraction: float = 0.0  # of each category's train/good, held out for calibration; 0: the paper, all train
+    preset: str = knob("paper", "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()), choices=tuple(PRESETS))
+    image_size: int = knob(128, "square size images are resized to (Sec. 5.1)", ge=1, le=4096)
+    batch_size: int = knob(32, "images per process and step", ge=1, le=4096)
+    epochs: int = knob(2000, "epochs", ge=1, le=10**6)
+    steps: int = knob(None, "optimiser steps, overriding --epochs; None: by epochs", ge=1, le=10**9)
+    lr: float = knob(1e-4, "learning rate (100 already diverges within 3 steps)", gt=0, le=1e3)
+    weight_decay: float = knob(1e-4, "decoupled weight decay", ge=0, le=1e3)
+    betas: tuple = knob((0.9, 0.99), "Adam's two moment decays", ge=0, lt=1)
+    eps: float = knob(1e-6, "Adam's epsilon", gt=0, le=1)
+    update_rms_clip: float = knob(1.0, "StableAdamW's update-RMS clip", gt=0, le=1e3)
+    seed: int = knob(0, "seed of the weights, batches, noise and dropout", **SEED)
+    save_every: int = knob(1000, "steps between checkpoints", ge=1, le=10**9)
+    save_epochs: tuple = knob((), "also keep ckpt_epochE.pt at these epochs (Table 9)", ge=1, le=10**6)
+    pooled: bool = knob(False, "one unconditional model for all categories (Table 8)")
+    calib_fraction: float = knob(0.0, "share of each category's train/good held out, never trained on, and scored "
+                                      "at the end (K = T = 10) as the calibration set of --alarm-rate; 0: the "
+                                      "paper, all train", ge=0, lt=1)
+
+    def __post_init__(self):
+        check_knobs(self)
+        factor = 2 ** (len(PRESETS[self.preset].channel_mult) - 1)  # the U-Net's total downsampling
+        if self.image_size % factor:
+            below = factor * max(1, self.image_size // factor)
+            raise UserError(f"--image-size: {self.image_size} is not a positive multiple of {factor}, the total "
+                            f"downsampling of preset {self.preset} ({below} or {below + factor} would work)")
+
+
+def train_config(preset="paper", **given) -> TrainConfig:
+    """The TrainConfig of `preset`: a CPU preset's recipe (CPU_RECIPES) wherever `given` is silent;
+    epochs given without steps train for those epochs."""
+    recipe = {k: v for k, v in CPU_RECIPES.get(preset, {}).items() if not (k == "steps" and "epochs" in given)}
+    return TrainConfig(preset=preset, **{**recipe, **given})
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
     """Test-time knobs of Eqs. (3)-(4); defaults are Sec. 5.1."""
 
-    K: int = 10  # paths
-    T: int = 10  # interior times j / (T + 1)
-    aggregator: str = "min"  # min | mean | quantile:ALPHA
-    weight: str = "t2"  # w(t): 1 | t | t2 | snr (= t^2 / (1 - t)^2)
-    max_batch: int = 0  # U-Net inputs per forward (memory budget); 0: automatic, see forward_batch
-    seed: int = 0
-    score: str = "mismatch"  # mismatch (Eqs. 2-4) | recon (App. C.2) | onestep (RADAR-style)
-    t0: float = 0.5  # start time of the recon and onestep baselines
-    ode_steps: int = 10  # Euler steps of the recon baseline from t0 to 1
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    image_score: str = "paper"  # S: paper (Eq. 4) | max (the map's maximum, as the MVTec-AD evaluation script)
+    K: int = knob(10, "paths per image (Eq. 3)", ge=1, le=1000, flag="-K")
+    T: int = knob(10, "interior times j / (T + 1) (Eq. 4)", ge=1, le=1000, flag="-T")
+    aggregator: str = knob("min", "over paths: min | mean | quantile:ALPHA (Eq. 3)",
+                           check=lambda a: aggregator_rank(a, 1))
+    weight: str = knob("t2", "w(t) of Eq. (4), t2: t^2, snr: t^2 / (1 - t)^2", choices=("1", "t", "t2", "snr"))
+    max_batch: int = knob(0, "U-Net inputs per forward, the memory budget; 0: automatic (512 on CUDA, by image "
+                             "size on CPU: 32 for tiny at 64^2)", ge=0, le=2**20)
+    seed: int = knob(0, "seed of the paths x0", **SEED)
+    score: str = knob("mismatch", "mismatch (Eqs. 2-4) | recon (ReconFlow, App. C.2) | onestep (RADAR-style)",
+                      choices=("mismatch", "recon", "onestep"))
+    t0: float = knob(0.5, "start time of the recon and onestep baselines", gt=0, lt=1)
+    ode_steps: int = knob(10, "Euler steps of the recon baseline from t0 to 1", ge=1, le=1000)
+    precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
+    image_score: str = knob("paper", "S: paper (max + mean of the top 1 %%, Eq. 4) | max (the map's maximum)",
+                            choices=("paper", "max"))
 
-
-class UserError(Exception):
-    """Reported as one line without a traceback; exit status 2 for bad input."""
-
-    def __init__(self, message, status=2):
-        super().__init__(message)
-        self.status = status
+    def __post_init__(self):
+        check_knobs(self)
 
 
 # ----------------------------------------------------------------------------
@@ -431,27 +500,6 @@ def autocast(device: torch.device, precision="auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def check_score_config(cfg: ScoreConfig) -> None:
-    for flag, value in (("-K", cfg.K), ("-T", cfg.T)):
-        if value < 1:
-            raise UserError(f"{flag}: must be at least 1, got {value}")
-    if cfg.max_batch < 0:
-        raise UserError(f"--max-batch: must be 0 (automatic) or positive, got {cfg.max_batch}")
-    if cfg.weight not in WEIGHTS:
-        raise UserError(f"--weight: {cfg.weight!r} is not one of {', '.join(WEIGHTS)}")
-    aggregator_rank(cfg.aggregator, cfg.K)
-    if cfg.score not in SCORERS:
-        raise UserError(f"--score: {cfg.score!r} is not one of {', '.join(SCORERS)}")
-    if not 0 < cfg.t0 < 1:
-        raise UserError(f"--t0: must lie in (0, 1), got {cfg.t0}")
-    if cfg.ode_steps < 1:
-        raise UserError(f"--ode-steps: must be at least 1, got {cfg.ode_steps}")
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"--precision: {cfg.precision!r} is not auto, fp32 or bf16")
-    if cfg.image_score not in ("paper", "max"):
-        raise UserError(f"--image-score: {cfg.image_score!r} is not paper or max")
-
-
 def inference_model(model: UNet, device, compile=False, channels_last=None):
     """Eval mode on `device`, torch.compile on request. Layout (None: by device): channels_last on a
     CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200, where channels_last scored slower; BENCHMARKS.md)."""
@@ -611,7 +659,7 @@ def resumed_config(ckpt: dict, cfg: TrainConfig, log=print) -> TrainConfig:
             raise UserError(f"--{f.name.replace('_', '-')}: {getattr(cfg, f.name)} differs from the run's "
                             f"{getattr(saved, f.name)}; a resumed run keeps it (start a new run to change it)")
     length = (dict(steps=cfg.steps) if cfg.steps else
-              dict(steps=0, epochs=cfg.epochs) if cfg.epochs != saved.epochs else {})
+              dict(steps=None, epochs=cfg.epochs) if cfg.epochs != saved.epochs else {})
     new = replace(saved, save_every=cfg.save_every, save_epochs=cfg.save_epochs, **length)
     changed = [f"--{k.replace('_', '-')} {getattr(saved, k)} -> {getattr(new, k)}" for k in RESUMABLE
                if getattr(new, k) != getattr(saved, k)]
@@ -638,6 +686,7 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
             raise UserError(f"--data: {data.root} is not the data of this run, {ckpt['data']}; a resumed run "
                             f"trains on what it began with (start a new run for other data)")
         if ckpt["class_names"] != data.class_names:
+
             raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
     data, held = split_calibration(data, cfg.calib_fraction, cfg.seed)
     conditional = len(data.class_names) > 1 and not cfg.pooled
@@ -660,7 +709,7 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
         if world > 1 else model
     n = len(data)
     steps_per_epoch = max(1, n // (cfg.batch_size * world))
-    total = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+    total = cfg.steps or cfg.epochs * steps_per_epoch
     if rank == 0:
         nparams = sum(p.numel() for p in model.parameters())
         log(f"preset {cfg.preset}: {nparams:,} parameters ({nparams / 1e6:.1f} M); "
@@ -1028,7 +1077,7 @@ def aupro(masks, heat, fpr_limit: float = 0.3) -> float:
     return float(np.trapezoid(yv, x) / fpr_limit)
 
 
-def evaluate(labels: np.ndarray, scores: np.ndarray, masks, heat) -> dict:
+def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks, heat) -> dict:
     """Image metrics from the scores S; pixel metrics over every test pixel, normal images included
     (masks and heat: (N, H, W) arrays or lists of 2-D arrays). A metric that cannot be computed (one
     class only; masks None: no ground truth) is None."""
@@ -1113,8 +1162,9 @@ def subfolders(folder: Path) -> list:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not hidden(d)) if folder.is_dir() else []
 
 
-def read_image(path: Path, size, mode="RGB"):
-    """-> (array (size, size[, 3]) uint8, original (w, h)); size None keeps the original size.
+def read_image(path, size, mode="RGB"):
+    """An image file (or PIL image) -> (array (size, size[, 3]) uint8, original (w, h)); size None
+    keeps the original size.
 
     mode "RGB": any mode and bit depth Pillow opens becomes 8-bit RGB with its range kept (16-bit
     values / 257, floats in [0, 1] x 255, floats of another range min-max with a warning).
@@ -1123,7 +1173,7 @@ def read_image(path: Path, size, mode="RGB"):
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path) if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path) as im:
             im.load()
             original = im.size
             if mode == "mask":
@@ -1149,6 +1199,11 @@ def read_image(path: Path, size, mode="RGB"):
             return np.asarray(im), original
     except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, DecompressionBombError...)
         raise UserError(f"{path}: unreadable or corrupt image ({str(e)[:80]})")
+
+
+def uint8_batch(arrays) -> torch.Tensor:
+    """(H, W, 3) uint8 arrays of one size -> (N, 3, H, W) uint8."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def mask_index(folder: Path) -> dict:
@@ -1287,14 +1342,6 @@ def note(message: str) -> None:
         print(f"flow_mismatch.py: {message}", file=sys.stderr, flush=True)
 
 
-def check_image_size(size: int, preset: str) -> None:
-    factor = 2 ** (len(PRESETS[preset].channel_mult) - 1) if preset in PRESETS else 1
-    if size < factor or size % factor:
-        below = factor * max(1, size // factor)
-        raise UserError(f"--image-size: {size} is not a positive multiple of {factor}, the total downsampling of "
-                        f"preset {preset} ({below} or {below + factor} would work)")
-
-
 def load_train(root, size: int) -> Dataset:
     images, labels, paths, names = [], [], [], []
     for c, cat in enumerate(find_categories(root)):
@@ -1306,8 +1353,7 @@ def load_train(root, size: int) -> Dataset:
         labels += [c] * len(cat.train)
         paths += [str(f) for f in cat.train]
         names.append(cat.name)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return Dataset(x, torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
+    return Dataset(uint8_batch(images), torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
 
 
 def split_calibration(data: Dataset, fraction: float, seed: int) -> tuple:
@@ -1363,8 +1409,7 @@ def load_test(root, size: int) -> dict:
                          f"at {size}x{size} (no non-zero pixel); it adds no anomalous pixel")
         if not cat.has_masks:
             note(f"{cat.name}: no ground_truth folder, so image metrics only; pixel metrics are n/a")
-        x = torch.from_numpy(np.stack([a for a, _ in loaded])).permute(0, 3, 1, 2).contiguous()
-        out[cat.name] = Dataset(x, torch.zeros(len(files), dtype=torch.long), [cat.name], [str(f) for f in files],
+        out[cat.name] = Dataset(uint8_batch([a for a, _ in loaded]), torch.zeros(len(files), dtype=torch.long), [cat.name], [str(f) for f in files],
                                 np.array(anomalous), gt, mask_files=mask_files if cat.has_masks else None,
                                 sizes=sizes)
     return out
@@ -1471,14 +1516,14 @@ def overlay_name(path) -> str:
     return str(Path(p.parent.name, p.name + ".png"))
 
 
-def write_overlays(folder: Path, data: Dataset, heat: np.ndarray) -> None:
+def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> None:
     """image | ground-truth mask | heatmap over the image, one PNG per test image named by
     overlay_name, enlarged (nearest pixel) to at least 256 pixels high for the eye; the metrics
-    never see it."""
+    never see it. span: the colour range (lo, hi), by default the heatmaps' own, shared by the category."""
     from matplotlib import colormaps
     from PIL import Image
 
-    lo, hi = float(heat.min()), float(np.percentile(heat, 99.9))  # shared by the category
+    lo, hi = span or (float(heat.min()), float(np.percentile(heat, 99.9)))
     for i, path in enumerate(data.paths):
         img = data.images[i].permute(1, 2, 0).numpy()
         mask = np.repeat(data.masks[i][..., None] * 255, 3, axis=2).astype(np.uint8)
@@ -1564,12 +1609,6 @@ def staged(out: Path, stale=()):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_for_test(ckpt_path, device, compile=False):
-    """(checkpoint dict, inference model) of a checkpoint path."""
-    ckpt = load_checkpoint(ckpt_path)
-    return ckpt, inference_model(model_from_checkpoint(ckpt, ckpt_path), device, compile)
-
-
 def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict, cfg: ScoreConfig,
                  overlays=True) -> None:
     """out/report.html, headed `title`, a static page to read the evaluation by eye: the metrics table, each
@@ -1651,13 +1690,18 @@ def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
     return out
 
 
+def upsample(heat: np.ndarray, size) -> np.ndarray:
+    """A heatmap (S, S) at size (w, h), bilinear: (h, w) float32."""
+    return F.interpolate(torch.from_numpy(heat)[None, None], size=size[::-1], mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+
+
 def at_eval_size(data: Dataset, heat: np.ndarray, size) -> tuple:
     """(masks, heatmaps) at size x size, or at each image's original size (size "original"): the
     heatmaps upsampled bilinearly, the masks read again at that size (nearest neighbour)."""
     sizes = data.sizes if size == "original" else [(size, size)] * len(data)  # (w, h)
     masks = read_masks(data.paths, data.mask_files, data.sizes, None if size == "original" else size)
-    up = [F.interpolate(torch.from_numpy(h)[None, None], size=(hh, w), mode="bilinear", align_corners=False)[0, 0]
-          .numpy() for h, (w, hh) in zip(heat, sizes)]
+    up = [upsample(h, s) for h, s in zip(heat, sizes)]
     return [np.zeros((hh, w), np.uint8) if m is None else m for m, (w, hh) in zip(masks, sizes)], up
 
 
@@ -1672,23 +1716,23 @@ def metrics_of(tests: dict, scored: dict, eval_size=None) -> dict:
             masks = None
         elif eval_size is not None:
             masks, heat = at_eval_size(data, heat, eval_size)
-        results[name] = evaluate(data.anomalous, scores, masks, heat)
+        results[name] = compute_metrics(data.anomalous, scores, masks, heat)
     values = {k: [r[k] for r in results.values() if r[k] is not None] for k in METRICS}
     results["mean"] = {k: float(np.mean(v)) if v else None for k, v in values.items()}
     results["mean"]["categories"] = {k: len(v) for k, v in values.items()}  # how many each mean is over
     return results
 
 
-def run_test(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", overlays=True, compile=False,
+def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", overlays=True, compile=False,
              log=print, eval_size=None, alarm_rate=None) -> dict:
     """Score the test split of every category under data_root; write metrics and heatmaps to out.
     Pixel metrics at the training resolution, or at eval_size (N or "original").
     With alarm_rate, also the operating point of the calibrated decisions (see Calibration)."""
-    check_score_config(cfg)
     check_out_dir(out)
     rank, world, local_rank = distributed()
     device = pick_device(device, local_rank)
-    ckpt, model = load_for_test(ckpt_path, device, compile)
+    detector = load(ckpt_path, device, compile)
+    ckpt, model = detector.ckpt, detector.model
     tests = load_test(data_root, ckpt["train_config"]["image_size"])
     cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests} if alarm_rate else {}
     t0 = time.time()
@@ -1746,13 +1790,12 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     given stay as in `base`); writes out/sweep.md and out/sweep.json (per-category results too)."""
     check_out_dir(out)
     settings = [replace(base, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
-    for cfg in settings:
-        check_score_config(cfg)
     rank, world, local_rank = distributed()
     device = pick_device(device, local_rank)
     rows, tests = [], {}
     for path in ckpt_paths:
-        ckpt, model = load_for_test(path, device, compile)
+        detector = load(path, device, compile)
+        ckpt, model = detector.ckpt, detector.model
         size = ckpt["train_config"]["image_size"]
         if size not in tests:
             tests[size] = load_test(data_root, size)
@@ -2166,40 +2209,222 @@ def compare(results: dict, dataset: str) -> str:
 
 
 # ----------------------------------------------------------------------------
+# From Python: the functions every command calls. fm.load(ckpt).predict(images) scores images on
+# disk or in memory; train, evaluate (`test`), calibrate and score write what the commands write.
+
+@dataclass
+class Prediction:
+    """Detector.predict's answer, with the field names of anomalib."""
+
+    pred_score: np.ndarray  # (N,) image scores S (Eq. 4)
+    anomaly_map: list  # N float32 heatmaps H, each at its image's original size (bilinear)
+    image_path: list  # N paths; None for an image given in memory
+    p_value: np.ndarray = None  # with an alarm rate A: (N,) conformal p-values
+    pred_label: np.ndarray = None  # (N,) bool, p <= A: anomalous at false-alarm rate A
+    pred_mask: list = None  # N bool defect masks at the original size: H > tau_A of the maxima
+
+
+def image_inputs(images):
+    """(image, path or None) per image of a path, folder, PIL image, uint8 (H, W, 3) or (N, H, W, 3)
+    array, float tensor in [0, 1] of shape (3, H, W) or (N, 3, H, W), or a list of any of these."""
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike)):
+        target = Path(images)
+        if not target.exists():
+            raise UserError(f"{target}: no such file or folder")
+        files = image_files(target) if target.is_dir() else [target]
+        if not files:
+            raise UserError(f"{target}: holds no images")
+        yield from ((f, str(f)) for f in files)
+    elif isinstance(images, Image.Image):
+        yield images, None
+    elif isinstance(images, torch.Tensor):
+        if images.is_floating_point() and images.dim() in (3, 4) and images.shape[-3] == 3 and (
+                0 <= images.min() and images.max() <= 1):
+            yield from image_inputs((images.reshape(-1, *images.shape[-3:]) * 255).round().byte().permute(0, 2, 3, 1)
+                                    .cpu().numpy())
+        else:
+            raise UserError(f"images: a tensor must be float in [0, 1], (3, H, W) or (N, 3, H, W), not "
+                            f"{images.dtype} {tuple(images.shape)}")
+    elif isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[-1] != 3:
+            raise UserError(f"images: an array must be uint8 (H, W, 3) or (N, H, W, 3), not {images.dtype} "
+                            f"{images.shape}")
+        yield from ((Image.fromarray(a), None) for a in images.reshape(-1, *images.shape[-3:]))
+    elif isinstance(images, (list, tuple)):
+        for item in images:
+            yield from image_inputs(item)
+    else:
+        raise UserError(f"images: cannot read a {type(images).__name__}")
+
+
+class Detector:
+    """A trained model ready to score, from fm.load(ckpt): in eval mode on its device, with its
+    categories, training normalisation and size, and its calibration."""
+
+    def __init__(self, ckpt: dict, path, device="auto", compile=False):
+        self.ckpt, self.path = ckpt, Path(path)
+        self.device = device if isinstance(device, torch.device) else pick_device(device)
+        self.model = inference_model(model_from_checkpoint(ckpt, path), self.device, compile)
+        self.categories, self.size = ckpt["class_names"], ckpt["train_config"]["image_size"]
+        self.mean, self.std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+
+    def stream(self, images, category=None, alarm_rate=None, chunk=32, skip=False, progress=None, **overrides):
+        """(Prediction, data, heat) per chunk of at most `chunk` images, each read when its chunk is
+        scored, so memory does not grow with the number of images; data: the chunk at the model's
+        size, heat: (n, S, S) its maps there. With skip, an unreadable file is named and left out.
+        Image i draws its paths as image i of the readable ones, as `score` does."""
+        cfg = ScoreConfig(**overrides)
+        label = category_label(self.ckpt, category)
+        cal = calibration_of(self.ckpt, category, cfg, self.path, alarm_rate) if alarm_rate else None
+        inputs, done = image_inputs(images), 0
+        while items := list(itertools.islice(inputs, chunk)):
+            read = [(r, p) for r, p in zip(_load([x for x, _ in items], self.size, skip=skip), (p for _, p in items))
+                    if r is not None]
+            if not read:
+                continue
+            data = Dataset(uint8_batch([a for (a, _), _ in read]), torch.zeros(len(read), dtype=torch.long), [],
+                           [p for _, p in read], np.zeros(len(read), int),
+                           np.zeros((len(read), self.size, self.size), np.uint8), sizes=[s for (_, s), _ in read])
+            heat, scores = score_dataset(self.model, data, cfg, self.mean, self.std, self.device, label, progress,
+                                         first_id=done)
+            done += len(read)
+            maps = [upsample(h, size) for h, size in zip(heat.numpy(), data.sizes)]
+            pred = Prediction(scores.numpy(), maps, data.paths)
+            if cal is not None:
+                pred.p_value = p_values(cal["scores"], pred.pred_score)
+                pred.pred_label, tau = pred.p_value <= alarm_rate, conformal_threshold(cal["maxima"], alarm_rate)
+                pred.pred_mask = [m > tau for m in maps]
+            yield pred, data, heat
+
+    def predict(self, images, category=None, alarm_rate=None, chunk=32, **overrides) -> Prediction:
+        """Scores, maps at the original sizes and, with a calibrated alarm_rate, decisions for `images`
+        (see image_inputs); overrides: ScoreConfig fields (K=, T=, seed=, ...)."""
+        parts = [p for p, _, _ in self.stream(images, category, alarm_rate, chunk, **overrides)]
+        if not parts:
+            raise UserError("images: no readable image")
+        return Prediction(**{f.name: None if getattr(parts[0], f.name) is None else
+                             (np.concatenate if f.type == "np.ndarray" else lambda v: sum(v, []))(
+                                 [getattr(p, f.name) for p in parts]) for f in fields(Prediction)})
+
+
+def load(ckpt, device="auto", compile=False) -> Detector:
+    """The Detector of a checkpoint file (read without running anything in it)."""
+    return Detector(load_checkpoint(ckpt), ckpt, device, compile)
+
+
+def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, alarm_rate=None, device="auto",
+          compile=False, chunk=32, log=print) -> list:
+    """Score an image or a folder of them into `out`: scores.csv (path, score and, with alarm_rate,
+    p_value and anomalous; empty for an unreadable file, which is named and skipped), heatmaps/ (an
+    overlay per image, one colour range: the first chunk's) and with alarm_rate masks/ (defect masks
+    at each image's original size). Returns the rows of scores.csv."""
+    from PIL import Image
+
+    out = Path(out)
+    check_out_dir(out)
+    detector = load(ckpt, device, compile)
+    files = [p for _, p in image_inputs(images)]
+    rows, span = {}, None
+    with staged(out, stale=() if alarm_rate else ("masks",)) as new:
+        for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,
+                                                progress=Progress(len(files)), **asdict(cfg)):
+            span = span or (float(heat.min()), float(np.percentile(heat, 99.9)))
+            write_overlays(new / "heatmaps", data, heat.numpy(), span)
+            for i, path in enumerate(pred.image_path):
+                rows[path] = [pred.pred_score[i]] + ([] if pred.p_value is None else
+                                                     [pred.p_value[i], int(pred.pred_label[i])])
+                if alarm_rate:
+                    name = new / "masks" / overlay_name(path)
+                    name.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_write(name, "wb") as f:
+                        Image.fromarray(pred.pred_mask[i].astype(np.uint8) * 255).save(f, format="PNG")
+        if not rows:
+            raise UserError(f"{images}: no readable image")
+        table = [[str(p), *rows.get(str(p), [""] * (1 + 2 * bool(alarm_rate)))] for p in files]
+        with atomic_write(new / "scores.csv", newline="") as f:
+            csv.writer(f).writerows([["path", "score"] + ["p_value", "anomalous"] * bool(alarm_rate)] + table)
+    for path, s, *_ in (r for r in table if r[1] != ""):
+        log(f"{s:.6g}\t{path}")
+    if alarm_rate:
+        flagged = sum(r[3] for r in table if r[1] != "")
+        log(f"{flagged} of {len(rows)} images anomalous at alarm rate {alarm_rate} "
+            f"({len(detector.ckpt['calibration'][category or detector.categories[0]]['scores'])} calibration "
+            f"images); masks in {out / 'masks'}")
+    return table
+
+
+def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), device="auto", compile=False,
+              log=print) -> dict:
+    """Score normal images the model was not trained on (the folder `data`, or the run's own
+    hold-out, each file checked against its recorded sha256) and store them in the checkpoint as
+    the calibration of `category`; returns it. Scoring runs without the run folder's lock (a
+    `train --resume` may run meanwhile); the result is merged into the newest checkpoint under it,
+    scored again first if training moved the weights on."""
+    ckpt_path = Path(ckpt)
+    check_out_dir(ckpt_path.parent, "--ckpt")  # the calibration is written into the checkpoint
+    detector = load(ckpt_path, device, compile)
+    ckpt, names = detector.ckpt, detector.categories
+    category = category or (names[0] if len(names) == 1 else None)
+    if category not in names:
+        raise UserError(f"--category: give one of {names}")
+    if data is None:  # the run's own hold-out, e.g. rescored under other -K/-T
+        record = (ckpt.get("held_out") or {}).get(category)
+        if not record:
+            raise UserError(f"--data: required, {ckpt_path} held out no images of {category} (train --calib-fraction)")
+        images, paths = bound_images(record, detector.size), record["paths"]
+    else:
+        if not Path(data).is_dir():
+            raise UserError(f"--data: {data} is not a folder")
+        files = image_files(Path(data))
+        if not files:
+            raise UserError(f"--data: {data} holds no images")
+        images, paths = uint8_batch([a for a, _ in _load(files, detector.size)]), [str(f.resolve()) for f in files]
+    held = Dataset(images, torch.zeros(len(paths), dtype=torch.long), names, paths)
+    check_unseen(ckpt, held, ckpt_path)
+    label = names.index(category) if ckpt["conditional"] else None
+    cal = calibrate_on(detector.model, held, cfg, detector.mean, detector.std, detector.device, label, ckpt["step"])
+    with run_lock(ckpt_path.parent, "--ckpt", "calibrate", wait=True):
+        newest = load_checkpoint(ckpt_path)  # with another calibration, or trained on
+        if newest["model"].keys() != ckpt["model"].keys() or not all(
+                torch.equal(v, newest["model"][k]) for k, v in ckpt["model"].items()):
+            note(f"{ckpt_path} was trained on to step {newest['step']} meanwhile; scoring again on its weights")
+            check_unseen(newest, held, ckpt_path)
+            detector = Detector(newest, ckpt_path, detector.device, compile)
+            cal = calibrate_on(detector.model, held, cfg, detector.mean, detector.std, detector.device, label,
+                               newest["step"])
+        newest["calibration"] = {**(newest.get("calibration") or {}), category: cal}
+        save_checkpoint(ckpt_path, newest)
+    log(f"calibrated {category} on {len(paths)} normal images (smallest --alarm-rate 1/(n+1) = "
+        f"{1 / (len(paths) + 1):.3g}); written to {ckpt_path}")
+    return cal
+
+
+# ----------------------------------------------------------------------------
 # CLI: a thin layer over train / run_test / mismatch_heat.
 
 # Exit statuses: 0 done; 1 the run failed (training diverged, disk full, out of memory); 2 bad input
 # or flags, nothing done; 3 `score` wrote results but skipped unreadable images; 128 + signal
 # interrupted (130 Ctrl-C, 143 SIGTERM).
 SKIPPED = 3
-SEEDS = (0, 2**32 - 1)  # torch takes 64-bit seeds; training derives seed * 100003 + epoch from it
 DEVICES = ("auto", "cpu", "cuda")
+DEMO = dict(steps=160, image_size=64)  # the demo's training length and size
+
+
+class Help(argparse.HelpFormatter):
+    def _get_help_string(self, action):  # a default not already in the text, unless none
+        text = action.help or ""
+        return text if action.default in (None, False, argparse.SUPPRESS) else f"{text} (default {action.default})"
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **{"formatter_class": Help, **kw})
+
     def error(self, message):  # one line, exit status 2
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
-
-
-def learning_rate(text):
-    value = float(text)
-    if not 0 < value <= 1e3:  # 100 already diverges within 3 steps (tiny); above 1e3 is a typo
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1e3, got {text}")
-    return value
-
-
-def int_in(lo, hi):
-    """argparse type: an integer in [lo, hi]."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be from {lo} to {hi}, got {value}")
-        return value
-    return parse
 
 
 def rate(text):
@@ -2209,74 +2434,69 @@ def rate(text):
     return value
 
 
-def fraction(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
-
-
 def eval_size(text):
     if text == "original":
         return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'original'")
-    if not 1 <= value <= 8192:  # 8192^2 floats per image are 256 MiB; larger is a typo
-        raise argparse.ArgumentTypeError(f"must be from 1 to 8192 or 'original', got {value}")
-    return value
+    if not text.isdigit() or not 1 <= int(text) <= 8192:  # 8192^2 floats per image are 256 MiB; more is a typo
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer from 1 to 8192 nor 'original'")
+    return int(text)
 
 
-def listed(item):
-    """argparse type of a comma-separated list; each item passes `item`, an error names the flag."""
+def int_in(lo, hi):
+    """argparse type of a flag outside the config dataclasses: an integer in [lo, hi]."""
     def parse(text):
-        try:
-            return tuple(item(v) for v in text.split(","))
-        except (UserError, ValueError, argparse.ArgumentTypeError) as e:
-            raise argparse.ArgumentTypeError(f"{text!r}: {str(e).split(': ', 1)[-1]}")
+        if not text.lstrip("-").isdigit() or not lo <= int(text) <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {hi}, got {text}")
+        return int(text)
     return parse
 
 
-def checked(field):
-    """argparse type of a text ScoreConfig value: the rules of check_score_config."""
-    def item(text):
-        try:
-            check_score_config(replace(ScoreConfig(), **{field: text}))
-        except UserError as e:
-            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1])
-        return text
-    return item
+def number(text):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
-def add_score_args(p):
-    p.add_argument("-K", type=int_in(1, 1000), default=ScoreConfig.K, help="paths per image (Eq. 3)")
-    p.add_argument("-T", type=int_in(1, 1000), default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
-    p.add_argument("--aggregator", type=checked("aggregator"), default=ScoreConfig.aggregator,
-                   help="min | mean | quantile:ALPHA (Eq. 3)")
-    p.add_argument("--weight", type=checked("weight"), default=ScoreConfig.weight,
-                   help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
-    p.add_argument("--max-batch", type=int_in(0, 2**20), default=ScoreConfig.max_batch,
-                   help="U-Net inputs per forward, the memory budget (0: automatic, 512 on CUDA, "
-                        "by image size on CPU: 32 for tiny at 64^2)")
-    p.add_argument("--seed", type=int_in(*SEEDS), default=ScoreConfig.seed, help="seed of the paths x0")
-    p.add_argument("--score", type=checked("score"), default=ScoreConfig.score,
-                   help="mismatch (Eqs. 2-4) | recon (ReconFlow, App. C.2) | onestep (RADAR-style) baseline")
-    p.add_argument("--t0", type=rate, default=ScoreConfig.t0, help="start time of recon and onestep")
-    p.add_argument("--ode-steps", type=int_in(1, 1000), default=ScoreConfig.ode_steps,
-                   help="Euler steps of recon from t0 to 1")
+def parse_knob(f, text, flag=None):
+    """A flag's text as the value of config field f (a tuple: comma-separated numbers), checked by check_knob."""
+    flag = flag or flag_of(f)
+    try:
+        value = (tuple(number(v) for v in text.split(",")) if f.type == "tuple" else
+                 {"int": int, "float": float}.get(f.type, str)(text))
+    except ValueError:
+        raise UserError(f"{flag}: {text!r} is not {'an integer' if f.type == 'int' else 'a number'}"
+                        f"{' list' * (f.type == 'tuple')}")
+    return check_knob(f, value, flag)
+
+
+def knob_flags(p, cls, names=None, shown=None):
+    """A flag per field of the config dataclass cls (or per field in `names`), parsed and checked by
+    its knob; --help gives its default (or shown[name]) and range. A flag not given stays out of the
+    parsed arguments, so the dataclass's own default applies (see given)."""
+    for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        m = f.metadata
+        rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
+        about = f"{m['help']} (default {(shown or {}).get(f.name, f.default)}{'; ' + rule if rule else ''})"
+        if f.type == "bool":
+            p.add_argument(flag_of(f), dest=f.name, action="store_true", default=argparse.SUPPRESS, help=about)
+        else:
+            p.add_argument(flag_of(f), dest=f.name, type=lambda text, f=f: parse_knob(f, text),
+                           default=argparse.SUPPRESS, help=about,
+                           metavar="{" + ",".join(m["choices"]) + "}" if m["choices"] else f.name.upper())
+
+
+def scoring(p):
+    knob_flags(p, ScoreConfig)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (worth it for large test sets)")
-    p.add_argument("--precision", type=checked("precision"), default=ScoreConfig.precision,
-                   help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
-    p.add_argument("--image-score", type=checked("image_score"), default=ScoreConfig.image_score,
-                   help="image score S: paper (max + mean of the top 1 %%, Eq. 4) | max (the map's maximum)")
 
 
-def score_config(args) -> ScoreConfig:
-    return ScoreConfig(K=args.K, T=args.T, aggregator=args.aggregator, weight=args.weight,
-                       max_batch=args.max_batch, seed=args.seed, score=args.score, t0=args.t0,
-                       ode_steps=args.ode_steps, precision=args.precision, image_score=args.image_score)
+def given(cls, args) -> dict:
+    """The fields of config dataclass cls that were given as flags."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
 def category_label(ckpt, category):
@@ -2296,186 +2516,85 @@ def category_label(ckpt, category):
 
 
 def cmd_train(args):
-    out = Path(args.resume or args.out or "")
-    if not args.resume and not args.out:
-        raise UserError("--out: required (or --resume RUN_DIR)")
+    if args.resume is None and args.data is None:
+        raise UserError("--data: required (or --resume RUN_DIR)")
+    out = Path(args.resume or args.out or Path("runs") / Path(args.data).resolve().name)
     flag = "--resume" if args.resume else "--out"
+    cfg = train_config(**given(TrainConfig, args))
     check_out_dir(out, flag)
     pick_device(args.device)
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}  # the flags on the command line
-    if not args.resume:
-        if args.data is None:
-            raise UserError("--data: required")
-        recipe = dict(CPU_RECIPES.get(given.get("preset", TrainConfig.preset), {}))
-        if "epochs" in given:
-            recipe.pop("steps", None)
-        cfg = replace(TrainConfig(), **{**recipe, **given})
-        check_image_size(cfg.image_size, cfg.preset)
     with run_lock(out, flag):  # held until training ends
+        data_root, size = args.data, cfg.image_size
         if args.resume:
             if not (out / "ckpt.pt").is_file():
                 raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
-            ckpt = load_checkpoint(out / "ckpt.pt")
-            cfg = resumed_config(ckpt, replace(train_config_of(ckpt), **given), log=lambda *_: None)  # before any work
-            data = load_train(args.data or ckpt.get("data"), cfg.image_size)
+            ckpt = load_checkpoint(out / "ckpt.pt")  # its own config, with the flags given: refused before any work
+            cfg = resumed_config(ckpt, replace(train_config_of(ckpt), **given(TrainConfig, args)), log=lambda *_: None)
+            data_root, size = args.data or ckpt.get("data"), cfg.image_size
         elif (out / "ckpt.pt").exists():
             raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
                             f"another folder")
-        else:
-            data = load_train(args.data, cfg.image_size)
-        path = train(data, cfg, out, args.device, resume=bool(args.resume))
+        path = train(load_train(data_root, size), cfg, out, args.device, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
     return 0
 
 
 def cmd_test(args):
-    sweeps = {"score": args.scores, "K": args.grid_K, "T": args.grid_T, "aggregator": args.aggregators,
-              "weight": args.weights}
-    grid = {field: values for field, values in sweeps.items() if values is not None}
+    cfg = ScoreConfig(**given(ScoreConfig, args))
+    out = Path(args.out or Path("eval") / Path(args.ckpt[0]).resolve().parent.name)
+    grid = {name: getattr(args, "grid_" + name) for name in ("score", "K", "T", "aggregator", "weight")
+            if getattr(args, "grid_" + name) is not None}
     if (grid or len(args.ckpt) > 1) and args.alarm_rate:
         raise UserError("--alarm-rate: give it to a plain `test` of one checkpoint, not to an ablation")
-    check_out_dir(Path(args.out))
-    with run_lock(Path(args.out), "--out", "test"):  # one run per output folder
+    check_out_dir(out)
+    with run_lock(out, "--out", "test"):  # one run per output folder
         if grid or len(args.ckpt) > 1:
-            run_sweep(args.ckpt, args.data, Path(args.out), score_config(args), grid, args.device, args.compile,
-                      eval_size=args.eval_size)
+            run_sweep(args.ckpt, args.data, out, cfg, grid, args.device, args.compile, eval_size=args.eval_size)
         else:
-            run_test(args.ckpt[0], args.data, Path(args.out), score_config(args), args.device,
-                     overlays=not args.no_overlays, compile=args.compile, eval_size=args.eval_size,
-                     alarm_rate=args.alarm_rate)
+            evaluate(args.ckpt[0], args.data, out, cfg, args.device, overlays=not args.no_overlays,
+                     compile=args.compile, eval_size=args.eval_size, alarm_rate=args.alarm_rate)
+    print(f"wrote {out}")
     return 0
 
 
 def cmd_score(args):
-    cfg = score_config(args)
-    check_score_config(cfg)
-    out = Path(args.out)
+    cfg = ScoreConfig(**given(ScoreConfig, args))
+    out = Path(args.out or Path("scored") / Path(args.images).resolve().name)
     check_out_dir(out)
     with run_lock(out, "--out", "score"):  # one run per output folder
-        device = pick_device(args.device)
-        ckpt = load_checkpoint(args.ckpt)
-        model = inference_model(model_from_checkpoint(ckpt, args.ckpt), device, args.compile)
-        target = Path(args.images)
-        if not target.exists():
-            raise UserError(f"{target}: no such file or folder")
-        files = image_files(target) if target.is_dir() else [target]
-        if not files:
-            raise UserError(f"{target}: holds no images")
-        label = category_label(ckpt, args.category)
-        A = args.alarm_rate
-        cal = calibration_of(ckpt, args.category, cfg, args.ckpt, A) if A else None
-        size = ckpt["train_config"]["image_size"]
-        loaded = _load(files, size, skip=True)  # an inspection line: a bad file is named, the rest scored
-        good = [f for f, r in zip(files, loaded) if r is not None]
-        if not good:
-            raise UserError(f"{target}: no readable image")
-        images = torch.from_numpy(np.stack([r[0] for r in loaded if r is not None])).permute(0, 3, 1, 2).contiguous()
-        data = Dataset(images, torch.zeros(len(good), dtype=torch.long), [], [str(f) for f in good],
-                       np.zeros(len(good), int), np.zeros((len(good), size, size), np.uint8))
-        heat, scores = score_dataset(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device,
-                                     label, Progress(len(data)))
-        if A:
-            p = p_values(cal["scores"], scores.numpy())
-        with staged(out, stale=() if A else ("masks",)) as new:
-            write_overlays(new / "heatmaps", data, heat.numpy())
-            with atomic_write(new / "scores.csv", newline="") as f:
-                w = csv.writer(f)
-                cols = [scores.tolist()] + ([p.tolist(), (p <= A).astype(int).tolist()] if A else [])
-                rows = dict(zip(data.paths, zip(*cols)))
-                w.writerow(["path", "score"] + ["p_value", "anomalous"] * bool(A))
-                w.writerows([str(q), *rows.get(str(q), [""] * len(cols))] for q in files)  # empty: skipped, unreadable
-            if A:
-                from PIL import Image
-
-                for path, mask in zip(data.paths, heat.numpy() > conformal_threshold(cal["maxima"], A)):
-                    name = new / "masks" / overlay_name(path)
-                    name.parent.mkdir(parents=True, exist_ok=True)
-                    with atomic_write(name, "wb") as f:
-                        Image.fromarray(mask.astype(np.uint8) * 255).save(f, format="PNG")
-        for path, s in zip(data.paths, scores.tolist()):
-            print(f"{s:.6g}\t{path}")
-        if A:
-            print(f"{int((p <= A).sum())} of {len(p)} images anomalous at alarm rate {A} "
-                  f"({len(cal['scores'])} calibration images); masks in {out / 'masks'}")
-        return SKIPPED if len(good) < len(files) else 0
+        rows = score(args.ckpt, args.images, out, cfg, args.category, args.alarm_rate, args.device, args.compile)
+    print(f"wrote {out}")
+    return SKIPPED if any(r[1] == "" for r in rows) else 0
 
 
 def cmd_calibrate(args):
-    cfg = score_config(args)
-    check_score_config(cfg)
-    ckpt_path = Path(args.ckpt)
-    check_out_dir(ckpt_path.parent, "--ckpt")  # the calibration is written into the checkpoint
-    ckpt = load_checkpoint(ckpt_path)
-    names = ckpt["class_names"]
-    category = args.category or (names[0] if len(names) == 1 else None)
-    if category not in names:
-        raise UserError(f"--category: give one of {names}")
-    size = ckpt["train_config"]["image_size"]
-    if args.data is None:  # the run's own hold-out, e.g. rescored under other -K/-T; each file checked
-        record = (ckpt.get("held_out") or {}).get(category)
-        if not record:
-            raise UserError(f"--data: required, {ckpt_path} held out no images of {category} (train --calib-fraction)")
-        images, paths = bound_images(record, size), record["paths"]
-    else:
-        folder = Path(args.data)
-        if not folder.is_dir():
-            raise UserError(f"--data: {folder} is not a folder")
-        files = image_files(folder)
-        if not files:
-            raise UserError(f"--data: {folder} holds no images")
-        images = torch.from_numpy(np.stack([a for a, _ in _load(files, size)])).permute(0, 3, 1, 2).contiguous()
-        paths = [str(f.resolve()) for f in files]
-    data = Dataset(images, torch.zeros(len(paths), dtype=torch.long), names, paths)
-    check_unseen(ckpt, data, ckpt_path)
-    device = pick_device(args.device)
-    label = names.index(category) if ckpt["conditional"] else None
-
-    def scored(ckpt):
-        model = inference_model(model_from_checkpoint(ckpt, ckpt_path), device, args.compile)
-        return calibrate_on(model, data, cfg, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), device, label,
-                            ckpt["step"])
-
-    cal = scored(ckpt)  # without the lock: a `train --resume` may run meanwhile
-    with run_lock(ckpt_path.parent, "--ckpt", "calibrate", wait=True):
-        newest = load_checkpoint(ckpt_path)  # with another calibration, or trained on
-        if newest["model"].keys() != ckpt["model"].keys() or not all(
-                torch.equal(v, newest["model"][k]) for k, v in ckpt["model"].items()):
-            note(f"{ckpt_path} was trained on to step {newest['step']} meanwhile; scoring again on its weights")
-            check_unseen(newest, data, ckpt_path)
-            cal = scored(newest)
-        newest["calibration"] = {**(newest.get("calibration") or {}), category: cal}
-        save_checkpoint(ckpt_path, newest)
-    print(f"calibrated {category} on {len(paths)} normal images (smallest --alarm-rate 1/(n+1) = "
-          f"{1 / (len(paths) + 1):.3g}); written to {ckpt_path}")
+    calibrate(args.ckpt, args.data, args.category, ScoreConfig(**given(ScoreConfig, args)), args.device, args.compile)
     return 0
 
 
 def cmd_demo(args):
+    cfg = train_config("tiny", calib_fraction=0.0, **{**DEMO, **given(TrainConfig, args)})
+    cfg = replace(cfg, save_every=cfg.steps)
     out = Path(args.out)
     check_out_dir(out)
-    check_image_size(args.image_size, "tiny")
     pick_device(args.device)
     data = out / "data"
     if not data.exists():
-        make_demo_dataset(data, size=args.image_size)
+        make_demo_dataset(data, size=cfg.image_size)
     run = out / "run"
     with run_lock(run):
         if (run / "ckpt.pt").exists():
             (run / "ckpt.pt").unlink()
-        train(load_train(data, args.image_size), TrainConfig(preset="tiny", image_size=args.image_size,
-                                                             steps=args.steps, lr=CPU_RECIPES["tiny"]["lr"],
-                                                             seed=args.seed, save_every=args.steps), run, args.device)
-    results = run_test(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
+        train(load_train(data, cfg.image_size), cfg, run, args.device)
+    results = evaluate(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
     print(f"demo: image AUROC {percent(results['mean']['image_auroc'])}, pixel AUROC "
           f"{percent(results['mean']['pixel_auroc'])}; heatmaps under {out / 'eval'}")
     return 0
 
 
 def cmd_explain(args):
-    cfg = ScoreConfig(K=args.K, T=args.T, weight=args.weight, seed=args.seed)
-    check_score_config(cfg)
+    cfg = ScoreConfig(**given(ScoreConfig, args))
     out, image = Path(args.out), Path(args.image)
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise UserError(f"--out: {out} must end in .png, .pdf or .svg")
@@ -2484,8 +2603,8 @@ def cmd_explain(args):
     check_out_dir(out.parent)
     if not image.is_file():
         raise UserError(f"{image}: no such image file")
-    device = pick_device(args.device)
-    ckpt, model = load_for_test(args.ckpt, device)
+    detector = load(args.ckpt, args.device)
+    ckpt, model, device = detector.ckpt, detector.model, detector.device
     label = category_label(ckpt, args.category)
     size = ckpt["train_config"]["image_size"]
     arr, original = read_image(image, size)
@@ -2535,11 +2654,9 @@ def cmd_bench(args):
         if os.path.isdir(args.json):
             raise UserError(f"--json: {args.json} is a folder; name a file")
         check_out_dir(Path(args.json).parent, "--json")
-    size = args.image_size or CPU_RECIPES.get(args.preset, {}).get("image_size", TrainConfig.image_size)
-    check_image_size(size, args.preset)
-    r = bench(args.preset, args.device, args.K, args.T, args.images, size, args.max_batch,
-              args.repeats, naive=not args.no_naive, train_mode=args.train, compile=args.compile,
-              layout=args.layout)
+    tc, sc = train_config(**given(TrainConfig, args)), ScoreConfig(**given(ScoreConfig, args))
+    r = bench(tc.preset, args.device, sc.K, sc.T, args.images, tc.image_size, sc.max_batch, args.repeats,
+              naive=not args.no_naive, train_mode=args.train, compile=args.compile, layout=args.layout)
     r.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     for k, v in r.items():
         print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
@@ -2554,31 +2671,14 @@ def build_parser() -> Parser:
     ap = Parser(prog="flow_mismatch.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
-    presets = "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items())
 
     p = sub.add_parser("train", help="train the flow on normal images (Eq. 1)")
     p.add_argument("--data", help="a category folder (mvtec/bottle) or a root of categories (mvtec)")
-    p.add_argument("--out", help="run folder; writes RUN_DIR/ckpt.pt")
+    p.add_argument("--out", help="run folder; writes RUN_DIR/ckpt.pt (default: runs/<name of the data folder>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    p.add_argument("--preset", choices=list(PRESETS), help=f"default {TrainConfig.preset}; {presets}")
-    p.add_argument("--epochs", type=int_in(1, 10**6), help=f"epochs (paper: {TrainConfig.epochs})")
-    p.add_argument("--steps", type=int_in(1, 10**9), help="optimiser steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int_in(1, 4096), help=f"images per process and step ({TrainConfig.batch_size})")
-    p.add_argument("--image-size", type=int_in(1, 1024),
-                   help=f"square size images are resized to (paper: {TrainConfig.image_size})")
-    p.add_argument("--lr", type=learning_rate,
-                   help=f"learning rate (paper: {TrainConfig.lr}; CPU presets: {CPU_RECIPES['tiny']['lr']})")
-    p.add_argument("--seed", type=int_in(*SEEDS), help=f"default {TrainConfig.seed}")
-    p.add_argument("--pooled", action="store_true", default=None,
-                   help="one unconditional model for all categories (Table 8)")
-    p.add_argument("--save-every", type=int_in(1, 10**9),
-                   help=f"steps between checkpoints ({TrainConfig.save_every})")
-    p.add_argument("--save-epochs", type=listed(int_in(1, 10**6)), help="also keep ckpt_epochE.pt at these epochs")
+    knob_flags(p, TrainConfig, shown={k: f"{getattr(TrainConfig, k)}; CPU presets: {v}"
+                                      for k, v in CPU_RECIPES["tiny"].items()})
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--calib-fraction", type=fraction,
-                   help="share of each category's train/good held out, never trained on, and scored at the end "
-                        "(K = T = 10) as the calibration set of --alarm-rate (paper: 0, CPU presets: "
-                        f"{CPU_RECIPES['tiny']['calib_fraction']})")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score the test split and print the seven metrics",
@@ -2589,18 +2689,19 @@ def build_parser() -> Parser:
                    help="checkpoint; repeat it for a row per checkpoint (Table 8: pooled vs conditional, "
                         "Table 9: ckpt_epochE.pt)")
     p.add_argument("--data", required=True, help="a category folder or a root of categories")
-    p.add_argument("--out", required=True, help="evaluation folder")
+    p.add_argument("--out", help="evaluation folder (default: eval/<name of the checkpoint's run folder>)")
     p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
     p.add_argument("--eval-size", type=eval_size,
                    help="pixel metrics on heatmaps upsampled (bilinear) to N x N, or to each image's original size "
                         "('original', as the MVTec-AD evaluation script); default: the training resolution (paper)")
-    add_score_args(p)
-    p.add_argument("--scores", type=listed(checked("score")), help="scorers to compare (Table 2)")
-    p.add_argument("--grid-K", type=listed(int_in(1, 1000)), help="values of K (Table 6)")
-    p.add_argument("--grid-T", type=listed(int_in(1, 1000)), help="values of T (Table 6)")
-    p.add_argument("--aggregators", type=listed(checked("aggregator")),
-                   help="e.g. min,mean,quantile:0.1 (Table 7)")
-    p.add_argument("--weights", type=listed(checked("weight")), help="e.g. 1,t,t2,snr")
+    scoring(p)
+    score_fields = {f.name: f for f in fields(ScoreConfig)}
+    for flag, name, about in (("--scores", "score", "scorers to compare (Table 2)"),
+                              ("--grid-K", "K", "values of K (Table 6)"), ("--grid-T", "T", "values of T (Table 6)"),
+                              ("--aggregators", "aggregator", "e.g. min,mean,quantile:0.1 (Table 7)"),
+                              ("--weights", "weight", "e.g. 1,t,t2,snr")):
+        p.add_argument(flag, dest="grid_" + name, help=about, type=lambda text, f=score_fields[name], flag=flag:
+                       tuple(parse_knob(f, v, flag) for v in text.split(",")))
     p.add_argument("--alarm-rate", type=rate, metavar="A",
                    help="also report, per category, the false-alarm and detection rates of the calibrated decision "
                         "p <= A and the pixel precision and recall of its masks")
@@ -2609,12 +2710,12 @@ def build_parser() -> Parser:
     p = sub.add_parser("score", help="heatmaps and scores for new, unlabelled images")
     p.add_argument("--ckpt", required=True)
     p.add_argument("images", help="an image or a folder of images")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="output folder (default: scored/<name of the folder or image>)")
     p.add_argument("--category", help="category label for a class-conditional model")
     p.add_argument("--alarm-rate", type=rate, metavar="A",
                    help="decide: scores.csv gains the conformal p_value and anomalous (p <= A), masks/ a binary "
                         "defect mask per image; at most a fraction A of normal images is flagged (README)")
-    add_score_args(p)
+    scoring(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("calibrate", help="score normal images the model has not seen: the thresholds of --alarm-rate")
@@ -2622,14 +2723,12 @@ def build_parser() -> Parser:
     p.add_argument("--data", help="a folder of normal images not used in training (default: the run's "
                                   "--calib-fraction hold-out, rescored with the options below)")
     p.add_argument("--category", help="the category these images belong to (several-category models)")
-    add_score_args(p)
+    scoring(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="generate textures with defects, train `tiny` on CPU, test")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--steps", type=int_in(1, 10**6), default=160)
-    p.add_argument("--image-size", type=int_in(4, 256), default=64, help="a multiple of 4")
-    p.add_argument("--seed", type=int_in(*SEEDS), default=0)
+    knob_flags(p, TrainConfig, ("steps", "image_size", "seed"), shown=DEMO)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_demo)
 
@@ -2639,11 +2738,7 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="FIG.png (or .pdf, .svg); also writes FIG.json and FIG.npz")
     p.add_argument("--mask", help="its ground-truth mask, drawn as a contour")
     p.add_argument("--category", help="category label for a class-conditional model")
-    p.add_argument("-K", type=int_in(1, 1000), default=ScoreConfig.K, help="paths (Eq. 3)")
-    p.add_argument("-T", type=int_in(1, 1000), default=ScoreConfig.T, help="interior times j/(T+1) (Eq. 4)")
-    p.add_argument("--weight", type=checked("weight"), default=ScoreConfig.weight,
-                   help=f"w(t) of Eq. (4): {' | '.join(WEIGHTS)}")
-    p.add_argument("--seed", type=int_in(*SEEDS), default=ScoreConfig.seed, help="seed of the paths x0")
+    knob_flags(p, ScoreConfig, ("K", "T", "weight", "seed"))
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_explain)
 
@@ -2653,14 +2748,10 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="images/s of the batched scorer vs a naive (k, t) loop")
-    p.add_argument("--preset", choices=list(PRESETS), default="paper")
+    knob_flags(p, TrainConfig, ("preset", "image_size"), shown=dict(image_size="the preset's training size"))
+    knob_flags(p, ScoreConfig, ("K", "T", "max_batch"))
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("-K", type=int_in(1, 1000), default=ScoreConfig.K)
-    p.add_argument("-T", type=int_in(1, 1000), default=ScoreConfig.T)
     p.add_argument("--images", type=int_in(1, 4096), default=4)
-    p.add_argument("--image-size", type=int_in(1, 1024),
-                   help="default: the preset's training size (paper: 128, CPU presets: 64)")
-    p.add_argument("--max-batch", type=int_in(0, 2**20), default=ScoreConfig.max_batch)
     p.add_argument("--repeats", type=int_in(1, 1000), default=3)
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
     p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")

@@ -167,7 +167,8 @@ def test_score_writes_p_values_decisions_and_masks(line, tmp_path):
         assert int(row["anomalous"]) == int(p <= A)
     # masks: heat > the ceil((n+1)(1-A))-th smallest heatmap maximum, recomputed here
     tau = sorted(cal["maxima"])[math.ceil((n + 1) * (1 - A)) - 1]
-    ckpt, model = fm.load_for_test(ckpt_path, torch.device("cpu"))
+    detector = fm.load(ckpt_path, "cpu")
+    ckpt, model = detector.ckpt, detector.model
     files = [data / "test" / "stain" / f"{i:03d}.png" for i in range(3)]
     images = torch.from_numpy(np.stack([fm.read_image(f, 16)[0] for f in files])).permute(0, 3, 1, 2)
     heat, _ = fm.score_dataset(model, fm.Dataset(images, torch.zeros(3, dtype=torch.long), [], files),

@@ -59,7 +59,7 @@ def test_saved_heatmaps_reproduce_the_reported_metrics(evaluated):
     metrics = json.loads((out / "metrics.json").read_text())
     for cat in ("grid", "weave"):
         npz = np.load(out / cat / "heatmaps.npz")
-        again = fm.evaluate(npz["labels"], npz["scores"], npz["masks"], npz["heat"])
+        again = fm.compute_metrics(npz["labels"], npz["scores"], npz["masks"], npz["heat"])
         assert again == pytest.approx(metrics[cat])
         assert np.allclose(fm.image_score(torch.from_numpy(npz["heat"])).numpy(), npz["scores"], rtol=1e-6)
 

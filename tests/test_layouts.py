@@ -287,7 +287,7 @@ def test_eval_size_matches_a_direct_computation_at_that_size(tmp_path):
             mask_path = cat / "ground_truth" / "crack" / (path.split("/")[-1][:-4] + "_mask.png")
             gts.append(np.asarray(Image.open(mask_path).resize((w, hh), Image.NEAREST)) > 0 if label
                        else np.zeros((hh, w), bool))
-        direct = fm.evaluate(data.anomalous, scores, gts, maps)
+        direct = fm.compute_metrics(data.anomalous, scores, gts, maps)
         ours = metrics(tests, size)["part"]
         assert ours == pytest.approx(direct, abs=1e-4)
         assert ours["pixel_aupro"] != pytest.approx(metrics(tests)["part"]["pixel_aupro"], abs=1e-4)
@@ -302,14 +302,14 @@ def test_image_score_rule():
 def test_eval_size_and_image_score_flags(capsys):
     args = fm.build_parser().parse_args(["test", "--ckpt", "c", "--data", "d", "--out", "o", "--eval-size", "original",
                                          "--image-score", "max"])
-    assert args.eval_size == "original" and fm.score_config(args).image_score == "max"
+    assert args.eval_size == "original" and fm.ScoreConfig(**fm.given(fm.ScoreConfig, args)).image_score == "max"
     assert fm.build_parser().parse_args(["test", "--ckpt", "c", "--data", "d", "--out", "o", "--eval-size", "256"]
                                         ).eval_size == 256
     with pytest.raises(SystemExit) as e:
         fm.build_parser().parse_args(["test", "--ckpt", "c", "--data", "d", "--out", "o", "--eval-size", "big"])
     assert e.value.code == 2 and "--eval-size" in capsys.readouterr().err
     with pytest.raises(fm.UserError, match="--image-score"):
-        fm.check_score_config(fm.ScoreConfig(image_score="mean"))
+        fm.ScoreConfig(image_score="mean")
 
 
 def strict(text):
@@ -324,7 +324,7 @@ def test_test_on_a_root_with_a_mask_free_category(trained, tmp_path, capsys):
     write_mvtec(tmp_path / "data" / "grid")
     write_mvtec(tmp_path / "data" / "weave", gt=False)
     cfg = fm.ScoreConfig(K=1, T=1, image_score="max")
-    results = fm.run_test(trained, tmp_path / "data", tmp_path / "ev", cfg, "cpu", overlays=False,
+    results = fm.evaluate(trained, tmp_path / "data", tmp_path / "ev", cfg, "cpu", overlays=False,
                           log=lambda *a: None)
     saved = strict((tmp_path / "ev" / "metrics.json").read_text())
     assert saved == results

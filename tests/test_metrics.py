@@ -72,7 +72,7 @@ def test_evaluate_uses_every_pixel_of_every_image():
     masks[3, 5:7, 1:3] = 1
     heat = rng.random((4, 8, 8)) + masks
     labels, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.5, 0.4, 0.9])
-    m = fm.evaluate(labels, scores, masks, heat)
+    m = fm.compute_metrics(labels, scores, masks, heat)
     assert set(m) == set(fm.METRICS)
     assert m["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
     assert m["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), heat.ravel()))

@@ -14,7 +14,7 @@ import flow_mismatch as fm
 @pytest.fixture(scope="module")
 def report(trained, mvtec, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    fm.run_test(trained, mvtec, out, fm.ScoreConfig(K=2, T=2), "cpu", log=lambda *a: None)
+    fm.evaluate(trained, mvtec, out, fm.ScoreConfig(K=2, T=2), "cpu", log=lambda *a: None)
     return out
 
 

@@ -72,7 +72,7 @@ def test_sweep_rows_equal_plain_tests(trained, mvtec, tmp_path):
                         "cpu", log=lambda *a: None)
     assert [r["setting"] for r in rows] == [dict(score=s, T=t) for s in ("mismatch", "recon") for t in (1, 2)]
     for r in rows[1:3]:
-        plain = fm.run_test(trained, mvtec, tmp_path / "plain", fm.replace(base, **r["setting"]), "cpu",
+        plain = fm.evaluate(trained, mvtec, tmp_path / "plain", fm.replace(base, **r["setting"]), "cpu",
                             overlays=False, log=lambda *a: None)
         assert r["results"]["mean"].pop("categories") == plain["mean"].pop("categories")
         for name, metrics in plain.items():
