@@ -109,7 +109,10 @@ def check_knob(f, value, flag=None):
             rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
             raise UserError(f"{flag}: must be {rule}, got {v}")
         if m.get("check"):
-            m["check"](v)
+            try:
+                m["check"](v)
+            except UserError as e:  # the check names the field's own flag; name the one given
+                raise UserError(f"{flag}:{str(e).split(':', 1)[1]}")
     return value
 
 
