@@ -2532,7 +2532,9 @@ def cmd_train(args):
             if not (out / "ckpt.pt").is_file():
                 raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
             ckpt = load_checkpoint(out / "ckpt.pt")  # its own config, with the flags given: refused before any work
-            cfg = resumed_config(ckpt, replace(train_config_of(ckpt), **given(TrainConfig, args)), log=lambda *_: None)
+            flags = given(TrainConfig, args)  # --epochs without --steps: that many epochs, not the run's steps
+            cfg = resumed_config(ckpt, replace(train_config_of(ckpt), **({"steps": None} if "epochs" in flags else {}),
+                                               **flags), log=lambda *_: None)
             data_root, size = args.data or ckpt.get("data"), cfg.image_size
         elif (out / "ckpt.pt").exists():
             raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "

@@ -274,6 +274,8 @@ def test_resume_refuses_other_data_or_a_changed_flag_and_keeps_every_training_im
     assert "--steps 2 -> 3" in r.stdout
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and set(first) <= set(ckpt["trained_on"]) and len(ckpt["trained_on"]) == len(first)
+    assert fm.main(["train", "--resume", str(run), "--epochs", "2"]) == 0  # 15 images, batch 2: 7 steps an epoch
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 14
 
 
 # Images as meant; means that say what they are over; bounded flags --------------------------------
