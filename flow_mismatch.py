@@ -16,12 +16,13 @@ Contents. The method, in the paper's order:
     Config              one dataclass per concern; presets (App. C.1), CPU recipes
     U-Net               App. C.1: residual blocks, time modulation, attention
     CFM loss            Eq. (1)
-    Scorer              Eqs. (2)-(4): paths x_t, mismatch Z_t, min over paths, heatmap H, score S
+    Scorer              Eqs. (2)-(4): paths x_t, mismatch Z_t, min over paths, heatmap H, score S;
+                        beside it the same definition one path, one time, one forward at a time
 The machinery:
-    Scorer machinery    forward batch, precision, input checks, the naive reference loop
-    Training loop       StableAdamW (App. C.2), seeded and resumable steps, signals, one writer per folder
+    Training loop       StableAdamW (App. C.2), setup, one CFM step, the loop; resume, signals, log;
+                        one writer per folder
     Checkpoints         atomic writes of every file, checkpoints read as plain data and checked
-    Devices and DDP     torchrun process groups, device choice
+    Devices and DDP     torchrun process groups, device choice, inference layout
     Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
     Metrics             the seven numbers of Table 1
     Data                benchmark layouts read in place (MVTec-AD, MPDD, VisA, MVTec AD 2, BTAD, LOCO,
@@ -29,6 +30,7 @@ The machinery:
     Evaluation          scoring test sets, progress, overlays, tables, report.html; ablation sweeps (Tables 6-9)
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
+    From Python         fm.load(ckpt).predict(images); train, evaluate, calibrate, score as functions
     Speed               bench: batched scorer against the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
     CLI                 train, test, score, calibrate, explain, demo, compare, bench
@@ -177,7 +179,7 @@ class TrainConfig:
     batch_size: int = knob(32, "images per process and step", ge=1, le=4096)
     epochs: int = knob(2000, "epochs", ge=1, le=10**6)
     steps: int = knob(None, "optimiser steps, overriding --epochs; None: by epochs", ge=1, le=10**9)
-    lr: float = knob(1e-4, "learning rate (100 already diverges within 3 steps)", gt=0, le=1e3)
+    lr: float = knob(1e-4, "learning rate", gt=0, le=1e3)  # 100 already diverges within 3 steps (tiny)
     weight_decay: float = knob(1e-4, "decoupled weight decay", ge=0, le=1e3)
     betas: tuple = knob((0.9, 0.99), "Adam's two moment decays", ge=0, lt=1)
     eps: float = knob(1e-6, "Adam's epsilon", gt=0, le=1)
@@ -410,13 +412,26 @@ def aggregator_rank(aggregator: str, K: int):
     raise UserError(f"--aggregator: {aggregator!r} is not min, mean or quantile:ALPHA with 0 < ALPHA <= 1")
 
 
+def seed_mix(*ints) -> int:
+    """One 63-bit seed from integers (seed, image id, path, ...): each is folded in with the splitmix64
+    finaliser (Steele, Lea and Flood 2014), so neighbouring inputs give unrelated seeds, the same on
+    every run, machine and Python."""
+    h = 0
+    for v in ints:
+        h = ((h ^ int(v)) + 0x9E3779B97F4A7C15) & 0xFFFF_FFFF_FFFF_FFFF
+        h = ((h ^ h >> 30) * 0xBF58476D1CE4E5B9) & 0xFFFF_FFFF_FFFF_FFFF
+        h = ((h ^ h >> 27) * 0x94D049BB133111EB) & 0xFFFF_FFFF_FFFF_FFFF
+        h ^= h >> 31
+    return h >> 1
+
+
 def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
     """x0 of path k for the images `ids`, (len(ids), *shape): a function of (seed, image id, k)
     only, so a heatmap does not depend on batching, chunking or the number of processes."""
     gen = torch.Generator(device=device)
     x0 = torch.empty((len(ids), *shape), device=device)
     for i, image_id in enumerate(ids):
-        gen.manual_seed(hash((seed, int(image_id), k)) & 0x7FFF_FFFF_FFFF_FFFF)
+        gen.manual_seed(seed_mix(seed, image_id, k))
         x0[i] = torch.randn(shape, generator=gen, device=device)
     return x0
 
@@ -424,6 +439,23 @@ def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
 def interior_times(T: int, device=None) -> torch.Tensor:
     """The T interior times j / (T + 1), j = 1..T, (T,)."""
     return torch.arange(1, T + 1, device=device) / (T + 1)
+
+
+def forward_batch(cfg: ScoreConfig, model, y) -> int:
+    """U-Net inputs per forward for images y: 512 fill a GPU; on a CPU, as many as keep one
+    full-resolution activation (base_channels x H x W per input) within 2^21 numbers, the
+    batch that measured fastest for every preset (BENCHMARKS.md): larger ones leave the caches."""
+    if cfg.max_batch:
+        return cfg.max_batch
+    if y.device.type == "cuda":
+        return 512
+    return max(1, 2**21 // (model.cfg.base_channels * y.shape[-2] * y.shape[-1]))
+
+
+def autocast(device: torch.device, precision="auto"):
+    """bf16 on CUDA (App. C.2), full fp32 on CPU; precision "fp32" or "bf16" forces one."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 @torch.no_grad()
@@ -469,52 +501,10 @@ def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=N
     return (w * mismatch_delta(model, y, labels, cfg, ids)).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
 
 
-def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
-    """Eq. (4): S = max H + mean of the top 1 % of H, (B, H, W) -> (B,); rule "max": S = max H."""
-    flat = heat.flatten(1)
-    if rule == "max":
-        return flat.amax(1)
-    top = flat.topk(max(1, math.ceil(0.01 * flat.shape[1])), dim=1).values
-    return top[:, 0] + top.mean(1)
-
-
-# ----------------------------------------------------------------------------
-# End of the method. The machinery follows: how the scorer is batched and checked, training,
-# checkpoints, devices and DDP, baselines, metrics, data, evaluation, calibration, speed, the paper's
-# numbers, CLI.
-#
-# Scorer machinery: forward batch size, precision, input checks, the one-forward-at-a-time reference.
-
-
-def forward_batch(cfg: ScoreConfig, model, y) -> int:
-    """U-Net inputs per forward for images y: 512 fill a GPU; on a CPU, as many as keep one
-    full-resolution activation (base_channels x H x W per input) within 2^21 numbers, the
-    batch that measured fastest for every preset (BENCHMARKS.md): larger ones leave the caches."""
-    if cfg.max_batch:
-        return cfg.max_batch
-    if y.device.type == "cuda":
-        return 512
-    return max(1, 2**21 // (model.cfg.base_channels * y.shape[-2] * y.shape[-1]))
-
-
-def autocast(device: torch.device, precision="auto"):
-    """bf16 on CUDA (App. C.2), full fp32 on CPU; precision "fp32" or "bf16" forces one."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def inference_model(model: UNet, device, compile=False, channels_last=None):
-    """Eval mode on `device`, torch.compile on request. Layout (None: by device): channels_last on a
-    CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200, where channels_last scored slower; BENCHMARKS.md)."""
-    if channels_last is None:
-        channels_last = torch.device(device).type == "cpu"
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    return torch.compile(model) if compile else model
-
-
 @torch.no_grad()
 def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """Eqs. (2)-(4) one forward at a time: the reference the batched scorer is checked against."""
+    """Eqs. (2)-(4) as written, one path, one time, one forward at a time: the readable definition
+    the batched mismatch_heat is checked against."""
     B, C, H, W = y.shape
     ids = list(range(B)) if ids is None else ids
     m = aggregator_rank(cfg.aggregator, cfg.K)
@@ -535,6 +525,20 @@ def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(),
     return heat
 
 
+def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
+    """Eq. (4): S = max H + mean of the top 1 % of H, (B, H, W) -> (B,); rule "max": S = max H."""
+    flat = heat.flatten(1)
+    if rule == "max":
+        return flat.amax(1)
+    top = flat.topk(max(1, math.ceil(0.01 * flat.shape[1])), dim=1).values
+    return top[:, 0] + top.mean(1)
+
+
+# ----------------------------------------------------------------------------
+# End of the method: everything above uses only torch, the standard library and names defined
+# above. The machinery follows: training loop, checkpoints, devices and DDP, baselines, metrics,
+# data, evaluation, calibration, explain, the Python API, speed, the paper's numbers, CLI.
+# ----------------------------------------------------------------------------
 # ----------------------------------------------------------------------------
 # Training loop: the optimiser of App. C.2 and a loop that survives interruption.
 
@@ -570,16 +574,6 @@ class StableAdamW(torch.optim.Optimizer):
                 p.mul_(1 - lr * group["weight_decay"])
                 update = (m / (1 - b1 ** state["step"])) / (v_hat.sqrt() + group["eps"])
                 p.add_(-lr * update)
-
-
-class Stop:
-    """SIGINT/SIGTERM during training: finish the step, save, exit."""
-
-    def __init__(self):
-        self.signum = 0
-
-    def __call__(self, signum, frame):
-        self.signum = signum
 
 
 def try_lock(f) -> bool:
@@ -653,12 +647,15 @@ def train_config_of(ckpt: dict) -> TrainConfig:
     return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()})
 
 
-def resumed_config(ckpt: dict, cfg: TrainConfig, log=print) -> TrainConfig:
+def resumed_config(ckpt: dict, cfg: TrainConfig, log=print, given=None) -> TrainConfig:
     """The run's own TrainConfig with cfg's RESUMABLE fields, each change logged; any other field of
-    cfg that differs from the run's is refused, naming its flag."""
-    saved = train_config_of(ckpt)
+    cfg that was given (given: the flags' names; None: each field not at TrainConfig's default) and
+    differs from the run's is refused, naming its flag."""
+    saved, default = train_config_of(ckpt), TrainConfig()
     for f in fields(TrainConfig):
-        if f.name not in RESUMABLE and getattr(cfg, f.name) != getattr(saved, f.name):
+        v = getattr(cfg, f.name)
+        if f.name not in RESUMABLE and v != getattr(saved, f.name) and (
+                f.name in given if given is not None else v != getattr(default, f.name)):
             raise UserError(f"--{f.name.replace('_', '-')}: {getattr(cfg, f.name)} differs from the run's "
                             f"{getattr(saved, f.name)}; a resumed run keeps it (start a new run to change it)")
     length = (dict(steps=cfg.steps) if cfg.steps else
@@ -671,26 +668,107 @@ def resumed_config(ckpt: dict, cfg: TrainConfig, log=print) -> TrainConfig:
     return new
 
 
-def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=print) -> Path:
-    """Train v_theta on `data` (a Dataset of normal images) and write out/ckpt.pt.
+def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resume=False, log=print) -> Path:
+    """Train v_theta on `data` (a folder of categories or a Dataset of normal images) and write
+    out/ckpt.pt (out: runs/<name of the data folder>); resume continues out's checkpoint.
 
     With cfg.calib_fraction > 0 a seeded part of each category is held out, never drawn into a
     batch, and scored at the end (K = T = 10) as the run's calibration set (see Calibration).
-    Step s draws its batch, noise and dropout from (seed, s, rank) alone, so a run resumed
-    from any checkpoint continues exactly as if it had never stopped."""
+    Step s draws its batch, noise and dropout from (seed, s, rank) alone, so a run resumed from any
+    checkpoint continues exactly as if it had never stopped. Every step's loss, learning rate and
+    speed go to out/train_log.csv, drawn at the end as out/loss.png."""
+    out = Path(out or Path("runs") / Path(data.root if isinstance(data, Dataset) else data).resolve().name)
+    flag = "--resume" if resume else "--out"
+    check_out_dir(out, flag)
+    with run_lock(out, flag):  # held until training ends
+        run = train_setup(data, cfg, out, pick_device(device, distributed()[2]), resume, log)
+        stop = []  # the signal that asks to stop: finish the step, save, exit
+        old = {sig: signal.signal(sig, lambda signum, _: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            train_loop(run, stop, log)
+            calibrate_held_out(run)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            run["log"].close()
+        if run["rank"] == 0:
+            plot_loss(out)
+    if run["world"] > 1:
+        dist.barrier()  # the other ranks wait for rank 0's last checkpoint before they exit
+    return out / "ckpt.pt"
+
+
+def cfm_step(model, opt, y, labels=None, generator=None) -> float:
+    """One training step: the CFM loss of Eq. (1) on a batch, its gradient, one StableAdamW update."""
+    with autocast(y.device):
+        loss = cfm_loss(model, y, labels, generator)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def train_loop(run: dict, stop: list, log) -> None:
+    """Steps run["step"] + 1 .. total: batch, seeds, cfm_step; then log, checkpoint, stop on a signal."""
+    cfg, out, total, device, world = run["cfg"], run["out"], run["total"], run["device"], run["world"]
+    gen, step0, t_start = torch.Generator(device=device), run["step"], time.time()
+    progress = Progress(total, "step", run["step"], per=cfg.batch_size * world) if run["rank"] == 0 else None
+    run["model"].train()
+    while run["step"] < total:
+        step = run["step"]
+        y, labels = train_batch(run, step)
+        torch.manual_seed(seed_mix(cfg.seed, step, run["rank"]))  # dropout
+        gen.manual_seed(seed_mix(cfg.seed, step, run["rank"], 1))  # x0, t
+        loss = cfm_step(run["ddp"], run["opt"], y, labels, gen)
+        if not math.isfinite(loss):
+            raise UserError(f"training diverged: non-finite loss ({loss}) at step {step + 1}; {kept(out)}", status=1)
+        run["step"] = step = step + 1
+        wall = time.time() - t_start
+        run["rows"].writerow([step, f"{loss:.6g}", run["opt"].param_groups[0]["lr"],
+                              f"{(step - step0) * cfg.batch_size * world / wall:.2f}", f"{wall:.2f}"])
+        if step - step0 == 2 and run["rank"] == 0 and device.type == "cpu" and cfg.preset not in CPU_RECIPES:
+            log(f"preset {cfg.preset} on a CPU: about {wall / 2 * (total - step) / 3600:,.1f} h for the remaining "
+                f"{total - step:,} steps (timed over the first 2); the CPU preset, --preset tiny, trains in minutes "
+                f"(--preset small on more cores); continuing, Ctrl-C saves a checkpoint and stops")
+        signum = stop[-1] if stop else 0
+        if world > 1:  # every rank stops at the same step
+            flag = torch.tensor([signum], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        per_epoch = run["steps_per_epoch"]
+        if step % cfg.save_every == 0 or step == total or signum:
+            save_run(run, out / "ckpt.pt")
+        if step % per_epoch == 0 and step // per_epoch in cfg.save_epochs:
+            save_run(run, out / f"ckpt_epoch{step // per_epoch}.pt")
+        if signum:
+            if run["rank"] == 0:
+                log(f"interrupted by {signal.Signals(signum).name} at step {step}/{total}; "
+                    f"checkpoint saved, continue with: train --resume {out}")
+            raise SystemExit(128 + signum)
+        if progress:
+            progress(1, f"epoch {step / per_epoch:.1f}  loss {loss:.4f}  ")
+
+
+def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log) -> dict:
+    """What a run holds: its configuration (the checkpoint's, on resume), data and hold-out, model,
+    optimiser, DDP wrapper, normalisation, step and total; out/train_log.csv opened, rows past the
+    checkpoint's step dropped."""
     rank, world, local_rank = distributed()
-    device = pick_device(device, local_rank)
-    ckpt_path = out / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path) if resume else None
-    out.mkdir(parents=True, exist_ok=True)
+    if resume and not (out / "ckpt.pt").is_file():
+        raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
+    ckpt = load_checkpoint(out / "ckpt.pt") if resume else None
     if ckpt is not None:
         cfg = resumed_config(ckpt, cfg, log if rank == 0 else (lambda *_: None))
-        if ckpt.get("data") and data.root != ckpt["data"]:
-            raise UserError(f"--data: {data.root} is not the data of this run, {ckpt['data']}; a resumed run "
-                            f"trains on what it began with (start a new run for other data)")
-        if ckpt["class_names"] != data.class_names:
-
-            raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
+    elif (out / "ckpt.pt").exists():
+        raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
+                        f"another folder")
+    if not isinstance(data, Dataset):
+        data = load_train(data or ckpt.get("data"), cfg.image_size)
+    if ckpt is not None and ckpt.get("data") and data.root != ckpt["data"]:
+        raise UserError(f"--data: {data.root} is not the data of this run, {ckpt['data']}; a resumed run "
+                        f"trains on what it began with (start a new run for other data)")
+    if ckpt is not None and ckpt["class_names"] != data.class_names:
+        raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
     data, held = split_calibration(data, cfg.calib_fraction, cfg.seed)
     conditional = len(data.class_names) > 1 and not cfg.pooled
     torch.manual_seed(cfg.seed)  # initial weights
@@ -698,11 +776,9 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
     opt = StableAdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, clip=cfg.update_rms_clip)
     mean, std = data.normalisation() if ckpt is None else (torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
-    step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
     model.to(device, memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     for s in opt.state.values():
         for k, v in s.items():
@@ -710,123 +786,113 @@ def train(data, cfg: TrainConfig, out: Path, device="auto", resume=False, log=pr
                 s[k] = v.to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if world > 1 else model
-    n = len(data)
-    steps_per_epoch = max(1, n // (cfg.batch_size * world))
-    total = cfg.steps or cfg.epochs * steps_per_epoch
+    steps_per_epoch = max(1, len(data) // (cfg.batch_size * world))
+    total, step = cfg.steps or cfg.epochs * steps_per_epoch, 0 if ckpt is None else ckpt["step"]
     if rank == 0:
         nparams = sum(p.numel() for p in model.parameters())
         log(f"preset {cfg.preset}: {nparams:,} parameters ({nparams / 1e6:.1f} M); "
             f"{'class-conditional on ' + str(len(data.class_names)) + ' categories' if conditional else 'unconditional'}; "
-            f"{n} images{f' ({len(held)} more held out for calibration)' * (len(held) > 0)}, "
+            f"{len(data)} images{f' ({len(held)} more held out for calibration)' * (len(held) > 0)}, "
             f"{steps_per_epoch} steps/epoch, {total} steps on {device} x{world}")
-    trained_on = list(ckpt.get("trained_on", [])) if ckpt is not None else []  # only grows, over resumes
+    path = out / "train_log.csv"
+    rows = list(csv.reader(open(path)))[1:] if resume and path.is_file() else []
+    log_file = open(path if rank == 0 else os.devnull, "w", newline="")
+    writer = csv.writer(log_file)
+    writer.writerows([["step", "loss", "lr", "images_per_s", "wall_s"]] + [r for r in rows if int(r[0]) <= step])
+    return dict(cfg=replace(cfg, steps=total), data=data, held=held, conditional=conditional, model=model, opt=opt,
+                ddp=ddp, mean=mean, std=std, step=step, total=total, steps_per_epoch=steps_per_epoch, out=out,
+                rank=rank, world=world, device=device, log=log_file, rows=writer, **bound_record(ckpt, data, held))
+
+
+def bound_record(ckpt, data: Dataset, held: Dataset) -> dict:
+    """What a run records of its images: trained_on, the sha256 of every image it has trained on,
+    which only grows over resumes; held_out, each category's hold-out by absolute path and sha256;
+    calibration, the resumed checkpoint's (of older weights, scored again by calibrate_held_out)."""
+    trained_on = list(ckpt.get("trained_on", [])) if ckpt is not None else []
     seen = set(trained_on)
     trained_on += [h for h in image_hashes(data.images) if h not in seen]
-    held_paths = [str(Path(p).resolve()) for p in held.paths]
-    held_out = {name: dict(paths=[p for p, c in zip(held_paths, held.labels.tolist()) if c == i],
-                           sha256=[h for h, c in zip(image_hashes(held.images), held.labels.tolist()) if c == i])
+    paths, hashes, labels = [str(Path(p).resolve()) for p in held.paths], image_hashes(held.images), held.labels.tolist()
+    held_out = {name: dict(paths=[p for p, c in zip(paths, labels) if c == i],
+                           sha256=[h for h, c in zip(hashes, labels) if c == i])
                 for i, name in enumerate(data.class_names)}
-    calibration = dict(ckpt.get("calibration") or {}) if ckpt is not None else {}  # of older weights: re-scored below
+    calibration = dict(ckpt.get("calibration") or {}) if ckpt is not None else {}
+    return dict(trained_on=trained_on, held_out=held_out, calibration=calibration)
 
-    def state(at_step):
-        return dict(model=model.state_dict(), optimizer=opt.state_dict(), model_config=asdict(model.cfg),
-                    train_config=asdict(replace(cfg, steps=total)), mean=mean.tolist(), std=std.tolist(),
-                    class_names=data.class_names, conditional=conditional, step=at_step, data=data.root,
-                    trained_on=trained_on, held_out=held_out, calibration=calibration)
 
-    def kept():
-        return (f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else
-                "no checkpoint had been written yet")
+def train_batch(run: dict, step: int) -> tuple:
+    """Step `step`'s normalised images (B, 3, S, S) and labels: epoch e's order is drawn from (seed, e),
+    this rank's slice of it from the step."""
+    cfg, data, world, n = run["cfg"], run["data"], run["world"], len(run["data"])
+    epoch, i = divmod(step, run["steps_per_epoch"])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_mix(cfg.seed, epoch)))
+    start = (i * world + run["rank"]) * cfg.batch_size
+    idx = perm[torch.arange(start, start + cfg.batch_size) % n]
+    return (normalise(data.images[idx].to(run["device"]), run["mean"], run["std"]),
+            data.labels[idx].to(run["device"]) if run["conditional"] else None)
 
-    def save(path, at_step):
-        if rank == 0:
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise UserError(f"training diverged before step {at_step}: weights are not finite; {kept()}",
-                                status=1)
-            try:
-                save_checkpoint(path, state(at_step))
-            except OSError as e:
-                raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact",
-                                status=1)
 
-    stop = Stop()
-    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    images = data.images  # (N, 3, S, S) uint8, already resized
-    labels_all = data.labels
-    mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
-    gen = torch.Generator(device=device)
-    model.train()
-    t_start, t_log, step0 = time.time(), time.time(), step
+def kept(out: Path) -> str:
+    return (f"the last good checkpoint, {out / 'ckpt.pt'}, is kept" if (out / "ckpt.pt").exists() else
+            "no checkpoint had been written yet")
+
+
+def save_run(run: dict, path: Path) -> None:
+    """Rank 0 writes the run's checkpoint once its weights are checked finite, and flushes the log."""
+    if run["rank"] != 0:
+        return
+    model, data, held = run["model"], run["data"], run["held"]
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"training diverged before step {run['step']}: weights are not finite; {kept(run['out'])}",
+                        status=1)
     try:
-        while step < total:
-            epoch, i = divmod(step, steps_per_epoch)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-            start = (i * world + rank) * cfg.batch_size
-            idx = perm[torch.arange(start, start + cfg.batch_size) % n]
-            y = (images[idx].to(device).float() / 255 - mean_d) / std_d
-            lab = labels_all[idx].to(device) if conditional else None
-            torch.manual_seed(hash((cfg.seed, step, rank)) & 0x7FFF_FFFF)  # dropout
-            gen.manual_seed(hash((cfg.seed, step, rank, 1)) & 0x7FFF_FFFF)  # x0, t
-            with autocast(device):
-                loss = cfm_loss(ddp, y, lab, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise UserError(f"training diverged: non-finite loss ({loss_value}) at step {step + 1}; {kept()}",
-                                status=1)
-            step += 1
-            if step - step0 == 2 and rank == 0 and device.type == "cpu" and cfg.preset not in CPU_RECIPES:
-                hours = (time.time() - t_start) / 2 * (total - step) / 3600
-                log(f"preset {cfg.preset} on a CPU: about {hours:,.1f} h for the remaining {total - step:,} steps "
-                    f"(timed over the first 2); the CPU preset, --preset tiny, trains in minutes "
-                    f"(--preset small on more cores); continuing, Ctrl-C saves a checkpoint and stops")
-            if world > 1:  # every rank stops at the same step
-                flag = torch.tensor([stop.signum], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop.signum = int(flag.item())
-            if step % cfg.save_every == 0 or step == total:
-                save(ckpt_path, step)
-            if step % steps_per_epoch == 0 and step // steps_per_epoch in cfg.save_epochs:
-                save(out / f"ckpt_epoch{step // steps_per_epoch}.pt", step)
-            if stop.signum:
-                save(ckpt_path, step)
-                if rank == 0:
-                    log(f"interrupted by {signal.Signals(stop.signum).name} at step {step}/{total}; "
-                        f"checkpoint saved, continue with: train --resume {out}")
-                raise SystemExit(128 + stop.signum)
-            if rank == 0 and (time.time() - t_log > 5 or step == total):
-                t_log = time.time()
-                rate = (step - step0) / (t_log - t_start)
-                eta = (total - step) / max(rate, 1e-9)
-                print(f"step {step}/{total}  epoch {step / steps_per_epoch:.1f}  loss {loss_value:.4f}  "
-                      f"{rate * cfg.batch_size * world:.1f} img/s  eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    if len(held) or calibration:  # each calibration scored again, on these weights
-        model.eval()
-        sources = {name: held_out[name] for name in data.class_names if held_out[name]["paths"]}
-        sources.update({name: cal for name, cal in calibration.items() if name in data.class_names})
-        calibration = {}
-        for name, record in sources.items():
-            try:
-                images = bound_images(record, cfg.image_size, dict(zip(held_paths, held.images)))
-                if set(record["sha256"]) & set(trained_on):
-                    raise UserError("some of its images are now training images")
-            except UserError as e:
-                note(f"warning: the calibration of {name} is dropped ({e}); calibrate it again")
-                continue
-            c = data.class_names.index(name)
-            calibration[name] = calibrate_on(model, Dataset(images, torch.full((len(images),), c), data.class_names,
-                                                            record["paths"]),
-                                             replace(ScoreConfig(), **record.get("rule", {})), mean, std, device,
-                                             c if conditional else None, step)
-        save(ckpt_path, step)
-    if world > 1:
-        dist.barrier()  # the other ranks wait for rank 0's last checkpoint before they exit
-    return ckpt_path
+        save_checkpoint(path, dict(model=model.state_dict(), optimizer=run["opt"].state_dict(),
+                                   model_config=asdict(model.cfg), train_config=asdict(run["cfg"]),
+                                   mean=run["mean"].tolist(), std=run["std"].tolist(), class_names=data.class_names,
+                                   conditional=run["conditional"], step=run["step"], data=data.root,
+                                   trained_on=run["trained_on"], held_out=run["held_out"],
+                                   calibration=run["calibration"]))
+        run["log"].flush()
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact", status=1)
+
+
+def calibrate_held_out(run: dict) -> None:
+    """Each calibration scored again on the final weights: the resumed checkpoint's, with its own
+    images (checked by sha256) and rule, and for the other categories the hold-out with the default
+    rule. One whose images changed, vanished or were trained on is dropped, with a warning."""
+    data, held, trained = run["data"], run["held"], set(run["trained_on"])
+    sources = {name: run["held_out"][name] for name in data.class_names if run["held_out"][name]["paths"]}
+    sources.update({name: cal for name, cal in run["calibration"].items() if name in data.class_names})
+    if not sources:
+        return
+    run["model"].eval()
+    run["calibration"] = {}
+    known = dict(zip((str(Path(p).resolve()) for p in held.paths), held.images))
+    for name, record in sources.items():
+        try:
+            images = bound_images(record, run["cfg"].image_size, known)
+            if set(record["sha256"]) & trained:
+                raise UserError("some of its images are now training images")
+        except UserError as e:
+            note(f"warning: the calibration of {name} is dropped ({e}); calibrate it again")
+            continue
+        c = data.class_names.index(name)
+        run["calibration"][name] = calibrate_on(
+            run["model"], Dataset(images, torch.full((len(images),), c), data.class_names, record["paths"]),
+            replace(ScoreConfig(), **record.get("rule", {})), run["mean"], run["std"], run["device"],
+            c if run["conditional"] else None, run["step"])
+    save_run(run, run["out"] / "ckpt.pt")
+
+
+def plot_loss(out: Path) -> None:
+    """out/loss.png: the loss of out/train_log.csv against the step."""
+    from matplotlib.figure import Figure
+
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    ax = (fig := Figure(figsize=(6, 3.5), layout="constrained")).subplots()
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.8)
+    ax.set(xlabel="step", ylabel="CFM loss (Eq. 1)", yscale="log", title=out.name)
+    fig.savefig(out / "loss.png", dpi=80)
 
 
 # ----------------------------------------------------------------------------
@@ -944,6 +1010,15 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name != "cpu":
         raise UserError(f"--device: unknown device {name!r} (auto, cpu or cuda)")
     return torch.device("cpu")
+
+
+def inference_model(model: UNet, device, compile=False, channels_last=None):
+    """Eval mode on `device`, torch.compile on request. Layout (None: by device): channels_last on a
+    CPU (1.16-1.28x), NCHW on a GPU (1.24x on an H200, where channels_last scored slower; BENCHMARKS.md)."""
+    if channels_last is None:
+        channels_last = torch.device(device).type == "cpu"
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    return torch.compile(model) if compile else model
 
 
 # ----------------------------------------------------------------------------
@@ -1202,6 +1277,11 @@ def read_image(path, size, mode="RGB"):
             return np.asarray(im), original
     except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, DecompressionBombError...)
         raise UserError(f"{path}: unreadable or corrupt image ({str(e)[:80]})")
+
+
+def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, per channel (x / 255 - mean) / std with the training set's mean and std."""
+    return (images.float() / 255 - mean.to(images.device).view(1, -1, 1, 1)) / std.to(images.device).view(1, -1, 1, 1)
 
 
 def uint8_batch(arrays) -> torch.Tensor:
@@ -1470,21 +1550,22 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
 # Evaluation: score every test image of every category, write what the metrics used.
 
 class Progress:
-    """`images done/total, images/s, eta` on stderr every few seconds and at the end, as train logs steps."""
+    """`{unit} done/total, images/s, eta` on stderr every few seconds and at the end: images while
+    scoring, steps (of `per` images each) while training, from `done` on."""
 
-    def __init__(self, total: int, every: float = 5.0):
-        self.total, self.every, self.done = total, every, 0
+    def __init__(self, total: int, unit="images", done=0, per=1, every=5.0):
+        self.total, self.unit, self.done, self.start, self.per, self.every = total, unit, done, done, per, every
         self.t0 = self.t_log = time.time()
 
-    def __call__(self, n: int) -> None:
+    def __call__(self, n: int, extra="") -> None:
         self.done = min(self.total, self.done + n)
         now = time.time()
         if now - self.t_log > self.every or self.done == self.total:
             self.t_log = now
-            rate = self.done / max(now - self.t0, 1e-9)
+            rate = (self.done - self.start) / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"images {self.done}/{self.total}  {rate:.2f} img/s  eta {eta / 60:.1f} min", file=sys.stderr,
-                  flush=True)
+            print(f"{self.unit} {self.done}/{self.total}  {extra}{rate * self.per:.2f} img/s  eta {eta / 60:.1f} min",
+                  file=sys.stderr, flush=True)
 
 
 def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, progress=None,
@@ -1492,14 +1573,13 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
     """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores
     every world-th image and rank 0 gathers them. Image i draws its paths as image first_id + i."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mean_d, std_d = mean.to(device).view(1, -1, 1, 1), std.to(device).view(1, -1, 1, 1)
     inputs_per_image = cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K
     per_call = max(1, forward_batch(cfg, model, data.images[:1].to(device)) // inputs_per_image)
     mine = list(range(rank, len(data), world))
     heat = torch.zeros(len(data), *data.images.shape[2:])
     for i in range(0, len(mine), per_call):
         ids = mine[i:i + per_call]
-        y = (data.images[ids].to(device).float() / 255 - mean_d) / std_d
+        y = normalise(data.images[ids].to(device), mean, std)
         labels = None if labels_for is None else torch.full((len(ids),), labels_for, device=device)
         heat[ids] = SCORERS[cfg.score](model, y, labels, cfg, [first_id + i for i in ids]).cpu()
         if progress is not None:
@@ -1544,21 +1624,32 @@ def percent(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
-def format_table(results: dict) -> str:
+def table(head, rows, html=False) -> str:
+    """head and rows (lists of cells) as a markdown table, or as an HTML table of the same cells."""
+    if not html:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                         ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+    from html import escape
+
+    lines = [[f"<th>{escape(str(c))}</th>" for c in head]] + [
+        [f"<th>{escape(str(row[0]))}</th>"] + [f"<td>{escape(str(c))}</td>" for c in row[1:]] for row in rows]
+    return "<table>" + "".join("<tr>" + "".join(cells) + "</tr>" for cells in lines) + "</table>"
+
+
+def format_table(results: dict, html=False) -> str:
     """Percent, n/a where a metric could not be computed. A mean over k < n categories says so:
     `mean (k/n)` when every metric has the same k, else each such cell."""
     n = len(results) - 1
     counts = [sum(m[k] is not None for name, m in results.items() if name != "mean") for k in METRICS]
-    head = "| category | " + " | ".join(METRICS) + " |"
-    rows = [head, "|" + "---|" * (len(METRICS) + 1)]
+    rows = []
     for name, m in results.items():
         cells = [percent(m[k]) for k in METRICS]
         if name == "mean" and len(set(counts)) == 1 and 0 < counts[0] < n:
             name = f"mean ({counts[0]}/{n})"
         elif name == "mean":
             cells = [f"{c} ({k}/{n})" if 0 < k < n else c for c, k in zip(cells, counts)]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append([name, *cells])
+    return table(["category", *METRICS], rows, html)
 
 
 def check_out_dir(out: Path, flag="--out") -> None:
@@ -1631,11 +1722,8 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
             "figure img{height:160px;image-rendering:pixelated}figcaption{font-size:12px}</style></head><body>",
             f"<h1>flow-mismatch evaluation</h1><p>{escape(title)}: score {escape(cfg.score)}, K={cfg.K}, "
             f"T={cfg.T}, aggregator {escape(cfg.aggregator)}, w(t) = {escape(cfg.weight)}, seed {cfg.seed}. "
-            "Metrics in %; n/a: not computable on this test set.</p>",
-            "<table><tr><th>category</th>" + "".join(f"<th>{m}</th>" for m in METRICS) + "</tr>"]
-    page += [f"<tr><th>{escape(name)}</th>" + "".join(f"<td>{percent(r.get(m))}</td>" for m in METRICS) + "</tr>"
-             for name, r in results.items()]
-    page.append("</table><p>Categories: " + ", ".join(f"<a href='#{quote(n)}'>{escape(n)}</a>" for n in scored)
+            "Metrics in %; n/a: not computable on this test set.</p>", format_table(results, html=True)]
+    page.append("<p>Categories: " + ", ".join(f"<a href='#{quote(n)}'>{escape(n)}</a>" for n in scored)
                 + ". Overlays: image | ground truth | heatmap over the image, one colour range per category.</p>")
     for name, (heat, scores) in scored.items():
         data, r = tests[name], results.get(name, {})
@@ -1816,18 +1904,15 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     if rank != 0:
         return []
     keys = list(rows[0]["setting"])
-    table = ["| " + " | ".join(keys + list(METRICS)) + " | images/s |", "|" + "---|" * (len(keys) + len(METRICS) + 1)]
-    for r in rows:
-        m = r["results"]["mean"]
-        table.append("| " + " | ".join([str(r["setting"][k]) for k in keys] + [percent(m[k]) for k in METRICS])
-                     + f" | {r['images_per_s']:.2f} |")
+    md = table(keys + list(METRICS) + ["images/s"], [[r["setting"][k] for k in keys] + [
+        percent(r["results"]["mean"][k]) for k in METRICS] + [f"{r['images_per_s']:.2f}"] for r in rows])
     out.mkdir(parents=True, exist_ok=True)
     with staged(out) as new:
         with atomic_write(new / "sweep.md") as f:
-            f.write("\n".join(table) + "\n")
+            f.write(md + "\n")
         with atomic_write(new / "sweep.json") as f:
             f.write(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2, allow_nan=False))
-    log("\n".join(table))
+    log(md)
     return rows
 
 
@@ -1949,11 +2034,8 @@ def operating_point(cal: dict, A: float, scores, anomalous, heat, masks) -> dict
 
 
 def format_operating_point(results: dict, A: float) -> str:
-    rows = [f"At --alarm-rate {A} (calibrated thresholds), in percent:", "",
-            "| category | " + " | ".join(OPERATING) + " |", "|" + "---|" * (len(OPERATING) + 1)]
-    for name, m in results.items():
-        rows.append(f"| {name} | " + " | ".join(percent(m[k]) for k in OPERATING) + " |")
-    return "\n".join(rows)
+    return f"At --alarm-rate {A} (calibrated thresholds), in percent:\n\n" + table(
+        ["category", *OPERATING], [[name, *(percent(m[k]) for k in OPERATING)] for name, m in results.items()])
 
 
 # ----------------------------------------------------------------------------
@@ -2100,11 +2182,7 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
 
         def steps():
             for _ in range(n_steps):
-                with autocast(device):
-                    loss = cfm_loss(model, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                cfm_step(model, opt, y)
 
         _, seconds = timed(steps)
         fps = n_steps * images / seconds
@@ -2196,8 +2274,7 @@ def mean_coverage(results: dict, dataset: str):
 def compare(results: dict, dataset: str) -> str:
     """Our metrics beside the paper's for the categories both have: rows ours, paper, ours - paper.
     A mean that is not over the paper's categories is labelled as such (mean_coverage)."""
-    head = "| category | | " + " | ".join(METRICS) + " |"
-    rows = [head, "|" + "---|" * (len(METRICS) + 2)]
+    rows = []
     for name in results:
         if name not in PAPER[dataset]:
             continue
@@ -2206,9 +2283,8 @@ def compare(results: dict, dataset: str) -> str:
         diff = [None if o is None else o - p for o, p in zip(ours, paper)]
         ours_label = (name == "mean" and mean_coverage(results, dataset)) or "ours"
         for label, values in ((ours_label, ours), ("paper", paper), ("ours - paper", diff)):
-            cells = ("n/a" if v is None else f"{v:.1f}" for v in values)
-            rows.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+            rows.append([name, label, *("n/a" if v is None else f"{v:.1f}" for v in values)])
+    return table(["category", "", *METRICS], rows)
 
 
 # ----------------------------------------------------------------------------
@@ -2521,25 +2597,14 @@ def category_label(ckpt, category):
 def cmd_train(args):
     if args.resume is None and args.data is None:
         raise UserError("--data: required (or --resume RUN_DIR)")
-    out = Path(args.resume or args.out or Path("runs") / Path(args.data).resolve().name)
-    flag = "--resume" if args.resume else "--out"
     cfg = train_config(**given(TrainConfig, args))
-    check_out_dir(out, flag)
     pick_device(args.device)
-    with run_lock(out, flag):  # held until training ends
-        data_root, size = args.data, cfg.image_size
-        if args.resume:
-            if not (out / "ckpt.pt").is_file():
-                raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
-            ckpt = load_checkpoint(out / "ckpt.pt")  # its own config, with the flags given: refused before any work
-            flags = given(TrainConfig, args)  # --epochs without --steps: that many epochs, not the run's steps
-            cfg = resumed_config(ckpt, replace(train_config_of(ckpt), **({"steps": None} if "epochs" in flags else {}),
-                                               **flags), log=lambda *_: None)
-            data_root, size = args.data or ckpt.get("data"), cfg.image_size
-        elif (out / "ckpt.pt").exists():
-            raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
-                            f"another folder")
-        path = train(load_train(data_root, size), cfg, out, args.device, resume=bool(args.resume))
+    flags = given(TrainConfig, args)
+    if args.resume and (Path(args.resume) / "ckpt.pt").is_file():  # its own config with the flags given
+        ckpt = load_checkpoint(Path(args.resume) / "ckpt.pt")
+        cfg = resumed_config(ckpt, replace(train_config_of(ckpt), **({"steps": None} if "epochs" in flags else {}),
+                                           **flags), lambda *_: None, given=flags)  # --epochs alone: that many
+    path = train(args.data, cfg, args.resume or args.out, args.device, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
     return 0
@@ -2588,10 +2653,8 @@ def cmd_demo(args):
     if not data.exists():
         make_demo_dataset(data, size=cfg.image_size)
     run = out / "run"
-    with run_lock(run):
-        if (run / "ckpt.pt").exists():
-            (run / "ckpt.pt").unlink()
-        train(load_train(data, cfg.image_size), cfg, run, args.device)
+    (run / "ckpt.pt").unlink(missing_ok=True)
+    train(data, cfg, run, args.device)
     results = evaluate(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
     print(f"demo: image AUROC {percent(results['mean']['image_auroc'])}, pixel AUROC "
           f"{percent(results['mean']['pixel_auroc'])}; heatmaps under {out / 'eval'}")
@@ -2622,8 +2685,7 @@ def cmd_explain(args):
             raise UserError(f"--mask: {args.mask} is {msize[0]}x{msize[1]} but {image} is {original[0]}x{original[1]}")
         mask = m > 127
     mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
-    y = ((torch.tensor(arr).permute(2, 0, 1).float() / 255 - mean.view(-1, 1, 1)) / std.view(-1, 1, 1))
-    e = explain(model, y[None].to(device), label, cfg)
+    e = explain(model, normalise(uint8_batch([arr]).to(device), mean, std), label, cfg)
     about = dict(image=str(image), mask=args.mask, ckpt=str(args.ckpt), category=args.category, image_size=size,
                  K=cfg.K, T=cfg.T, aggregator=cfg.aggregator, weight=cfg.weight, seed=cfg.seed)
     write_explain(out, e, arr, mask, mean, std, about)
