@@ -21,8 +21,9 @@ Contents. The method, in the paper's order:
 The machinery:
     Scorer machinery    forward batch, precision, the compiled U-Net, input checks, the naive reference loop
     Tiles               large images: tile grid, blending window, stitching, position labels
-    Training loop       StableAdamW (App. C.2), setup, one CFM step, the loop; resume, signals, log
-    Checkpoints         atomic saves, readable load errors
+    Training loop       StableAdamW (App. C.2), setup, one CFM step, the loop; resume, signals, log;
+                        one writer per folder
+    Checkpoints         atomic writes of every file, checkpoints read as plain data and checked
     Devices and DDP     torchrun process groups, device choice, inference layout
     Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
     Metrics             the seven numbers of Table 1
@@ -44,7 +45,6 @@ import argparse
 import contextlib
 import copy
 import csv
-import fcntl
 import hashlib
 import itertools
 import json
@@ -60,8 +60,10 @@ import types
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not a traceback; main() restores it
-    signal.signal(signal.SIGINT, lambda *_: (print("flow_mismatch.py: interrupted", file=sys.stderr), os._exit(130)))
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while torch loads (seconds): one line, not a traceback
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, lambda sig, _: (print("flow_mismatch.py: interrupted", file=sys.stderr),
+                                            os._exit(128 + sig)))
 
 import numpy as np
 import torch
@@ -180,16 +182,16 @@ class TrainConfig:
     preset: str = knob("paper", "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()), choices=tuple(PRESETS))
     image_size: int = knob(128, "square size images are resized to (Sec. 5.1)", ge=1, le=4096)
     batch_size: int = knob(32, "images per process and step", ge=1, le=4096)
-    epochs: int = knob(2000, "epochs", ge=1)
-    steps: int = knob(None, "optimiser steps, overriding --epochs; None: by epochs", ge=1)
-    lr: float = knob(1e-4, "learning rate", gt=0, lt=math.inf)
-    weight_decay: float = knob(1e-4, "decoupled weight decay", ge=0, lt=math.inf)
+    epochs: int = knob(2000, "epochs", ge=1, le=10**6)
+    steps: int = knob(None, "optimiser steps, overriding --epochs; None: by epochs", ge=1, le=10**9)
+    lr: float = knob(1e-4, "learning rate", gt=0, le=1e3)  # 100 already diverges within 3 steps (tiny)
+    weight_decay: float = knob(1e-4, "decoupled weight decay", ge=0, le=1e3)
     betas: tuple = knob((0.9, 0.99), "Adam's two moment decays", ge=0, lt=1)
-    eps: float = knob(1e-6, "Adam's epsilon", gt=0, lt=math.inf)
-    update_rms_clip: float = knob(1.0, "StableAdamW's update-RMS clip", gt=0, lt=math.inf)
+    eps: float = knob(1e-6, "Adam's epsilon", gt=0, le=1)
+    update_rms_clip: float = knob(1.0, "StableAdamW's update-RMS clip", gt=0, le=1e3)
     seed: int = knob(0, "seed of the weights, batches, noise and dropout", **SEED)
-    save_every: int = knob(1000, "steps between checkpoints", ge=1)
-    save_epochs: tuple = knob((), "also keep ckpt_epochE.pt at these epochs (Table 9)", ge=1)
+    save_every: int = knob(1000, "steps between checkpoints", ge=1, le=10**9)
+    save_epochs: tuple = knob((), "also keep ckpt_epochE.pt at these epochs (Table 9)", ge=1, le=10**6)
     pooled: bool = knob(False, "one unconditional model for all categories (Table 8)")
     calib_fraction: float = knob(0.0, "share of each category's train/good held out, never trained on, and scored "
                                       "at the end (K = T = 10) as the calibration set of --alarm-rate; 0: the "
@@ -701,11 +703,34 @@ class StableAdamW(torch.optim.Optimizer):
             torch._foreach_add_(ps, update)
 
 
+def try_lock(f) -> bool:
+    """An exclusive OS lock on the open file f, without waiting: False if another process holds it.
+    fcntl.flock where it exists (POSIX), msvcrt.locking of the first byte on Windows; the OS drops
+    it when the process dies, kill -9 included."""
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        f.seek(0)
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def run_lock(out: Path, flag="--out"):
-    """One `train` per run folder: an exclusive OS lock (flock) on RUN_DIR/.lock, which holds the
-    holder's pid, for as long as the block runs; the OS drops it when the process dies, kill -9
-    included, so no stale lock survives. A run folder made here and left empty is removed again."""
+def run_lock(out: Path, flag="--out", command="train", wait=False):
+    """One writer per folder (`train` and `calibrate` of a run folder, `test` or `score` of an output
+    folder): an exclusive OS lock (try_lock) on OUT/.lock, which names the holder's pid and command,
+    for as long as the block runs. Busy: an error naming the folder and the holder, or with wait,
+    one line saying so and a wait. A folder made here and left empty is removed again."""
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
         yield
         return
@@ -713,24 +738,61 @@ def run_lock(out: Path, flag="--out"):
     out.mkdir(parents=True, exist_ok=True)
     path = out / ".lock"
     f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    said = False
+    while not try_lock(f):
         f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise UserError(f"{flag}: {out} is in use by another train (pid {holder}); wait for it or choose "
-                        f"another folder")
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
+        try:
+            pid, *what = f.read().split() or ["unknown"]
+        except OSError:  # Windows: the holder's locked byte cannot be read
+            pid, what = "unknown", []
+        holder = f"{what[0] if what else 'run'} (pid {pid})"
+        if not wait:
+            f.close()
+            raise UserError(f"{flag}: {out} is in use by another {holder}; wait for it or choose another folder")
+        if not said:
+            note(f"waiting for {holder} to finish with {out}")
+            said = True
+        time.sleep(0.2)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} {command}\n")
     f.flush()
     try:
         yield
     finally:
         if made and [p.name for p in out.iterdir()] == [".lock"]:
+            f.close()
             path.unlink()
             out.rmdir()
         f.close()
+
+
+RESUMABLE = ("epochs", "steps", "save_every", "save_epochs")  # how long and what to keep; not what is learnt
+
+
+def train_config_of(ckpt: dict) -> TrainConfig:
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()})
+
+
+def resumed_config(ckpt: dict, cfg: TrainConfig, log=print, given=None) -> TrainConfig:
+    """The run's own TrainConfig with cfg's RESUMABLE fields, each change logged; any other field of
+    cfg that was given (given: the flags' names; None: each field not at TrainConfig's default) and
+    differs from the run's is refused, naming its flag."""
+    saved, default = train_config_of(ckpt), TrainConfig()
+    for f in fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if f.name not in RESUMABLE and v != getattr(saved, f.name) and (
+                f.name in given if given is not None else v != getattr(default, f.name)):
+            raise UserError(f"--{f.name.replace('_', '-')}: {getattr(cfg, f.name)} differs from the run's "
+                            f"{getattr(saved, f.name)}; a resumed run keeps it (start a new run to change it)")
+    length = (dict(steps=cfg.steps) if cfg.steps else
+              dict(steps=None, epochs=cfg.epochs) if cfg.epochs != saved.epochs else {})
+    new = replace(saved, save_every=cfg.save_every, save_epochs=cfg.save_epochs, **length)
+    changed = [f"--{k.replace('_', '-')} {getattr(saved, k)} -> {getattr(new, k)}" for k in RESUMABLE
+               if getattr(new, k) != getattr(saved, k)]
+    if changed:
+        log(f"resuming with {', '.join(changed)}")
+    return new
 
 
 def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resume=False, log=print,
@@ -825,13 +887,15 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
         raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
     ckpt = load_checkpoint(out / "ckpt.pt") if resume else None
     if ckpt is not None:
-        cfg = replace(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()}),
-                      steps=cfg.steps or ckpt["train_config"]["steps"], epochs=cfg.epochs)
+        cfg = resumed_config(ckpt, cfg, log if rank == 0 else (lambda *_: None))
     elif (out / "ckpt.pt").exists():
         raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
                         f"another folder")
     if not isinstance(data, Dataset):
         data = load_train(data or ckpt.get("data"), *image_geometry(asdict(cfg)))
+    if ckpt is not None and ckpt.get("data") and data.root != ckpt["data"]:
+        raise UserError(f"--data: {data.root} is not the data of this run, {ckpt['data']}; a resumed run "
+                        f"trains on what it began with (start a new run for other data)")
     if ckpt is not None and ckpt["class_names"] != data.class_names:
         raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
     data, held = split_calibration(data, cfg.calib_fraction, cfg.seed)
@@ -867,9 +931,24 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
     writer = csv.writer(log_file)
     writer.writerows([["step", "loss", "lr", "images_per_s", "wall_s"]] + [r for r in rows if int(r[0]) <= step])
     return dict(cfg=replace(cfg, steps=total), data=data, held=held, conditional=conditional, model=model, opt=opt,
-                ddp=torch.compile(ddp, dynamic=False) if compile else ddp, mean=mean, std=std, step=step, total=total, steps_per_epoch=steps_per_epoch, out=out,
-                rank=rank, world=world, device=device, calibration={}, trained_on=image_hashes(data.images),
-                log=log_file, rows=writer)
+                ddp=torch.compile(ddp, dynamic=False) if compile else ddp, mean=mean, std=std, step=step,
+                total=total, steps_per_epoch=steps_per_epoch, out=out,
+                rank=rank, world=world, device=device, log=log_file, rows=writer, **bound_record(ckpt, data, held))
+
+
+def bound_record(ckpt, data: Dataset, held: Dataset) -> dict:
+    """What a run records of its images: trained_on, the sha256 of every image it has trained on,
+    which only grows over resumes; held_out, each category's hold-out by absolute path and sha256;
+    calibration, the resumed checkpoint's (of older weights, scored again by calibrate_held_out)."""
+    trained_on = list(ckpt.get("trained_on", [])) if ckpt is not None else []
+    seen = set(trained_on)
+    trained_on += [h for h in image_hashes(data.images) if h not in seen]
+    paths, hashes, labels = [str(Path(p).resolve()) for p in held.paths], image_hashes(held.images), held.labels.tolist()
+    held_out = {name: dict(paths=[p for p, c in zip(paths, labels) if c == i],
+                           sha256=[h for h, c in zip(hashes, labels) if c == i])
+                for i, name in enumerate(data.class_names)}
+    calibration = dict(ckpt.get("calibration") or {}) if ckpt is not None else {}
+    return dict(trained_on=trained_on, held_out=held_out, calibration=calibration)
 
 
 def train_batch(run: dict, step: int) -> tuple:
@@ -895,35 +974,49 @@ def save_run(run: dict, path: Path) -> None:
     """Rank 0 writes the run's checkpoint once its weights are checked finite, and flushes the log."""
     if run["rank"] != 0:
         return
-    model, data, held = run["model"], run["data"], run["held"]
+    model, data = run["model"], run["data"]
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"training diverged before step {run['step']}: weights are not finite; {kept(run['out'])}",
                         status=1)
-    held_out = {name: [p for p, c in zip(held.paths, held.labels.tolist()) if c == i]
-                for i, name in enumerate(data.class_names)}
     try:
         save_checkpoint(path, dict(model=model.state_dict(), optimizer=run["opt"].state_dict(),
                                    model_config=asdict(model.cfg), train_config=asdict(run["cfg"]),
                                    mean=run["mean"].tolist(), std=run["std"].tolist(), class_names=data.class_names,
                                    conditional=run["conditional"], step=run["step"], data=data.root,
-                                   trained_on=run["trained_on"], held_out=held_out, calibration=run["calibration"]))
+                                   trained_on=run["trained_on"], held_out=run["held_out"],
+                                   calibration=run["calibration"]))
         run["log"].flush()
     except OSError as e:
         raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact", status=1)
 
 
 def calibrate_held_out(run: dict) -> None:
-    """Score each category's held-out images with the default rule: the run's calibration."""
-    held = run["held"]
-    if len(held):
-        run["model"].eval()
-        for i, name in enumerate(run["data"].class_names):
-            idx = [j for j, c in enumerate(held.labels.tolist()) if c == i]
-            if idx:
-                run["calibration"][name] = calibrate_on(run["model"], held.subset(idx), ScoreConfig(), run["mean"],
-                                                        run["std"], run["device"], i if run["conditional"] else None,
-                                                        run["cfg"].tile, run["cfg"].tile_grid)
-        save_run(run, run["out"] / "ckpt.pt")
+    """Each calibration scored again on the final weights: the resumed checkpoint's, with its own
+    images (checked by sha256) and rule, and for the other categories the hold-out with the default
+    rule. One whose images changed, vanished or were trained on is dropped, with a warning."""
+    data, held, trained = run["data"], run["held"], set(run["trained_on"])
+    sources = {name: run["held_out"][name] for name in data.class_names if run["held_out"][name]["paths"]}
+    sources.update({name: cal for name, cal in run["calibration"].items() if name in data.class_names})
+    if not sources:
+        return
+    run["model"].eval()
+    run["calibration"] = {}
+    known = dict(zip((str(Path(p).resolve()) for p in held.paths), held.images))
+    for name, record in sources.items():
+        try:
+            images = bound_images(record, *image_geometry(asdict(run["cfg"]))[:2], known)
+            if set(record["sha256"]) & trained:
+                raise UserError("some of its images are now training images")
+        except UserError as e:
+            note(f"warning: the calibration of {name} is dropped ({e}); calibrate it again")
+            continue
+        c = data.class_names.index(name)
+        run["calibration"][name] = calibrate_on(
+            run["model"], Dataset(images, torch.full((len(images),), c), data.class_names, record["paths"]),
+            replace(ScoreConfig(), **record.get("rule", {})), run["mean"], run["std"], run["device"],
+            c if run["conditional"] else None, run["step"],
+            run["cfg"].tile, run["cfg"].tile_grid)
+    save_run(run, run["out"] / "ckpt.pt")
 
 
 def plot_loss(out: Path) -> None:
@@ -938,14 +1031,17 @@ def plot_loss(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints: atomic writes, readable errors.
+# Checkpoints and output files: every file written atomically, checkpoints read as plain data.
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temp file, fsync, rename; a kill at any moment leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+@contextlib.contextmanager
+def atomic_write(path, mode="w", **kw):
+    """Open a temp file beside `path` for writing; when the block ends, fsync it and rename it over
+    `path`. An error, Ctrl-C or kill at any moment leaves the old file (or none) intact, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -955,11 +1051,17 @@ def save_checkpoint(path: Path, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: the rename itself survives a crash
+        dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 # What a checkpoint of ours holds: key -> the type its value must have. Loading uses
@@ -1283,8 +1385,9 @@ def read_image(path, size, mode="RGB", scale=1.0):
     keeps the original size, rescaled by `scale` (to round(scale w) x round(scale h)).
 
     mode "RGB": any mode and bit depth Pillow opens becomes 8-bit RGB with its range kept (16-bit
-    values / 257). mode "mask": 1 where the stored value is non-zero (palette index, label id,
-    16-bit value, any colour channel; alpha is ignored), as the MVTec-AD evaluation reads masks."""
+    values / 257, floats in [0, 1] x 255, floats of another range min-max with a warning).
+    mode "mask": 1 where the stored value is non-zero (palette index, label id, 16-bit value, any
+    colour channel; alpha is ignored), as the MVTec-AD evaluation reads masks."""
     from PIL import Image
 
     try:
@@ -1297,6 +1400,16 @@ def read_image(path, size, mode="RGB", scale=1.0):
                 im = Image.fromarray(a.reshape(a.shape[0], a.shape[1], -1).any(-1).astype(np.uint8))
             elif im.mode.startswith("I"):  # 16- and 32-bit integer images
                 im = Image.fromarray((np.asarray(im, np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+            elif im.mode == "F":  # 32-bit float: [0, 1] scaled to 8 bits, any other range min-max, said
+                a = np.asarray(im, np.float64)
+                finite = a[np.isfinite(a)]
+                lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+                if lo < 0 or hi > 1 or finite.size < a.size:
+                    note(f"warning: {path}: float image with values in [{lo:.4g}, {hi:.4g}]"
+                         f"{' and non-finite ones' * (finite.size < a.size)}, not [0, 1]; "
+                         f"mapped min-max to 0-255")
+                    a = (np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo) - lo) / max(hi - lo, 1e-12)
+                im = Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8))
             if mode == "RGB":
                 im = im.convert("RGB")
             to = (size, size) if size is not None else (round(scale * im.width), round(scale * im.height))
@@ -1320,18 +1433,36 @@ def uint8_batch(arrays) -> torch.Tensor:
 
 
 def mask_index(folder: Path) -> dict:
-    """{image name, lower case: [mask files]} of a ground-truth folder: <name>.ext, <name>_mask.ext
-    (any case) or a folder <name>/ of several masks (MVTec LOCO)."""
+    """{image name: [mask files]} of a ground-truth folder: <name>.ext, <name>_mask.ext (_mask in any
+    case) or a folder <name>/ of several masks (MVTec LOCO)."""
     index = {}
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if hidden(p):
             continue
         if p.is_dir():
-            index[p.name.lower()] = image_files(p)
+            index[p.name] = image_files(p)
         elif p.suffix.lower() in IMAGE_EXTS:
-            stem = p.stem.lower()
-            index.setdefault(stem[:-5] if stem.endswith("_mask") else stem, [p])
+            index.setdefault(p.stem[:-5] if p.stem.lower().endswith("_mask") else p.stem, [p])
     return index
+
+
+def match_masks(images: list, index: dict) -> list:
+    """Each image's masks from a mask_index: of its exact name; else of its name up to case, when
+    that is the only such mask and no other image has its name exactly; else an error naming both."""
+    by_name, out = {f.stem: f for f in images}, []
+    for f in images:
+        near = [k for k in index if k.lower() == f.stem.lower()]
+        if f.stem in index:
+            out.append(index[f.stem])
+        elif len(near) > 1:
+            raise UserError(f"{f}: no mask of exactly its name, and two up to case: {index[near[0]][0]}, "
+                            f"{index[near[1]][0]}")
+        elif near and near[0] in by_name:
+            raise UserError(f"{f}: no mask of exactly its name; {index[near[0]][0]} is the mask of "
+                            f"{by_name[near[0]]}, not of both")
+        else:
+            out.append(index[near[0]] if near else [])
+    return out
 
 
 def folder_category(cat: Path):
@@ -1345,14 +1476,16 @@ def folder_category(cat: Path):
     for defect in subfolders(test_dir):
         if defect.name == "ground_truth":
             continue
-        index = mask_index(gt / defect.name) if gt else {}
-        for f in image_files(defect):
-            if defect.name.lower() in NORMAL:
+        files = image_files(defect)
+        normal = defect.name.lower() in NORMAL
+        masks = match_masks(files, mask_index(gt / defect.name)) if gt and not normal else [[]] * len(files)
+        for f, ms in zip(files, masks):
+            if normal:
                 test.append((f, 0, []))
-            elif gt and not index.get(f.stem.lower()):
+            elif gt and not ms:
                 raise UserError(f"{f}: no mask at {gt / defect.name / (f.stem + '_mask.png')}")
             else:
-                test.append((f, 1, index.get(f.stem.lower(), [])))
+                test.append((f, 1, ms))
     return Category(cat.resolve().name, train_dir, test_dir,  # `--data .` is the folder's own name
                     image_files(train_dir) if train_dir.is_dir() else [], test, has_masks=gt is not None)
 
@@ -1686,7 +1819,8 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> 
         scale = -(-256 // strip.height)
         name = folder / overlay_name(path)
         name.parent.mkdir(parents=True, exist_ok=True)
-        strip.resize((scale * strip.width, scale * strip.height), Image.NEAREST).save(name)
+        with atomic_write(name, "wb") as f:
+            strip.resize((scale * strip.width, scale * strip.height), Image.NEAREST).save(f, format="PNG")
 
 
 def percent(v) -> str:
@@ -1735,29 +1869,46 @@ def check_out_dir(out: Path, flag="--out") -> None:
         raise UserError(f"{flag}: {out} cannot be written: no write permission in {have} (or a read-only disk)")
 
 
-# A rerun replaces an output folder as a whole: the new contents are written aside, then swapped
-# in, so old and new files never mix, and an error or Ctrl-C while writing leaves the old folder.
+# A rerun replaces a run's outputs as a whole: they are written into a hidden folder inside --out
+# and only then moved in together. An error or interrupt while writing leaves the previous run as it
+# was; one during the moves (renames, milliseconds) leaves OUT/INCOMPLETE naming what is missing.
 
-def aside(folder: Path) -> Path:
-    """An empty hidden folder beside `folder` to write its new contents in (one left by an
-    interrupted run is cleared)."""
-    tmp = folder.parent / f".{folder.name}.new"
-    shutil.rmtree(tmp, ignore_errors=True)
+@contextlib.contextmanager
+def staged(out: Path, stale=()):
+    """A fresh folder in which to write the new outputs of `out` (files and folders named as in
+    `out`); when the block ends they replace their namesakes in `out`, and the outputs named in
+    `stale` (an earlier run's, this run does not write) are removed."""
+    tmp = out / ".staging"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
     tmp.mkdir(parents=True)
-    return tmp
+    try:
+        yield tmp
+        names = sorted(os.listdir(tmp))
+        with atomic_write(out / "INCOMPLETE") as f:
+            f.write(f"an interrupted run was replacing {', '.join(names)} here; some may be missing\n")
+        trash = tmp / ".old"
+        trash.mkdir()
+        for name in [*names, *stale]:
+            if os.path.lexists(out / name):
+                os.replace(out / name, trash / name)
+        moved = []
+        try:
+            for name in names:
+                os.replace(tmp / name, out / name)
+                moved.append(name)
+        except BaseException:
+            with atomic_write(out / "INCOMPLETE") as f:
+                f.write(f"missing: {', '.join(n for n in names if n not in moved)} (an interrupted run); "
+                        f"run it again\n")
+            raise
+        (out / "INCOMPLETE").unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def swap(tmp: Path, folder: Path) -> None:
-    old = folder.parent / f".{folder.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: ScoreConfig, overlays=True) -> None:
-    """out/report.html, a static page to read the evaluation by eye: the metrics table, each
+def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict, cfg: ScoreConfig,
+                 overlays=True) -> None:
+    """out/report.html, headed `title`, a static page to read the evaluation by eye: the metrics table, each
     category's image ROC, pixel ROC and PRO curves (out/report/CATEGORY.png) and its overlays,
     worst first: normal images by falling score, then defective images by rising score."""
     from html import escape
@@ -1772,7 +1923,7 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
             "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #bbb;"
             "padding:3px 8px;text-align:right}figure{display:inline-block;margin:4px}"
             "figure img{height:160px;image-rendering:pixelated}figcaption{font-size:12px}</style></head><body>",
-            f"<h1>flow-mismatch evaluation</h1><p>{escape(out.name)}: score {escape(cfg.score)}, K={cfg.K}, "
+            f"<h1>flow-mismatch evaluation</h1><p>{escape(title)}: score {escape(cfg.score)}, K={cfg.K}, "
             f"T={cfg.T}, aggregator {escape(cfg.aggregator)}, w(t) = {escape(cfg.weight)}, seed {cfg.seed}. "
             "Metrics in %; n/a: not computable on this test set.</p>", format_table(results, html=True)]
     page.append("<p>Categories: " + ", ".join(f"<a href='#{quote(n)}'>{escape(n)}</a>" for n in scored)
@@ -1795,7 +1946,8 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
         axes[2].axvline(0.3, color="grey", ls=":")
         axes[2].set(title=f"PRO, AUPRO (FPR <= 0.3) {percent(r.get('pixel_aupro'))}", xlabel="false positive rate",
                     ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
-        fig.savefig(out / "report" / f"{name}.png", dpi=80)
+        with atomic_write(out / "report" / f"{name}.png", "wb") as f:
+            fig.savefig(f, format="png", dpi=80)
         page.append(f"<h2 id='{quote(name)}'>{escape(name)}</h2><img src='report/{quote(name)}.png' alt='curves of {escape(name)}'>")
         if not overlays:
             continue
@@ -1811,7 +1963,8 @@ def write_report(out: Path, tests: dict, scored: dict, results: dict, cfg: Score
                             f"<figcaption>S = {scores[i]:.4g} &middot; {escape(rel)}</figcaption></figure>")
             page.append("</div>")
     page.append("</body></html>")
-    (out / "report.html").write_text("\n".join(page) + "\n")
+    with atomic_write(out / "report.html") as f:
+        f.write("\n".join(page) + "\n")
 
 
 def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
@@ -1865,33 +2018,36 @@ def map_names(category: str, path) -> tuple:
 def write_maps(out: Path, names, heat, sizes, threshold=None) -> None:
     """Each map as a float32 TIFF at its image's original size sizes[i] = (w, h), at out / names[i][0];
     with a threshold also the binary mask map > threshold as a 0/255 PNG at out / names[i][1] (if not
-    None). Each top folder (a category's, or anomaly_images/<category>) is written aside and swapped in
-    whole, and no two images may share a name."""
+    None). Each top folder (a category's, or anomaly_images/<category>) is staged and replaces its
+    namesake whole, and no two images may share a name."""
     from PIL import Image
 
-    folders, seen = {}, set()
-    for (tiff, png), h, (w, hh) in zip(names, heat, sizes):
+    tops, seen = {}, set()
+    for i, (tiff, png) in enumerate(names):
         if tiff in seen:
             raise UserError(f"{tiff}: two images would share this map (same name, other extension)")
         seen.add(tiff)
-        m = upsample(h, (w, hh))
-        todo = [(tiff, Image.fromarray(m))]
-        if threshold is not None and png is not None:
-            todo.append((png, Image.fromarray((m > threshold).astype(np.uint8) * 255)))
-        for rel, im in todo:
-            top = Path(*rel.parts[:1 + rel.parts[0].startswith("anomaly_images")])
-            if top not in folders:
-                folders[top] = aside(out / top)
-            name = folders[top] / rel.relative_to(top)
-            name.parent.mkdir(parents=True, exist_ok=True)
-            im.save(name)
-    for top, folder in folders.items():
-        swap(folder, out / top)
+        for rel in (tiff, png if threshold is not None else None):
+            if rel is not None:
+                tops.setdefault(Path(*rel.parts[:1 + rel.parts[0].startswith("anomaly_images")]), []).append((i, rel))
+    for top, items in tops.items():
+        (out / top.parent).mkdir(parents=True, exist_ok=True)
+        with staged(out / top.parent) as new:
+            for i, rel in items:
+                m = upsample(heat[i], sizes[i])
+                name = new / top.name / rel.relative_to(top)
+                name.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(name, "wb") as f:
+                    if rel.suffix == ".tiff":
+                        Image.fromarray(m).save(f, format="TIFF")
+                    else:
+                        Image.fromarray((m > threshold).astype(np.uint8) * 255).save(f, format="PNG")
 
 
 def metrics_of(tests: dict, scored: dict, eval_size=None) -> dict:
     """The seven metrics per category (pixel metrics at the training resolution, or at eval_size: N
-    or "original") and their mean over the categories that have each (None if none has it)."""
+    or "original") and their mean over the categories that have each (None if none has it), with
+    the number of those categories per metric (mean.categories)."""
     results = {}
     for name, (heat, scores) in scored.items():
         data, masks = tests[name], tests[name].masks
@@ -1902,6 +2058,7 @@ def metrics_of(tests: dict, scored: dict, eval_size=None) -> dict:
         results[name] = compute_metrics(data.anomalous, scores, masks, heat)
     values = {k: [r[k] for r in results.values() if r[k] is not None] for k in METRICS}
     results["mean"] = {k: float(np.mean(v)) if v else None for k, v in values.items()}
+    results["mean"]["categories"] = {k: len(v) for k, v in values.items()}  # how many each mean is over
     return results
 
 
@@ -1926,20 +2083,6 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
     if rank != 0:
         return {}
-    for name, (heat, scores) in scored.items():
-        data, folder = tests[name], aside(out / name)
-        with open(folder / "scores.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label", "score"])
-            w.writerows(zip(data.paths, data.anomalous.tolist(), scores.tolist()))
-        np.savez_compressed(folder / "heatmaps.npz", paths=np.array(data.paths), labels=data.anomalous.astype(np.uint8),
-                            scores=scores.astype(np.float32), heat=heat, masks=data.masks)
-        if overlays:
-            write_overlays(folder / "overlays", data, heat)
-        swap(folder, out / name)
-        if save_maps is not None:
-            write_maps(Path(save_maps), [map_names(name, p) for p in data.paths], heat, data.sizes,
-                       conformal_threshold(cals[name]["maxima"], alarm_rate) if alarm_rate else None)
     results = metrics_of(tests, scored, eval_size)
     table = format_table(results)
     if alarm_rate:
@@ -1950,11 +2093,31 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
         for k in OPERATING:
             values = [results[name][k] for name in scored if results[name][k] is not None]
             results["mean"][k] = float(np.mean(values)) if values else None
+            results["mean"]["categories"][k] = len(values)
         table += "\n\n" + format_operating_point(results, alarm_rate)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False))
-    (out / "table.md").write_text(table + "\n")
-    write_report(out, tests, scored, results, cfg, overlays)
+    with staged(out) as new:
+        for name, (heat, scores) in scored.items():
+            data, folder = tests[name], new / name
+            folder.mkdir()
+            with atomic_write(folder / "scores.csv", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "label", "score"])
+                w.writerows(zip(data.paths, data.anomalous.tolist(), scores.tolist()))
+            with atomic_write(folder / "heatmaps.npz", "wb") as f:
+                np.savez_compressed(f, paths=np.array(data.paths), labels=data.anomalous.astype(np.uint8),
+                                    scores=scores.astype(np.float32), heat=heat, masks=data.masks)
+            if overlays:
+                write_overlays(folder / "overlays", data, heat)
+        with atomic_write(new / "metrics.json") as f:
+            f.write(json.dumps(results, indent=2, allow_nan=False))
+        with atomic_write(new / "table.md") as f:
+            f.write(table + "\n")
+        write_report(new, out.name, tests, scored, results, cfg, overlays)
+    if save_maps is not None:
+        for name, (heat, _) in scored.items():
+            write_maps(Path(save_maps), [map_names(name, p) for p in tests[name].paths], heat, tests[name].sizes,
+                       conformal_threshold(cals[name]["maxima"], alarm_rate) if alarm_rate else None)
     log(table)
     rule = (f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}" if cfg.score == "mismatch" else
             f"{cfg.score}: K={cfg.K} t0={cfg.t0}{f' steps={cfg.ode_steps}' * (cfg.score == 'recon')} "
@@ -2000,9 +2163,11 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     md = table(keys + list(METRICS) + ["images/s"], [[r["setting"][k] for k in keys] + [
         percent(r["results"]["mean"][k]) for k in METRICS] + [f"{r['images_per_s']:.2f}"] for r in rows])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.md").write_text(md + "\n")
-    (out / "sweep.json").write_text(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2,
-                                               allow_nan=False))
+    with staged(out) as new:
+        with atomic_write(new / "sweep.md") as f:
+            f.write(md + "\n")
+        with atomic_write(new / "sweep.json") as f:
+            f.write(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2, allow_nan=False))
     log(md)
     return rows
 
@@ -2047,11 +2212,43 @@ def conformal_threshold(calib, A: float) -> float:
 
 
 @torch.no_grad()
-def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, label=None, tile=0, grid=0) -> dict:
-    """Scores and heatmap maxima of normal images the model was not trained on, and the rule that scored them."""
+def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, label, step: int, tile=0,
+                 grid=0) -> dict:
+    """Scores and heatmap maxima of normal images the model was not trained on, bound to what made
+    them: the images (data.paths, absolute, and their sha256), the rule, the weights' step."""
     heat, scores = score_dataset(model, data, cfg, mean, std, device, label, first_id=CALIB_IDS, tile=tile, grid=grid)
     return dict(scores=scores.tolist(), maxima=[float(h.max()) for h in heat], paths=list(data.paths),
-                rule={f: getattr(cfg, f) for f in SCORE_RULE})
+                sha256=image_hashes(data.images), rule={f: getattr(cfg, f) for f in SCORE_RULE}, step=step)
+
+
+def bound_images(record: dict, size, scale=1.0, known=None) -> torch.Tensor:
+    """The images a record {"paths", "sha256"} names (a run's hold-out, a calibration), each checked
+    against its sha256: a missing or changed file is an error naming it. size, scale: as _load reads
+    them; known: {path: image} in memory."""
+    paths, hashes, known = record.get("paths"), record.get("sha256"), known or {}
+    if not isinstance(paths, list) or not isinstance(hashes, list) or len(paths) != len(hashes) or not paths:
+        raise UserError("the checkpoint records no images with their sha256 for it")
+    for p in paths:
+        if p not in known and not Path(p).is_file():
+            raise UserError(f"{p}: missing; it is one of the recorded calibration images")
+    read = iter(_load([Path(p) for p in paths if p not in known], size, scale=scale))
+    images = uint8_batch([known[p].permute(1, 2, 0).numpy() if p in known else next(read)[0] for p in paths])
+    for p, h, h_now in zip(paths, hashes, image_hashes(images)):
+        if h != h_now:
+            raise UserError(f"{p}: changed since it was recorded as a calibration image (its sha256 differs)")
+    return images
+
+
+def check_unseen(ckpt: dict, data: Dataset, ckpt_path) -> None:
+    """No calibration image is among the images the checkpoint was trained on (by sha256)."""
+    if "trained_on" not in ckpt:
+        note(f"warning: {ckpt_path} does not record its training images; cannot check that none is among "
+             f"the calibration images")
+    trained = set(ckpt.get("trained_on", ()))
+    seen = [f for f, h in zip(data.paths, image_hashes(data.images)) if h in trained]
+    if seen:
+        raise UserError(f"--data: {len(seen)} of {len(data)} images were used to train {ckpt_path} (e.g. {seen[0]}); "
+                        f"calibrate on normal images the model has not seen")
 
 
 def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) -> dict:
@@ -2065,6 +2262,10 @@ def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) 
     if cal is None:
         raise UserError(f"--alarm-rate: {ckpt_path} holds no calibration of {category}; train with --calib-fraction "
                         f"or run: calibrate --ckpt {ckpt_path} --data FOLDER_OF_NORMAL_IMAGES")
+    if cal.get("step") != ckpt["step"]:
+        raise UserError(f"--alarm-rate: the calibration of {category} in {ckpt_path} was scored on the weights of "
+                        f"step {cal.get('step')}, not on these (step {ckpt['step']}); run calibrate --ckpt {ckpt_path} "
+                        f"again")
     differ = [f for f in SCORE_RULE if cal["rule"].get(f, getattr(ScoreConfig, f)) != getattr(cfg, f)]  # older: default
     if differ:
         flags = " ".join(f"{'-' * (1 + (len(f) > 1))}{f.replace('_', '-')} {cal['rule'].get(f)}" for f in differ)
@@ -2183,7 +2384,8 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
     ax.tick_params(labelsize=7)
     fig.suptitle(f"{about['image']}: S = {e['score']:.4g}", fontsize=9)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, format=out.suffix[1:].lower(), dpi=80)
 
     def stats(a):
         return dict(max=float(a.max()), mean=float(a.mean()), at_peak=float(a[e["peak"]]))
@@ -2197,9 +2399,11 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
     if mask is not None:
         numbers["heat_in_mask"] = dict(inside=float(heat[mask].mean()) if mask.any() else None,
                                        outside=float(heat[~mask].mean()) if (~mask).any() else None)
-    out.with_suffix(".json").write_text(json.dumps(numbers, indent=2))
-    np.savez_compressed(out.with_suffix(".npz"), t=e["t"].numpy(), maps=maps, heat=heat, xt=e["xt"].numpy(),
-                        **{f"delta_{a}": m.numpy() for a, m in e["spread"].items()})
+    with atomic_write(out.with_suffix(".json")) as f:
+        f.write(json.dumps(numbers, indent=2))
+    with atomic_write(out.with_suffix(".npz"), "wb") as f:
+        np.savez_compressed(f, t=e["t"].numpy(), maps=maps, heat=heat, xt=e["xt"].numpy(),
+                            **{f"delta_{a}": m.numpy() for a, m in e["spread"].items()})
 
 
 # ----------------------------------------------------------------------------
@@ -2568,33 +2772,31 @@ def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, al
     check_out_dir(out)
     detector = load(ckpt, device, compile)
     files = [p for _, p in image_inputs(images)]
-    rows, span, folders = {}, None, {}
-    for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,
-                                            progress=Progress(len(files)), **asdict(cfg)):
-        if not folders:
-            folders = {name: aside(out / name) for name in ("heatmaps", "maps", "masks")[:2 + bool(alarm_rate)]}
-        heat = [h.numpy() for h in heat]
-        flat = np.concatenate([h.ravel() for h in heat])
-        span = span or (float(flat.min()), float(np.percentile(flat, 99.9)))
-        write_overlays(folders["heatmaps"], data, heat, span)
-        for path, m in zip(pred.image_path, pred.anomaly_map):
-            name = folders["maps"] / Path(overlay_name(path)).with_suffix(".tiff")
-            name.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(m).save(name)
-        for i, path in enumerate(pred.image_path):
-            rows[path] = [pred.pred_score[i]] + ([] if pred.p_value is None else
-                                                 [pred.p_value[i], int(pred.pred_label[i])])
-            if alarm_rate:
-                name = folders["masks"] / overlay_name(path)
-                name.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pred.pred_mask[i].astype(np.uint8) * 255).save(name)
-    if not rows:
-        raise UserError(f"{images}: no readable image")
-    for name, folder in folders.items():
-        swap(folder, out / name)
-    table = [[str(p), *rows.get(str(p), [""] * (1 + 2 * bool(alarm_rate)))] for p in files]
-    with open(out / "scores.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["path", "score"] + ["p_value", "anomalous"] * bool(alarm_rate)] + table)
+    rows, span = {}, None
+    with staged(out, stale=() if alarm_rate else ("masks",)) as new:
+        for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,
+                                                progress=Progress(len(files)), **asdict(cfg)):
+            heat = [h.numpy() for h in heat]
+            flat = np.concatenate([h.ravel() for h in heat])
+            span = span or (float(flat.min()), float(np.percentile(flat, 99.9)))
+            write_overlays(new / "heatmaps", data, heat, span)
+            for i, path in enumerate(pred.image_path):
+                rows[path] = [pred.pred_score[i]] + ([] if pred.p_value is None else
+                                                     [pred.p_value[i], int(pred.pred_label[i])])
+                written = [(new / "maps" / Path(overlay_name(path)).with_suffix(".tiff"),
+                            Image.fromarray(pred.anomaly_map[i]), "TIFF")]
+                if alarm_rate:
+                    written.append((new / "masks" / overlay_name(path),
+                                    Image.fromarray(pred.pred_mask[i].astype(np.uint8) * 255), "PNG"))
+                for name, im, kind in written:
+                    name.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_write(name, "wb") as f:
+                        im.save(f, format=kind)
+        if not rows:
+            raise UserError(f"{images}: no readable image")
+        table = [[str(p), *rows.get(str(p), [""] * (1 + 2 * bool(alarm_rate)))] for p in files]
+        with atomic_write(new / "scores.csv", newline="") as f:
+            csv.writer(f).writerows([["path", "score"] + ["p_value", "anomalous"] * bool(alarm_rate)] + table)
     for path, s, *_ in (r for r in table if r[1] != ""):
         log(f"{s:.6g}\t{path}")
     if alarm_rate:
@@ -2608,7 +2810,10 @@ def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, al
 def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), device="auto", compile=False,
               log=print) -> dict:
     """Score normal images the model was not trained on (the folder `data`, or the run's own
-    hold-out) and store them in the checkpoint as the calibration of `category`; returns it."""
+    hold-out, each file checked against its recorded sha256) and store them in the checkpoint as
+    the calibration of `category`; returns it. Scoring runs without the run folder's lock (a
+    `train --resume` may run meanwhile); the result is merged into the newest checkpoint under it,
+    scored again first if training moved the weights on."""
     ckpt_path = Path(ckpt)
     check_out_dir(ckpt_path.parent, "--ckpt")  # the calibration is written into the checkpoint
     detector = load(ckpt_path, device, compile)
@@ -2616,35 +2821,39 @@ def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), 
     category = category or (names[0] if len(names) == 1 else None)
     if category not in names:
         raise UserError(f"--category: give one of {names}")
+    size, scale, tile = detector.geometry
     if data is None:  # the run's own hold-out, e.g. rescored under other -K/-T
-        files = [Path(p) for p in (ckpt.get("held_out") or {}).get(category, [])]
-        if not files:
+        record = (ckpt.get("held_out") or {}).get(category)
+        if not record:
             raise UserError(f"--data: required, {ckpt_path} held out no images of {category} (train --calib-fraction)")
+        images, paths = bound_images(record, size, scale), record["paths"]
     else:
         if not Path(data).is_dir():
             raise UserError(f"--data: {data} is not a folder")
         files = image_files(Path(data))
         if not files:
             raise UserError(f"--data: {data} holds no images")
-    size, scale, tile = detector.geometry
-    arrays = [a for a, _ in _load(files, size, scale=scale)]
-    check_tiles_fit(files, arrays, tile, scale)
-    images = uint8_batch(arrays)
-    if "trained_on" not in ckpt:
-        note(f"warning: {ckpt_path} does not record its training images; cannot check that none is among "
-             f"the calibration images")
-    trained = set(ckpt.get("trained_on", ()))
-    seen = [f for f, h in zip(files, image_hashes(images)) if h in trained]
-    if seen:
-        raise UserError(f"--data: {len(seen)} of {len(files)} images were used to train {ckpt_path} (e.g. {seen[0]}); "
-                        f"calibrate on normal images the model has not seen")
-    held = Dataset(images, torch.zeros(len(files), dtype=torch.long), names, [str(f) for f in files])
-    cal = calibrate_on(detector.model, held, cfg, detector.mean, detector.std, detector.device,
-                       names.index(category) if ckpt["conditional"] else None, detector.geometry[2], detector.grid)
-    ckpt["calibration"] = {**(ckpt.get("calibration") or {}), category: cal}
-    save_checkpoint(ckpt_path, ckpt)
-    log(f"calibrated {category} on {len(files)} normal images (smallest --alarm-rate 1/(n+1) = "
-        f"{1 / (len(files) + 1):.3g}); written to {ckpt_path}")
+        arrays = [a for a, _ in _load(files, size, scale=scale)]
+        check_tiles_fit(files, arrays, tile, scale)
+        images, paths = uint8_batch(arrays), [str(f.resolve()) for f in files]
+    held = Dataset(images, torch.zeros(len(paths), dtype=torch.long), names, paths)
+    check_unseen(ckpt, held, ckpt_path)
+    label = names.index(category) if ckpt["conditional"] else None
+    cal = calibrate_on(detector.model, held, cfg, detector.mean, detector.std, detector.device, label, ckpt["step"],
+                       tile, detector.grid)
+    with run_lock(ckpt_path.parent, "--ckpt", "calibrate", wait=True):
+        newest = load_checkpoint(ckpt_path)  # with another calibration, or trained on
+        if newest["model"].keys() != ckpt["model"].keys() or not all(
+                torch.equal(v, newest["model"][k]) for k, v in ckpt["model"].items()):
+            note(f"{ckpt_path} was trained on to step {newest['step']} meanwhile; scoring again on its weights")
+            check_unseen(newest, held, ckpt_path)
+            detector = Detector(newest, ckpt_path, detector.device, compile)
+            cal = calibrate_on(detector.model, held, cfg, detector.mean, detector.std, detector.device, label,
+                               newest["step"], tile, detector.grid)
+        newest["calibration"] = {**(newest.get("calibration") or {}), category: cal}
+        save_checkpoint(ckpt_path, newest)
+    log(f"calibrated {category} on {len(paths)} normal images (smallest --alarm-rate 1/(n+1) = "
+        f"{1 / (len(paths) + 1):.3g}); written to {ckpt_path}")
     return cal
 
 
@@ -2684,8 +2893,8 @@ def rate(text):
 def eval_size(text):
     if text == "original":
         return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive integer nor 'original'")
+    if not text.isdigit() or not 1 <= int(text) <= 8192:  # 8192^2 floats per image are 256 MiB; more is a typo
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer from 1 to 8192 nor 'original'")
     return int(text)
 
 
@@ -2768,7 +2977,13 @@ def cmd_train(args):
         raise UserError("--data: required (or --resume RUN_DIR)")
     cfg = train_config(**given(TrainConfig, args))
     pick_device(args.device)
-    path = train(args.data, cfg, args.resume or args.out, args.device, resume=bool(args.resume), compile=args.compile)
+    flags = given(TrainConfig, args)
+    if args.resume and (Path(args.resume) / "ckpt.pt").is_file():  # its own config with the flags given
+        ckpt = load_checkpoint(Path(args.resume) / "ckpt.pt")
+        cfg = resumed_config(ckpt, replace(train_config_of(ckpt), **({"steps": None} if "epochs" in flags else {}),
+                                           **flags), lambda *_: None, given=flags)  # --epochs alone: that many
+    path = train(args.data, cfg, args.resume or args.out, args.device, resume=bool(args.resume),
+                 compile=args.compile)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
     return 0
@@ -2782,11 +2997,15 @@ def cmd_test(args):
     for flag, value in (("--alarm-rate", args.alarm_rate), ("--save-maps", args.save_maps)):
         if (grid or len(args.ckpt) > 1) and value:
             raise UserError(f"{flag}: give it to a plain `test` of one checkpoint, not to an ablation")
-    if grid or len(args.ckpt) > 1:
-        run_sweep(args.ckpt, args.data, out, cfg, grid, args.device, args.compile, eval_size=args.eval_size)
-    else:
-        evaluate(args.ckpt[0], args.data, out, cfg, args.device, overlays=not args.no_overlays, compile=args.compile,
-                 eval_size=args.eval_size, alarm_rate=args.alarm_rate, save_maps=args.save_maps)
+    check_out_dir(out)
+    maps = args.save_maps and Path(args.save_maps)
+    with run_lock(out, "--out", "test"), run_lock(maps, "--save-maps", "test") if maps else contextlib.nullcontext():
+        if grid or len(args.ckpt) > 1:
+            run_sweep(args.ckpt, args.data, out, cfg, grid, args.device, args.compile, eval_size=args.eval_size)
+        else:
+            evaluate(args.ckpt[0], args.data, out, cfg, args.device, overlays=not args.no_overlays,
+                     compile=args.compile, eval_size=args.eval_size, alarm_rate=args.alarm_rate,
+                     save_maps=args.save_maps)
     print(f"wrote {out}")
     return 0
 
@@ -2794,7 +3013,9 @@ def cmd_test(args):
 def cmd_score(args):
     cfg = ScoreConfig(**given(ScoreConfig, args))
     out = Path(args.out or Path("scored") / Path(args.images).resolve().name)
-    rows = score(args.ckpt, args.images, out, cfg, args.category, args.alarm_rate, args.device, args.compile)
+    check_out_dir(out)
+    with run_lock(out, "--out", "score"):  # one run per output folder
+        rows = score(args.ckpt, args.images, out, cfg, args.category, args.alarm_rate, args.device, args.compile)
     print(f"wrote {out}")
     return SKIPPED if any(r[1] == "" for r in rows) else 0
 
@@ -2874,7 +3095,8 @@ def cmd_compare(args):
     if partial:
         note(f"our mean is not over the paper's {len(PAPER_CATEGORIES[args.dataset])} {args.dataset} categories "
              f"({partial}); the mean rows are not like for like")
-    (path.parent / f"compare_{args.dataset}.md").write_text(table + "\n")
+    with atomic_write(path.parent / f"compare_{args.dataset}.md") as f:
+        f.write(table + "\n")
     print(table)
     return 0
 
@@ -2892,7 +3114,8 @@ def cmd_bench(args):
         print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(r, indent=2))
+        with atomic_write(args.json) as f:
+            f.write(json.dumps(r, indent=2))
     return 0
 
 
@@ -2997,6 +3220,11 @@ def build_parser() -> Parser:
     return ap
 
 
+def terminated(signum, frame):
+    """SIGTERM outside training (which saves first) stops a command as Ctrl-C does: exit 143."""
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv=None) -> int:
     """Runs a command; returns its exit status (SKIPPED and the others above the Parser)."""
     try:
@@ -3015,9 +3243,9 @@ def main(argv=None) -> int:
     except OSError as e:  # the disk, not the input: full, gone, or refused mid-run
         print(f"flow_mismatch.py: error: {e.filename or 'writing output'}: {e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM by `terminated`
         print("flow_mismatch.py: interrupted", file=sys.stderr)
-        return 130
+        return 128 + (e.args[0] if e.args else signal.SIGINT)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -3025,4 +3253,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C is KeyboardInterrupt again
+    signal.signal(signal.SIGTERM, terminated)
     sys.exit(main())

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,7 +121,7 @@ def test_held_out_images_are_never_drawn(tmp_path, monkeypatch):
     ckpt = torch.load(fm.train(data, cfg, tmp_path, device="cpu", log=lambda *a: None), weights_only=True)
     mean, std = ckpt["mean"][0], ckpt["std"][0]
     ids = {round(v) for v in ((torch.cat(drawn) * std + mean) * 255).tolist()}
-    held = {c: [int(p[3:]) for p in paths] for c, paths in ckpt["held_out"].items()}
+    held = {c: [int(Path(p).name[3:]) for p in rec["paths"]] for c, rec in ckpt["held_out"].items()}
     assert [len(held["a"]), len(held["b"])] == [3, 3]
     assert all(i % 2 == 0 for i in held["a"]) and all(i % 2 == 1 for i in held["b"])
     held_ids = set(held["a"] + held["b"])
@@ -128,11 +129,11 @@ def test_held_out_images_are_never_drawn(tmp_path, monkeypatch):
     train_ids = sorted(ids)
     assert ckpt["trained_on"] == fm.image_hashes(images[train_ids])
     for c in ("a", "b"):
-        assert ckpt["calibration"][c]["paths"] == [f"img{i}" for i in held[c]]
+        assert ckpt["calibration"][c]["paths"] == [str(Path(f"img{i}").resolve()) for i in held[c]]
         assert len(ckpt["calibration"][c]["scores"]) == len(ckpt["calibration"][c]["maxima"]) == 3
     # the same seed and fraction hold out the same images
     again = fm.split_calibration(data, 0.25, cfg.seed)[1].paths
-    assert sorted(again) == sorted(p for c in "ab" for p in ckpt["calibration"][c]["paths"])
+    assert sorted(str(Path(p).resolve()) for p in again) == sorted(p for c in "ab" for p in ckpt["calibration"][c]["paths"])
 
 
 # ---- end to end through the CLI: one category, 24 normal training images, half held out
@@ -212,8 +213,8 @@ def test_calibrate_refuses_training_images_and_stores_a_new_calibration(line, tm
     data, ckpt_path = line
     ckpt = tmp_path / "ckpt.pt"
     shutil.copy(ckpt_path, ckpt)
-    held = set(torch.load(ckpt, weights_only=True)["held_out"]["weave"])
-    trained = next(p for p in sorted((data / "train" / "good").iterdir()) if str(p) not in held)
+    held = set(torch.load(ckpt, weights_only=True)["held_out"]["weave"]["paths"])
+    trained = next(p for p in sorted((data / "train" / "good").iterdir()) if str(p.resolve()) not in held)
     fresh = tmp_path / "fresh"
     shutil.copytree(data / "test" / "good", fresh)
     shutil.copy(trained, fresh / "renamed.png")  # a training image under another name

@@ -39,6 +39,7 @@ def test_test_writes_every_output(evaluated, mvtec):
     out, r = evaluated
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"grid", "weave", "mean"}
+    assert metrics["mean"].pop("categories") == dict.fromkeys(fm.METRICS, 2)  # what each mean is over
     for m in metrics.values():
         assert set(m) == set(fm.METRICS) and all(0 <= v <= 1 for v in m.values())
     assert (out / "table.md").read_text().strip() in r.stdout

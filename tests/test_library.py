@@ -54,7 +54,8 @@ def test_the_configs_refuse_what_the_cli_refuses_with_the_same_line(make, argv, 
 
 
 def test_help_shows_every_knobs_default_and_range(capsys):
-    for argv, says in ((["train", "--help"], "--lr LR learning rate (default 0.0001; CPU presets: 0.0005; > 0 and < inf)"),
+    for argv, says in ((["train", "--help"],
+                        "--lr LR learning rate (default 0.0001; CPU presets: 0.0005; > 0 and <= 1000.0)"),
                        (["score", "--help"], "-K K paths per image (Eq. 3) (default 10; >= 1 and <= 1000)")):
         with pytest.raises(SystemExit):
             fm.main(argv)

@@ -134,7 +134,7 @@ def test_a_rerun_of_test_replaces_the_category_folder(trained, mvtec, tmp_path, 
     assert rc == 0, err
     grid = files_under(tmp_path / "ev" / "grid")
     assert "overlays/stale.png" not in grid and "overlays/scratch/000.png.png" in grid
-    assert not [n for n in os.listdir(tmp_path / "ev") if n.startswith(".")]  # nothing left aside
+    assert [n for n in os.listdir(tmp_path / "ev") if n.startswith(".")] == [".lock"]  # nothing left aside
 
 
 # 5. score on an inspection line -----------------------------------------------------------------
@@ -169,7 +169,8 @@ def bad_invocations(d):
         (tr + ["--seed", 2**70], "--seed"), (tr + ["--steps", 0], "--steps"), (tr + ["--epochs", "x"], "--epochs"),
         (tr + ["--batch-size", 0], "--batch-size"), (tr + ["--save-epochs", "5,a"], "--save-epochs"),
         (tr + ["--device", "tpu"], "--device"),
-        (tr + ["--lr", "nan"], "--lr"),
+        (tr + ["--lr", "nan"], "--lr"), (tr + ["--lr", "1e4"], "--lr"), (tr + ["--steps", 10**10], "--steps"),
+        (tr + ["--epochs", 10**7], "--epochs"), (tr + ["--save-every", 10**10], "--save-every"),
         (tr + ["--save-every", 0], "--save-every"),
         (["train", "--data", data, "--out", f / "run"], ("--out", "file.txt is a file")),
         (["train", "--resume", d / "nothing"], "--resume"),
@@ -178,7 +179,7 @@ def bad_invocations(d):
         (te + ["--seed", 2**40], "--seed"), (te + ["--t0", 1.5], "--t0"), (te + ["--ode-steps", 0], "--ode-steps"),
         (te + ["--aggregator", "median"], "--aggregator"), (te + ["--precision", "fp8"], "--precision"),
         (te + ["--score", "x"], "--score"),
-        (te + ["--grid-K", "2,0"], "--grid-K"),
+        (te + ["--grid-K", "2,0"], "--grid-K"), (te + ["--eval-size", 10**5], "--eval-size"),
         (te + ["--device", "tpu"], "--device"),
         (["test", "--ckpt", ck, "--data", d / "none", "--out", f / "ev"], ("--out", "file.txt is a file")),
         (sc + ["--seed", -5], "--seed"), (sc + ["-T", 0], "-T"),
@@ -249,7 +250,7 @@ def test_divergence_names_a_checkpoint_only_when_there_is_one(mvtec, tmp_path):
     data = fm.load_train(mvtec, 16)
     for save_every, says in ((1000, "no checkpoint had been written"), (1, str(tmp_path / "b" / "ckpt.pt"))):
         out = tmp_path / ("a" if save_every == 1000 else "b")
-        cfg = fm.TrainConfig(preset="tiny", image_size=16, batch_size=2, steps=50, lr=1e30, save_every=save_every)
+        cfg = fm.TrainConfig(preset="tiny", image_size=16, batch_size=2, steps=50, lr=1e3, save_every=save_every)
         with pytest.raises(fm.UserError, match="diverged") as e:
             fm.train(data, cfg, out, "cpu", log=lambda *_: None)
         assert says in str(e.value) and (out / "ckpt.pt").exists() == (save_every == 1)
