@@ -2072,61 +2072,63 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     check_out_dir(out)
     if save_maps is not None:
         check_out_dir(save_maps, "--save-maps")
-    rank, world, local_rank = distributed()
-    device = pick_device(device, local_rank)
-    detector = load(ckpt_path, device, compile)
-    ckpt, model = detector.ckpt, detector.model
-    tests = load_test(data_root, *image_geometry(ckpt["train_config"]))
-    cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests} if alarm_rate else {}
-    t0 = time.time()
-    scored = score_tests(model, ckpt, tests, cfg, device)
-    seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
-    if rank != 0:
-        return {}
-    results = metrics_of(tests, scored, eval_size)
-    table = format_table(results)
-    if alarm_rate:
-        for name, (heat, scores) in scored.items():
-            data = tests[name]
-            results[name].update(operating_point(cals[name], alarm_rate, scores, data.anomalous, heat,
-                                                  None if data.mask_files is None else data.masks))
-        for k in OPERATING:
-            values = [results[name][k] for name in scored if results[name][k] is not None]
-            results["mean"][k] = float(np.mean(values)) if values else None
-            results["mean"]["categories"][k] = len(values)
-        table += "\n\n" + format_operating_point(results, alarm_rate)
-    out.mkdir(parents=True, exist_ok=True)
-    with staged(out) as new:
-        for name, (heat, scores) in scored.items():
-            data, folder = tests[name], new / name
-            folder.mkdir()
-            with atomic_write(folder / "scores.csv", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["path", "label", "score"])
-                w.writerows(zip(data.paths, data.anomalous.tolist(), scores.tolist()))
-            with atomic_write(folder / "heatmaps.npz", "wb") as f:
-                np.savez_compressed(f, paths=np.array(data.paths), labels=data.anomalous.astype(np.uint8),
-                                    scores=scores.astype(np.float32), heat=heat, masks=data.masks)
-            if overlays:
-                write_overlays(folder / "overlays", data, heat)
-        with atomic_write(new / "metrics.json") as f:
-            f.write(json.dumps(results, indent=2, allow_nan=False))
-        with atomic_write(new / "table.md") as f:
-            f.write(table + "\n")
-        write_report(new, out.name, tests, scored, results, cfg, overlays)
-    if save_maps is not None:
-        for name, (heat, _) in scored.items():
-            write_maps(Path(save_maps), [map_names(name, p) for p in tests[name].paths], heat, tests[name].sizes,
-                       conformal_threshold(cals[name]["maxima"], alarm_rate) if alarm_rate else None)
-    log(table)
-    rule = (f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}" if cfg.score == "mismatch" else
-            f"{cfg.score}: K={cfg.K} t0={cfg.t0}{f' steps={cfg.ode_steps}' * (cfg.score == 'recon')} "
-            f"aggregator={cfg.aggregator}")
-    log(f"{rule}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.2f} images/s on {device} x{world})")
-    if eval_size is not None or cfg.image_score != "paper":
-        at = "each image's original size" if eval_size == "original" else f"{eval_size or ckpt['train_config']['image_size']}^2"
-        log(f"image score: {cfg.image_score}; pixel metrics at {at}")
-    return results
+    maps = run_lock(Path(save_maps), "--save-maps", "test") if save_maps is not None else contextlib.nullcontext()
+    with run_lock(out, "--out", "test"), maps:  # one writer per output folder
+        rank, world, local_rank = distributed()
+        device = pick_device(device, local_rank)
+        detector = load(ckpt_path, device, compile)
+        ckpt, model = detector.ckpt, detector.model
+        tests = load_test(data_root, *image_geometry(ckpt["train_config"]))
+        cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests} if alarm_rate else {}
+        t0 = time.time()
+        scored = score_tests(model, ckpt, tests, cfg, device)
+        seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
+        if rank != 0:
+            return {}
+        results = metrics_of(tests, scored, eval_size)
+        table = format_table(results)
+        if alarm_rate:
+            for name, (heat, scores) in scored.items():
+                data = tests[name]
+                results[name].update(operating_point(cals[name], alarm_rate, scores, data.anomalous, heat,
+                                                      None if data.mask_files is None else data.masks))
+            for k in OPERATING:
+                values = [results[name][k] for name in scored if results[name][k] is not None]
+                results["mean"][k] = float(np.mean(values)) if values else None
+                results["mean"]["categories"][k] = len(values)
+            table += "\n\n" + format_operating_point(results, alarm_rate)
+        out.mkdir(parents=True, exist_ok=True)
+        with staged(out) as new:
+            for name, (heat, scores) in scored.items():
+                data, folder = tests[name], new / name
+                folder.mkdir()
+                with atomic_write(folder / "scores.csv", newline="") as f:
+                    w = csv.writer(f)
+                    w.writerow(["path", "label", "score"])
+                    w.writerows(zip(data.paths, data.anomalous.tolist(), scores.tolist()))
+                with atomic_write(folder / "heatmaps.npz", "wb") as f:
+                    np.savez_compressed(f, paths=np.array(data.paths), labels=data.anomalous.astype(np.uint8),
+                                        scores=scores.astype(np.float32), heat=heat, masks=data.masks)
+                if overlays:
+                    write_overlays(folder / "overlays", data, heat)
+            with atomic_write(new / "metrics.json") as f:
+                f.write(json.dumps(results, indent=2, allow_nan=False))
+            with atomic_write(new / "table.md") as f:
+                f.write(table + "\n")
+            write_report(new, out.name, tests, scored, results, cfg, overlays)
+        if save_maps is not None:
+            for name, (heat, _) in scored.items():
+                write_maps(Path(save_maps), [map_names(name, p) for p in tests[name].paths], heat, tests[name].sizes,
+                           conformal_threshold(cals[name]["maxima"], alarm_rate) if alarm_rate else None)
+        log(table)
+        rule = (f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}" if cfg.score == "mismatch" else
+                f"{cfg.score}: K={cfg.K} t0={cfg.t0}{f' steps={cfg.ode_steps}' * (cfg.score == 'recon')} "
+                f"aggregator={cfg.aggregator}")
+        log(f"{rule}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.2f} images/s on {device} x{world})")
+        if eval_size is not None or cfg.image_score != "paper":
+            at = "each image's original size" if eval_size == "original" else f"{eval_size or ckpt['train_config']['image_size']}^2"
+            log(f"image score: {cfg.image_score}; pixel metrics at {at}")
+        return results
 
 
 # Ablations (Tables 6-9, the baselines of Table 2): one loaded test set, each model loaded once,
@@ -2136,40 +2138,41 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     """Every checkpoint x the Cartesian product of `grid` ({ScoreConfig field: values}, fields not
     given stay as in `base`); writes out/sweep.md and out/sweep.json (per-category results too)."""
     check_out_dir(out)
-    settings = [replace(base, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
-    rank, world, local_rank = distributed()
-    device = pick_device(device, local_rank)
-    rows, tests = [], {}
-    for path in ckpt_paths:
-        detector = load(path, device, compile)
-        ckpt, model = detector.ckpt, detector.model
-        size = image_geometry(ckpt["train_config"])
-        if size not in tests:
-            tests[size] = load_test(data_root, *size)
-        n_images = sum(len(d) for d in tests[size].values())
-        for cfg in settings:
-            t0 = time.time()
-            scored = score_tests(model, ckpt, tests[size], cfg, device)
-            fps = n_images / (time.time() - t0)
-            if rank == 0:
-                setting = {"ckpt": str(path)} if len(ckpt_paths) > 1 else {}
-                setting.update({f: getattr(cfg, f) for f in grid})
-                rows.append(dict(setting=setting, images_per_s=fps, results=metrics_of(tests[size], scored, eval_size)))
-                print(f"{setting}: image AUROC {percent(rows[-1]['results']['mean']['image_auroc'])}, "
-                      f"{fps:.2f} images/s", file=sys.stderr, flush=True)
-    if rank != 0:
-        return []
-    keys = list(rows[0]["setting"])
-    md = table(keys + list(METRICS) + ["images/s"], [[r["setting"][k] for k in keys] + [
-        percent(r["results"]["mean"][k]) for k in METRICS] + [f"{r['images_per_s']:.2f}"] for r in rows])
-    out.mkdir(parents=True, exist_ok=True)
-    with staged(out) as new:
-        with atomic_write(new / "sweep.md") as f:
-            f.write(md + "\n")
-        with atomic_write(new / "sweep.json") as f:
-            f.write(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2, allow_nan=False))
-    log(md)
-    return rows
+    with run_lock(out, "--out", "test"):
+        settings = [replace(base, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+        rank, world, local_rank = distributed()
+        device = pick_device(device, local_rank)
+        rows, tests = [], {}
+        for path in ckpt_paths:
+            detector = load(path, device, compile)
+            ckpt, model = detector.ckpt, detector.model
+            size = image_geometry(ckpt["train_config"])
+            if size not in tests:
+                tests[size] = load_test(data_root, *size)
+            n_images = sum(len(d) for d in tests[size].values())
+            for cfg in settings:
+                t0 = time.time()
+                scored = score_tests(model, ckpt, tests[size], cfg, device)
+                fps = n_images / (time.time() - t0)
+                if rank == 0:
+                    setting = {"ckpt": str(path)} if len(ckpt_paths) > 1 else {}
+                    setting.update({f: getattr(cfg, f) for f in grid})
+                    rows.append(dict(setting=setting, images_per_s=fps, results=metrics_of(tests[size], scored, eval_size)))
+                    print(f"{setting}: image AUROC {percent(rows[-1]['results']['mean']['image_auroc'])}, "
+                          f"{fps:.2f} images/s", file=sys.stderr, flush=True)
+        if rank != 0:
+            return []
+        keys = list(rows[0]["setting"])
+        md = table(keys + list(METRICS) + ["images/s"], [[r["setting"][k] for k in keys] + [
+            percent(r["results"]["mean"][k]) for k in METRICS] + [f"{r['images_per_s']:.2f}"] for r in rows])
+        out.mkdir(parents=True, exist_ok=True)
+        with staged(out) as new:
+            with atomic_write(new / "sweep.md") as f:
+                f.write(md + "\n")
+            with atomic_write(new / "sweep.json") as f:
+                f.write(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2, allow_nan=False))
+        log(md)
+        return rows
 
 
 # ----------------------------------------------------------------------------
@@ -2770,41 +2773,42 @@ def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, al
 
     out = Path(out)
     check_out_dir(out)
-    detector = load(ckpt, device, compile)
-    files = [p for _, p in image_inputs(images)]
-    rows, span = {}, None
-    with staged(out, stale=() if alarm_rate else ("masks",)) as new:
-        for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,
-                                                progress=Progress(len(files)), **asdict(cfg)):
-            heat = [h.numpy() for h in heat]
-            flat = np.concatenate([h.ravel() for h in heat])
-            span = span or (float(flat.min()), float(np.percentile(flat, 99.9)))
-            write_overlays(new / "heatmaps", data, heat, span)
-            for i, path in enumerate(pred.image_path):
-                rows[path] = [pred.pred_score[i]] + ([] if pred.p_value is None else
-                                                     [pred.p_value[i], int(pred.pred_label[i])])
-                written = [(new / "maps" / Path(overlay_name(path)).with_suffix(".tiff"),
-                            Image.fromarray(pred.anomaly_map[i]), "TIFF")]
-                if alarm_rate:
-                    written.append((new / "masks" / overlay_name(path),
-                                    Image.fromarray(pred.pred_mask[i].astype(np.uint8) * 255), "PNG"))
-                for name, im, kind in written:
-                    name.parent.mkdir(parents=True, exist_ok=True)
-                    with atomic_write(name, "wb") as f:
-                        im.save(f, format=kind)
-        if not rows:
-            raise UserError(f"{images}: no readable image")
-        table = [[str(p), *rows.get(str(p), [""] * (1 + 2 * bool(alarm_rate)))] for p in files]
-        with atomic_write(new / "scores.csv", newline="") as f:
-            csv.writer(f).writerows([["path", "score"] + ["p_value", "anomalous"] * bool(alarm_rate)] + table)
-    for path, s, *_ in (r for r in table if r[1] != ""):
-        log(f"{s:.6g}\t{path}")
-    if alarm_rate:
-        flagged = sum(r[3] for r in table if r[1] != "")
-        log(f"{flagged} of {len(rows)} images anomalous at alarm rate {alarm_rate} "
-            f"({len(detector.ckpt['calibration'][category or detector.categories[0]]['scores'])} calibration "
-            f"images); masks in {out / 'masks'}")
-    return table
+    with run_lock(out, "--out", "score"):
+        detector = load(ckpt, device, compile)
+        files = [p for _, p in image_inputs(images)]
+        rows, span = {}, None
+        with staged(out, stale=() if alarm_rate else ("masks",)) as new:
+            for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,
+                                                    progress=Progress(len(files)), **asdict(cfg)):
+                heat = [h.numpy() for h in heat]
+                flat = np.concatenate([h.ravel() for h in heat])
+                span = span or (float(flat.min()), float(np.percentile(flat, 99.9)))
+                write_overlays(new / "heatmaps", data, heat, span)
+                for i, path in enumerate(pred.image_path):
+                    rows[path] = [pred.pred_score[i]] + ([] if pred.p_value is None else
+                                                         [pred.p_value[i], int(pred.pred_label[i])])
+                    written = [(new / "maps" / Path(overlay_name(path)).with_suffix(".tiff"),
+                                Image.fromarray(pred.anomaly_map[i]), "TIFF")]
+                    if alarm_rate:
+                        written.append((new / "masks" / overlay_name(path),
+                                        Image.fromarray(pred.pred_mask[i].astype(np.uint8) * 255), "PNG"))
+                    for name, im, kind in written:
+                        name.parent.mkdir(parents=True, exist_ok=True)
+                        with atomic_write(name, "wb") as f:
+                            im.save(f, format=kind)
+            if not rows:
+                raise UserError(f"{images}: no readable image")
+            table = [[str(p), *rows.get(str(p), [""] * (1 + 2 * bool(alarm_rate)))] for p in files]
+            with atomic_write(new / "scores.csv", newline="") as f:
+                csv.writer(f).writerows([["path", "score"] + ["p_value", "anomalous"] * bool(alarm_rate)] + table)
+        for path, s, *_ in (r for r in table if r[1] != ""):
+            log(f"{s:.6g}\t{path}")
+        if alarm_rate:
+            flagged = sum(r[3] for r in table if r[1] != "")
+            log(f"{flagged} of {len(rows)} images anomalous at alarm rate {alarm_rate} "
+                f"({len(detector.ckpt['calibration'][category or detector.categories[0]]['scores'])} calibration "
+                f"images); masks in {out / 'masks'}")
+        return table
 
 
 def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), device="auto", compile=False,
@@ -2997,15 +3001,11 @@ def cmd_test(args):
     for flag, value in (("--alarm-rate", args.alarm_rate), ("--save-maps", args.save_maps)):
         if (grid or len(args.ckpt) > 1) and value:
             raise UserError(f"{flag}: give it to a plain `test` of one checkpoint, not to an ablation")
-    check_out_dir(out)
-    maps = args.save_maps and Path(args.save_maps)
-    with run_lock(out, "--out", "test"), run_lock(maps, "--save-maps", "test") if maps else contextlib.nullcontext():
-        if grid or len(args.ckpt) > 1:
-            run_sweep(args.ckpt, args.data, out, cfg, grid, args.device, args.compile, eval_size=args.eval_size)
-        else:
-            evaluate(args.ckpt[0], args.data, out, cfg, args.device, overlays=not args.no_overlays,
-                     compile=args.compile, eval_size=args.eval_size, alarm_rate=args.alarm_rate,
-                     save_maps=args.save_maps)
+    if grid or len(args.ckpt) > 1:
+        run_sweep(args.ckpt, args.data, out, cfg, grid, args.device, args.compile, eval_size=args.eval_size)
+    else:
+        evaluate(args.ckpt[0], args.data, out, cfg, args.device, overlays=not args.no_overlays, compile=args.compile,
+                 eval_size=args.eval_size, alarm_rate=args.alarm_rate, save_maps=args.save_maps)
     print(f"wrote {out}")
     return 0
 
@@ -3013,9 +3013,7 @@ def cmd_test(args):
 def cmd_score(args):
     cfg = ScoreConfig(**given(ScoreConfig, args))
     out = Path(args.out or Path("scored") / Path(args.images).resolve().name)
-    check_out_dir(out)
-    with run_lock(out, "--out", "score"):  # one run per output folder
-        rows = score(args.ckpt, args.images, out, cfg, args.category, args.alarm_rate, args.device, args.compile)
+    rows = score(args.ckpt, args.images, out, cfg, args.category, args.alarm_rate, args.device, args.compile)
     print(f"wrote {out}")
     return SKIPPED if any(r[1] == "" for r in rows) else 0
 
