@@ -197,7 +197,7 @@ class TrainConfig:
                                       "at the end (K = T = 10) as the calibration set of --alarm-rate; 0: the "
                                       "paper, all train", ge=0, lt=1)
     tile: int = knob(0, "train on random N x N crops at native resolution instead of resizing whole images "
-                        "(large images, small defects; --image-size is then not used); test, score, calibrate "
+                        "(large images, small defects; not with --image-size); test, score, calibrate "
                         "and explain then cover each image with tiles; 0: resize", ge=0, le=4096)
     tile_scale: float = knob(1.0, "with --tile: rescale the images by S before tiles are cut", gt=0, le=1e3)
     tile_grid: int = knob(0, "with --tile: also tell the model where a tile lies, its cell in a G x G grid over "
@@ -2979,9 +2979,12 @@ def category_label(ckpt, category):
 def cmd_train(args):
     if args.resume is None and args.data is None:
         raise UserError("--data: required (or --resume RUN_DIR)")
-    cfg = train_config(**given(TrainConfig, args))
-    pick_device(args.device)
     flags = given(TrainConfig, args)
+    if flags.get("tile") and "image_size" in flags:
+        raise UserError("--image-size: has no effect with --tile, which cuts tiles at the images' own size "
+                        "(--tile-scale rescales them first)")
+    cfg = train_config(**flags)
+    pick_device(args.device)
     if args.resume and (Path(args.resume) / "ckpt.pt").is_file():  # its own config with the flags given
         ckpt = load_checkpoint(Path(args.resume) / "ckpt.pt")
         cfg = resumed_config(ckpt, replace(train_config_of(ckpt), **({"steps": None} if "epochs" in flags else {}),

@@ -258,3 +258,11 @@ def test_score_writes_maps_at_each_input_size(trained, tmp_path):
     maps = sorted((tmp_path / "s" / "maps").rglob("*.tiff"))
     assert [m.name for m in maps] == ["000.png.tiff", "001.png.tiff"]
     assert all(Image.open(m).size == (32, 32) and Image.open(m).mode == "F" for m in maps)
+
+
+def test_image_size_given_with_tile_is_refused_not_ignored(mvtec, tmp_path):
+    r = run_cli("train", "--data", mvtec, "--out", tmp_path / "run", "--preset", "tiny", "--tile", 8,
+                "--image-size", 16, "--steps", 1, "--device", "cpu")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "--image-size" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
