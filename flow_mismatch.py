@@ -1553,7 +1553,7 @@ def _load(files, size, mode="RGB", skip=False, scale=1.0):
         except UserError as e:
             if not skip:
                 raise
-            print(f"flow_mismatch.py: warning: {e}; skipped", file=sys.stderr, flush=True)
+            note(f"warning: {e}; skipped")
 
     pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
     try:
@@ -2971,8 +2971,7 @@ def category_label(ckpt, category):
     if category is not None:
         if category not in names:
             raise UserError(f"--category: {category!r} is not what this model was trained on ({', '.join(names)})")
-        print(f"flow_mismatch.py: warning: --category {category} has no effect: the model is unconditional "
-              f"(trained on {', '.join(names)})", file=sys.stderr)
+        note(f"warning: --category {category} has no effect: the model is unconditional (trained on {', '.join(names)})")
     return None
 
 
