@@ -1553,13 +1553,17 @@ def _load(files, size, mode="RGB", skip=False, scale=1.0):
         except UserError as e:
             if not skip:
                 raise
-            note(f"warning: {e}; skipped")
+            return e
 
     pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
     try:
-        return list(pool.map(read, files))
+        got = list(pool.map(read, files))
     finally:
         pool.shutdown(cancel_futures=True)  # an error or Ctrl-C stops now, not after every queued file
+    for r in got:  # the warnings in file order, whichever thread finished first
+        if isinstance(r, UserError):
+            note(f"warning: {r}; skipped")
+    return [None if isinstance(r, UserError) else r for r in got]
 
 
 def note(message: str) -> None:
