@@ -1021,8 +1021,7 @@ def calibrate_held_out(run: dict) -> None:
         run["calibration"][name] = calibrate_on(
             run["model"], Dataset(images, torch.full((len(images),), c), data.class_names, record["paths"]),
             replace(ScoreConfig(), **record.get("rule", {})), run["mean"], run["std"], run["device"],
-            c if run["conditional"] else None, run["step"],
-            run["cfg"].tile, run["cfg"].tile_grid)
+            c if run["conditional"] else None, run["step"], run["cfg"].tile, run["cfg"].tile_grid)
     save_run(run, run["out"] / "ckpt.pt")
 
 
@@ -1968,19 +1967,19 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
     write_text(out / "report.html", "\n".join(page) + "\n")
 
 
-def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
-    """{category: (heat (N, S, S) float32, scores (N,))} on rank 0, {} on other ranks."""
+def score_tests(detector, tests: dict, cfg: ScoreConfig) -> dict:
+    """{category: (heat (N, S, S) float32, scores (N,))} by the Detector, on rank 0; {} on other ranks."""
+    ckpt = detector.ckpt
     for name in tests:
         if name not in ckpt["class_names"]:
             raise UserError(f"--data: category {name!r} is not among the checkpoint's classes {ckpt['class_names']}")
-    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     progress = Progress(sum(len(d) for d in tests.values())) if rank == 0 else None
     out = {}
     for name, data in tests.items():
         label = ckpt["class_names"].index(name) if ckpt["conditional"] else None
-        heat, scores = score_dataset(model, data, cfg, mean, std, device, label, progress,
-                                     tile=ckpt["train_config"]["tile"], grid=ckpt["train_config"]["tile_grid"])
+        heat, scores = score_dataset(detector.model, data, cfg, detector.mean, detector.std, detector.device, label,
+                                     progress, tile=detector.geometry[2], grid=detector.grid)
         if rank == 0:
             out[name] = heat.numpy().astype(np.float32), scores.numpy()
     return out
@@ -2072,11 +2071,11 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
         rank, world, local_rank = distributed()
         device = pick_device(device, local_rank)
         detector = load(ckpt_path, device, compile)
-        ckpt, model = detector.ckpt, detector.model
-        tests = load_test(data_root, *image_geometry(ckpt["train_config"]))
+        ckpt = detector.ckpt
+        tests = load_test(data_root, *detector.geometry)
         cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests} if alarm_rate else {}
         t0 = time.time()
-        scored = score_tests(model, ckpt, tests, cfg, device)
+        scored = score_tests(detector, tests, cfg)
         seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
         if rank != 0:
             return {}
@@ -2129,14 +2128,13 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
         rows, tests = [], {}
         for path in ckpt_paths:
             detector = load(path, device, compile)
-            ckpt, model = detector.ckpt, detector.model
-            size = image_geometry(ckpt["train_config"])
+            size = detector.geometry
             if size not in tests:
                 tests[size] = load_test(data_root, *size)
             n_images = sum(len(d) for d in tests[size].values())
             for cfg in settings:
                 t0 = time.time()
-                scored = score_tests(model, ckpt, tests[size], cfg, device)
+                scored = score_tests(detector, tests[size], cfg)
                 fps = n_images / (time.time() - t0)
                 if rank == 0:
                     setting = {"ckpt": str(path)} if len(ckpt_paths) > 1 else {}
@@ -2880,16 +2878,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DEMO = dict(steps=160, image_size=64)  # the demo's training length and size
 
 
-class Help(argparse.HelpFormatter):
-    def _get_help_string(self, action):  # a default not already in the text, unless none
-        text = action.help or ""
-        return text if action.default in (None, False, argparse.SUPPRESS) else f"{text} (default {action.default})"
-
-
 class Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **{"formatter_class": Help, **kw})
-
     def error(self, message):  # one line, exit status 2
         note(f"error: {message}")
         raise SystemExit(2)
@@ -3091,7 +3080,7 @@ def build_parser() -> Parser:
         p = sub.add_parser(name, help=help, **kw)
         p.set_defaults(func=func)
         if device:
-            p.add_argument("--device", choices=DEVICES, default="auto")
+            p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if a GPU is visible (default auto)")
         return p
 
     p = command("train", cmd_train, "train the flow on normal images (Eq. 1)")
@@ -3149,7 +3138,7 @@ def build_parser() -> Parser:
     scoring(p)
 
     p = command("demo", cmd_demo, "generate textures with defects, train `tiny` on CPU, test")
-    p.add_argument("--out", default="demo_out")
+    p.add_argument("--out", default="demo_out", help="its data, run and evaluation (default demo_out)")
     knob_flags(p, TrainConfig, ("steps", "image_size", "seed"), shown=DEMO)
 
     p = command("explain", cmd_explain, "one figure of what the scorer sees in one image (Eqs. 2-4)")
@@ -3167,13 +3156,14 @@ def build_parser() -> Parser:
     p = command("bench", cmd_bench, "images/s of the batched scorer vs a naive (k, t) loop")
     knob_flags(p, TrainConfig, ("preset", "image_size"), shown=dict(image_size="the preset's training size"))
     knob_flags(p, ScoreConfig, ("K", "T", "max_batch"))
-    p.add_argument("--images", type=int_in(1, 4096), default=4)
-    p.add_argument("--repeats", type=int_in(1, 1000), default=3)
+    p.add_argument("--images", type=int_in(1, 4096), default=4, help="images scored (default 4)")
+    p.add_argument("--repeats", type=int_in(1, 1000), default=3, help="timed repeats; the median counts (default 3)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
     p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")
     p.add_argument("--compile", action="store_true", help="also time the compiled U-Net (and training step)")
     p.add_argument("--layout", choices=("auto", "channels_last", "nchw"), default="auto",
-                   help="memory layout to measure (auto: channels_last for training and CPU scoring, NCHW for GPU scoring)")
+                   help="memory layout to measure (default auto: channels_last for training and CPU scoring, NCHW for "
+                        "GPU scoring)")
     p.add_argument("--json", help="also write the figures to this file")
     return ap
 
