@@ -491,35 +491,41 @@ def mismatch_delta(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=
     """Path-aggregated mismatch delta_t of Eq. (3) at every interior time, for normalised
     images y (B, C, H, W) -> (B, T, H, W) float32.
 
-    The K*T forwards of a batch run as flattened (path, image, time) batches of at most
-    cfg.max_batch inputs; paths are folded into a running order statistic (running min by
-    default), so memory does not grow with K."""
+    The K*B*T inputs run as one flat (path, image, time) sequence cut into forwards of
+    cfg.max_batch inputs, only the last one shorter; each path is folded into a running order
+    statistic (running min by default) once its B*T maps are done, so memory does not grow with K."""
     B, C, H, W = y.shape
     K, T, device = cfg.K, cfg.T, y.device
     ids = list(range(B)) if ids is None else ids
     t = interior_times(T, device)
     m = aggregator_rank(cfg.aggregator, K)
-    max_batch = forward_batch(cfg, model, y)
-    group = max(1, max_batch // (B * T))  # paths per pass
-    low, total = None, torch.zeros(B, T, H, W, device=device)
-    for k0 in range(0, K, group):
-        ks = range(k0, min(K, k0 + group))
-        x0 = torch.stack([path_noise(cfg.seed, ids, k, (C, H, W), device) for k in ks])  # (g, B, C, H, W)
-        flat = torch.arange(len(ks) * B * T, device=device)
-        z = torch.empty(len(ks), B, T, H, W, device=device)
-        for sl in flat.split(max_batch):
-            ki, bi, ji = sl // (B * T), sl // T % B, sl % T
-            tj = t[ji].view(-1, 1, 1, 1)
-            xt = (1 - tj) * x0[ki, bi] + tj * y[bi]  # Eq. (2): x_t = (1 - t) x0 + t y
-            with autocast(device, cfg.precision):
-                v = model(xt, t[ji], None if labels is None else labels[bi])
-            g = y[bi] - x0[ki, bi]  # Eq. (2): geometric velocity
-            z.view(-1, H, W)[sl] = (v.float() - g).square().sum(1)  # Eq. (3): Z_t^(k), summed over channels
-        if m is None:
-            total += z.sum(0)
-        else:  # Eq. (3): keep the m smallest over paths; the m-th is the min (m = 1) or quantile
-            low = z if low is None else torch.cat([low, z])
-            low = low.topk(min(m, len(low)), dim=0, largest=False).values
+    n, max_batch = B * T, forward_batch(cfg, model, y)  # n: inputs per path
+    low, total, open_paths = None, torch.zeros(B, T, H, W, device=device), {}  # k -> (x0, Z of path k)
+    for s in range(0, K * n, max_batch):
+        e = min(K * n, s + max_batch)
+        ks = range(s // n, (e - 1) // n + 1)  # the paths inputs s..e-1 belong to
+        for k in ks:
+            if k not in open_paths:
+                open_paths[k] = (path_noise(cfg.seed, ids, k, (C, H, W), device), torch.empty(B, T, H, W, device=device))
+        sl = torch.arange(s, e, device=device)
+        ki, bi, ji = sl // n - ks[0], sl // T % B, sl % T
+        x0 = torch.stack([open_paths[k][0] for k in ks])[ki, bi]
+        tj = t[ji].view(-1, 1, 1, 1)
+        xt = (1 - tj) * x0 + tj * y[bi]  # Eq. (2): x_t = (1 - t) x0 + t y
+        with autocast(device, cfg.precision):
+            v = model(xt, t[ji], None if labels is None else labels[bi])
+        z = (v.float() - (y[bi] - x0)).square().sum(1)  # Eq. (3): Z_t^(k) against the geometric velocity y - x0
+        for k in ks:
+            lo, hi = max(s, k * n), min(e, (k + 1) * n)  # path k's inputs in this forward
+            open_paths[k][1].view(-1, H, W)[lo - k * n:hi - k * n] = z[lo - s:hi - s]
+            if hi < (k + 1) * n:
+                continue
+            zk = open_paths.pop(k)[1]  # path k is done
+            if m is None:
+                total += zk
+            else:  # Eq. (3): keep the m smallest over paths; the m-th is the min (m = 1) or quantile
+                low = zk[None] if low is None else torch.cat([low, zk[None]])
+                low = low.topk(min(m, len(low)), dim=0, largest=False).values
     return total / K if m is None else low.amax(0)  # (B, T, H, W)
 
 
@@ -855,7 +861,10 @@ def train_loop(run: dict, stop: list, log) -> None:
         y, labels = train_batch(run, step)
         torch.manual_seed(seed_mix(cfg.seed, step, run["rank"]))  # dropout
         gen.manual_seed(seed_mix(cfg.seed, step, run["rank"], 1))  # x0, t
+        t0 = time.perf_counter()
         loss = cfm_step(run["ddp"], run["opt"], y, labels, gen)
+        if run["compiled"] and step == step0 and run["rank"] == 0:
+            log(f"torch.compile: the training step compiled in {time.perf_counter() - t0:.1f} s (its first run)")
         if not math.isfinite(loss):
             raise UserError(f"training diverged: non-finite loss ({loss}) at step {step + 1}; {kept(out)}", status=1)
         run["step"] = step = step + 1
@@ -938,7 +947,7 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
     writer = csv.writer(log_file)
     writer.writerows([["step", "loss", "lr", "images_per_s", "wall_s"]] + [r for r in rows if int(r[0]) <= step])
     return dict(cfg=replace(cfg, steps=total), data=data, held=held, conditional=conditional, model=model, opt=opt,
-                ddp=torch.compile(ddp, dynamic=False) if compile else ddp, mean=mean, std=std, step=step,
+                ddp=torch.compile(ddp, dynamic=False) if compile else ddp, compiled=compile, mean=mean, std=std, step=step,
                 total=total, steps_per_epoch=steps_per_epoch, out=out,
                 rank=rank, world=world, device=device, log=log_file, rows=writer, **bound_record(ckpt, data, held))
 

@@ -77,6 +77,22 @@ def check_compiled_scorer(capsys):
     assert capsys.readouterr().err.count("compiled in") == 1  # the compile time, printed once
 
 
+def test_scorer_forwards_are_full_but_the_last():
+    """4 images x T = 10 times x K = 10 paths at max_batch 32: 400 inputs run as 12 forwards of 32 and
+    one of 16, whatever the paths' boundaries, so the compiled U-Net pads one forward, not one per path;
+    and the heatmap equals the one-path-at-a-time definition."""
+    model, sizes = random_unet().eval(), []
+
+    def counting(x, t, labels=None):
+        sizes.append(len(x))
+        return model(x, t, labels)
+
+    y, labels, cfg = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 1, 0]), fm.ScoreConfig(K=10, T=10, max_batch=32)
+    heat = fm.mismatch_heat(counting, y, labels, cfg)
+    assert sizes == [32] * 12 + [16]
+    assert torch.allclose(heat, fm.mismatch_heat_naive(model, y, labels, cfg), atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_scorer_equals_eager_and_compiles_once(aot_eager, capsys):
     check_compiled_scorer(capsys)
 
@@ -96,6 +112,7 @@ def test_compiled_training_equals_eager(mvtec, tmp_path, aot_eager):
     weights = [fm.load_checkpoint(fm.train(data, cfg, tmp_path / str(c), "cpu", log=logs.append, compile=c))["model"]
                for c in (False, True)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the U-Net did run compiled
+    assert sum("training step compiled in" in line for line in logs) == 1  # its compile time, once
     for k, w in weights[0].items():
         assert torch.allclose(w, weights[1][k], atol=1e-5, rtol=0), k
 
