@@ -1503,12 +1503,9 @@ def folder_category(cat: Path):
         normal = defect.name.lower() in NORMAL
         masks = match_masks(files, mask_index(gt / defect.name)) if gt and not normal else [[]] * len(files)
         for f, ms in zip(files, masks):
-            if normal:
-                test.append((f, 0, []))
-            elif gt and not ms:
+            if gt and not normal and not ms:
                 raise UserError(f"{f}: no mask at {gt / defect.name / (f.stem + '_mask.png')}")
-            else:
-                test.append((f, 1, ms))
+            test.append((f, int(not normal), ms))
     return Category(cat.resolve().name, train_dir, test_dir,  # `--data .` is the folder's own name
                     image_files(train_dir) if train_dir.is_dir() else [], test, has_masks=gt is not None)
 
@@ -1612,8 +1609,7 @@ def load_train(root, size: int, scale=1.0, tile=0) -> Dataset:
             raise UserError(f"--data: {cat.train_dir} is missing (every category needs train/good)")
         if not cat.train:
             raise UserError(f"--data: {cat.train_dir} holds no images")
-        loaded = [a for a, _ in _load(cat.train, size, scale=scale, tile=tile)]
-        images += loaded
+        images += [a for a, _ in _load(cat.train, size, scale=scale, tile=tile)]
         labels += [c] * len(cat.train)
         paths += [str(f) for f in cat.train]
         names.append(cat.name)
