@@ -272,6 +272,8 @@ def test_category_given_to_an_unconditional_model_is_reported(single, mvtec, tmp
     assert rc == 2 and len(err) == 1 and "--category" in err[0] and "weave" in err[0], err
     rc, err = cli(["score", "--ckpt", single, imgs, "--out", tmp_path / "b", "--category", "weave", "-K", 1, "-T", 1],
                   capsys)
+    assert any("images 4/4" in line for line in err), err
+    assert all(line.startswith("flow_mismatch.py: ") for line in err), err  # progress too: one channel, one prefix
     err = said(err)
     assert rc == 0 and len(err) == 1 and "no effect" in err[0] and "unconditional" in err[0], err
 
@@ -288,3 +290,4 @@ def test_gpu_preset_on_a_cpu_estimates_the_time_and_names_the_cpu_preset(mvtec, 
     estimate = [ln for ln in logs["paper"] if "on a CPU: about" in ln]
     assert len(estimate) == 1 and "remaining 2 steps" in estimate[0] and "--preset tiny" in estimate[0], logs
     assert not any("on a CPU" in ln for ln in logs["tiny"])
+    assert any(ln.startswith("step 4/4") for ln in logs["tiny"]), logs  # the step lines go to log= too
