@@ -2450,9 +2450,11 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     """Layout: auto (training: channels_last; scoring: inference_model's choice), channels_last or nchw.
 
     Scoring times, in one run and interleaved repeat by repeat (so a load that comes and goes
-    hits every variant alike): the U-Net before the contiguous attention ("before"), as it is
-    ("eager") and, with `compile`, Compiled ("compiled"); each as one forward at the forward batch,
-    as images/s of the scorer on `images` images, and as latency (one image, K x T forwards)."""
+    hits every variant alike; each figure is the fastest repeat, as other load only adds time):
+    the U-Net before the contiguous attention ("before"), as it is ("eager"), the same in the
+    other precision (bf16 on a CPU, fp32 on a GPU) and, with `compile`, Compiled in both; each as
+    one forward at the forward batch, as images/s of the scorer on `images` images, and as latency
+    (one image, K x T forwards)."""
     device = pick_device(device)
     torch.manual_seed(0)
     model = build_model(preset, 0).to(device)
@@ -2474,7 +2476,7 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     def timed(fn):
         fn()  # warm-up
         times = [seconds(fn)[1] for _ in range(repeats)]
-        return fn(), float(np.median(times))
+        return fn(), float(np.min(times))
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -2491,49 +2493,51 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     conv = next(p for p in model.parameters() if p.dim() == 4)  # the layout inference_model chose
     layout = "nchw" if conv.is_contiguous() else "channels_last"
     fb = forward_batch(cfg, model, y)
-    variants = {"before": with_strided_attention(fast), "eager": fast}
-    if compile:
-        variants["compiled"] = Compiled(fast)
+    main = "bf16" if device.type == "cuda" else "fp32"  # what precision "auto" runs here
+    other = "fp32" if main == "bf16" else "bf16"
+    variants = {"before": (with_strided_attention(fast), main), "eager": (fast, main), f"eager_{other}": (fast, other)}
+    if compile:  # one Compiled per precision: each fixes its own graph
+        variants.update({"compiled": (Compiled(fast), main), f"compiled_{other}": (Compiled(fast), other)})
     x, t = torch.randn(fb, 3, image_size, image_size, device=device), torch.rand(fb, device=device)
-    tasks = {"forward": lambda m: m(x, t), "scorer": lambda m: mismatch_heat(m, y, cfg=cfg),
-             "latency": lambda m: mismatch_heat(m, y[:1], cfg=cfg)}
+
+    def forward(m, precision):
+        with autocast(device, precision):
+            return m(x, t)
+
+    tasks = {"forward": forward, "scorer": lambda m, p: mismatch_heat(m, y, cfg=replace(cfg, precision=p)),
+             "latency": lambda m, p: mismatch_heat(m, y[:1], cfg=replace(cfg, precision=p))}
     times, heats = {}, {}
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad():
         for v, m in variants.items():  # warm-up (compiles)
-            heats[v] = tasks["scorer"](m)
-            tasks["forward"](m)
+            heats[v] = tasks["scorer"](*m)
+            tasks["forward"](*m)
         for _ in range(repeats):
             for v, m in variants.items():
                 for task, fn in tasks.items():
-                    times.setdefault((v, task), []).append(seconds(lambda: fn(m))[1])
-    med = {key: float(np.median(ts)) for key, ts in times.items()}
-    heat, sec = heats["eager"], med["eager", "scorer"]
+                    times.setdefault((v, task), []).append(seconds(lambda: fn(*m))[1])
+    best = {key: float(np.min(ts)) for key, ts in times.items()}
+    heat, sec = heats["eager"], best["eager", "scorer"]
     out = dict(mode="score", device=name, preset=preset, layout=layout, K=K, T=T, images=images,
-               image_size=image_size, max_batch=fb, batched_fps=images / sec, forwards_per_s=images * K * T / sec,
-               achieved_tflops=flops * images * K * T / sec / 1e12, peak_mem_bytes=peak_memory(device))
+               image_size=image_size, max_batch=fb, precision=main, other_precision=other, batched_fps=images / sec,
+               forwards_per_s=images * K * T / sec, achieved_tflops=flops * images * K * T / sec / 1e12,
+               peak_mem_bytes=peak_memory(device))
     for v in variants:
-        out.update({f"{v}_forward_ms": 1e3 * med[v, "forward"], f"{v}_fps": images / med[v, "scorer"],
-                    f"{v}_latency_ms": 1e3 * med[v, "latency"]})
-    for v in list(variants)[1:]:
-        out.update({f"{v}_forward_vs_before": med["before", "forward"] / med[v, "forward"],
-                    f"{v}_scorer_vs_before": med["before", "scorer"] / med[v, "scorer"],
-                    f"{v}_max_abs_diff_vs_before": float((heats[v] - heats["before"]).abs().max())})
+        out.update({f"{v}_forward_ms": 1e3 * best[v, "forward"], f"{v}_fps": images / best[v, "scorer"],
+                    f"{v}_latency_ms": 1e3 * best[v, "latency"]})
+        if v != "before":
+            out.update({f"{v}_{task}_vs_before": best["before", task] / best[v, task] for task in tasks})
     if compile:
-        gain = med["eager", "latency"] - med["compiled", "latency"]  # seconds saved per image
-        c = variants["compiled"].compile_s
-        out.update(compiled_vs_eager=med["eager", "scorer"] / med["compiled", "scorer"], compile_s=c,
-                   compile_pays_after_images=c / gain if gain > 0 else None)
+        for v, e in (("compiled", "eager"), (f"compiled_{other}", f"eager_{other}")):  # against eager, same precision
+            gain = best[e, "latency"] - best[v, "latency"]  # seconds saved per image
+            c = variants[v][0].compile_s
+            out.update({f"{v}_compile_s": c, f"{v}_pays_after_images": c / gain if gain > 0 else None,
+                        f"{v}_max_abs_diff_vs_eager": float((heats[v] - heats[e]).abs().max())})
     if peak:
         out["fraction_of_bf16_peak"] = out["achieved_tflops"] / peak
-    # The same batched scorer in the other precision: its speed, and how far bf16 moves the numbers.
-    bf16 = device.type == "cuda"
-    other = replace(cfg, precision="fp32" if bf16 else "bf16")
-    heat_other, seconds_other = timed(lambda: mismatch_heat(fast, y, cfg=other))
-    h32, h16 = (heat_other, heat) if bf16 else (heat, heat_other)
+    # How far bf16 moves the numbers: the eager scorer in both precisions, on the same images.
+    h32, h16 = (heats["eager"], heats["eager_bf16"]) if main == "fp32" else (heats["eager_fp32"], heats["eager"])
     s32, s16 = image_score(h32), image_score(h16)
-    out.update(precision="bf16" if bf16 else "fp32", other_precision=other.precision,
-               other_precision_fps=images / seconds_other,
-               bf16_heat_max_rel_diff=float((h16 - h32).abs().max() / h32.abs().max()),
+    out.update(bf16_heat_max_rel_diff=float((h16 - h32).abs().max() / h32.abs().max()),
                bf16_score_max_rel_diff=float(((s16 - s32).abs() / s32.abs()).max()),
                bf16_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
     if naive:
@@ -2580,9 +2584,9 @@ def bench_train(model: UNet, y, device, layout, compile, repeats, seconds, out: 
             for v, net in nets.items():
                 times.setdefault(v, []).append(seconds(lambda: steps(net, yb))[1])
         if compile and b == len(y):  # the warm-up's excess over a timed repeat
-            out["compile_s"] = warm["compiled"] - float(np.median(times["compiled"]))
+            out["compile_s"] = warm["compiled"] - float(np.min(times["compiled"]))
         for v in nets:
-            fps = n_steps * b / float(np.median(times[v]))
+            fps = n_steps * b / float(np.min(times[v]))
             out[f"{v}_train_fps_batch{b}"] = fps
             if b == len(y):
                 out.update({f"{v}_train_fps": fps, f"{v}_achieved_tflops": 3 * out["flops"] * fps / 1e12})
