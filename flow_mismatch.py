@@ -33,9 +33,9 @@ The machinery:
                         layouts), tables, report.html; ablation sweeps (Tables 6-9)
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
-    From Python         fm.load(ckpt).predict(images); train, evaluate, calibrate, score as functions
     Speed               bench: U-Net before/eager/compiled, latency and throughput, training, the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
+    From Python         fm.load(ckpt).predict(images); train, evaluate, calibrate, score as functions
     CLI                 train, test, score, calibrate, explain, demo, compare, bench
 """
 
@@ -83,6 +83,14 @@ class UserError(Exception):
     def __init__(self, message, status=2):
         super().__init__(message)
         self.status = status
+
+
+def note(message: str, every_rank=False) -> None:
+    """The one channel of all a command says besides its result (warnings, progress, what a run does,
+    errors): a line on stderr after the program's name, from rank 0 only (every_rank: an error that
+    may strike one rank alone)."""
+    if every_rank or int(os.environ.get("RANK", 0)) == 0:
+        print(f"flow_mismatch.py: {message}", file=sys.stderr, flush=True)
 
 
 def knob(default, help, choices=None, ge=None, gt=None, le=None, lt=None, check=None, flag=None):
@@ -593,7 +601,7 @@ def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
 # ----------------------------------------------------------------------------
 # End of the method: everything above uses only torch, the standard library and names defined
 # above. The machinery follows: training loop, checkpoints, devices and DDP, baselines, metrics,
-# data, evaluation, calibration, explain, the Python API, speed, the paper's numbers, CLI.
+# data, evaluation, calibration, explain, speed, the paper's numbers, the Python API, CLI.
 # ----------------------------------------------------------------------------
 # Tiles (train --tile N): an image larger than the model's input is covered by overlapping N x N
 # tiles, the last of each row and column aligned to the border; every tile is scored as an image of
@@ -780,7 +788,7 @@ def train_config_of(ckpt: dict) -> TrainConfig:
     return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()})
 
 
-def resumed_config(ckpt: dict, cfg: TrainConfig, log=print, given=None) -> TrainConfig:
+def resumed_config(ckpt: dict, cfg: TrainConfig, log=note, given=None) -> TrainConfig:
     """The run's own TrainConfig with cfg's RESUMABLE fields, each change logged; any other field of
     cfg that was given (given: the flags' names; None: each field not at TrainConfig's default) and
     differs from the run's is refused, naming its flag."""
@@ -801,7 +809,7 @@ def resumed_config(ckpt: dict, cfg: TrainConfig, log=print, given=None) -> Train
     return new
 
 
-def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resume=False, log=print,
+def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resume=False, log=note,
           compile=False) -> Path:
     """Train v_theta on `data` (a folder of categories or a Dataset of normal images) and write
     out/ckpt.pt (out: runs/<name of the data folder>); resume continues out's checkpoint.
@@ -846,7 +854,7 @@ def train_loop(run: dict, stop: list, log) -> None:
     """Steps run["step"] + 1 .. total: batch, seeds, cfm_step; then log, checkpoint, stop on a signal."""
     cfg, out, total, device, world = run["cfg"], run["out"], run["total"], run["device"], run["world"]
     gen, step0, t_start = torch.Generator(device=device), run["step"], time.time()
-    progress = Progress(total, "step", run["step"], per=cfg.batch_size * world) if run["rank"] == 0 else None
+    progress = Progress(total, "step", run["step"], per=cfg.batch_size * world, log=log) if run["rank"] == 0 else None
     run["model"].train()
     while run["step"] < total:
         step = run["step"]
@@ -894,9 +902,9 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
     rank, world, local_rank = distributed()
     if resume and not (out / "ckpt.pt").is_file():
         raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
-    ckpt = load_checkpoint(out / "ckpt.pt") if resume else None
+    ckpt, said = load_checkpoint(out / "ckpt.pt") if resume else None, []
     if ckpt is not None:
-        cfg = resumed_config(ckpt, cfg, log if rank == 0 else (lambda *_: None))
+        cfg = resumed_config(ckpt, cfg, said.append)  # said below, once the data is checked too
     elif (out / "ckpt.pt").exists():
         raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
                         f"another folder")
@@ -917,17 +925,16 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
     mean, std = data.normalisation() if ckpt is None else (torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
     model.to(device, memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
-    for s in opt.state.values():
-        for k, v in s.items():
-            if torch.is_tensor(v):
-                s[k] = v.to(device)
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])  # its moments go to the parameters' device
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if world > 1 else model
     steps_per_epoch = max(1, len(data) // (cfg.batch_size * world))
     total, step = cfg.steps or cfg.epochs * steps_per_epoch, 0 if ckpt is None else ckpt["step"]
     if rank == 0:
+        for line in said:
+            log(line)
         nparams = sum(p.numel() for p in model.parameters())
         log(f"preset {cfg.preset}: {nparams:,} parameters ({nparams / 1e6:.1f} M); "
             f"{'class-conditional on ' + str(len(data.class_names)) + ' categories' if conditional else 'unconditional'}; "
@@ -1023,8 +1030,7 @@ def calibrate_held_out(run: dict) -> None:
         run["calibration"][name] = calibrate_on(
             run["model"], Dataset(images, torch.full((len(images),), c), data.class_names, record["paths"]),
             replace(ScoreConfig(), **record.get("rule", {})), run["mean"], run["std"], run["device"],
-            c if run["conditional"] else None, run["step"],
-            run["cfg"].tile, run["cfg"].tile_grid)
+            c if run["conditional"] else None, run["step"], run["cfg"].tile, run["cfg"].tile_grid)
     save_run(run, run["out"] / "ckpt.pt")
 
 
@@ -1066,6 +1072,20 @@ def atomic_write(path, mode="w", **kw):
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
+
+
+def write_text(path, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def save_image(path: Path, im) -> None:
+    """A PIL image or an array (uint8; float32 for TIFF) to `path`, atomically, as its suffix names (PNG, TIFF)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        (im if isinstance(im, Image.Image) else Image.fromarray(im)).save(f, format=path.suffix[1:].upper())
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -1173,34 +1193,39 @@ def inference_model(model: UNet, device, compile=False, channels_last=None):
 # and keep the order statistic of `aggregator` over the K per-path maps (min by default).
 
 
-def aggregate_paths(h: torch.Tensor, aggregator: str) -> torch.Tensor:
-    """(K, B, H, W) -> (B, H, W): mean, min or the ceil(alpha K)-th smallest over paths."""
-    m = aggregator_rank(aggregator, len(h))
+def aggregate_paths(h: torch.Tensor, aggregator: str, K: int) -> torch.Tensor:
+    """Path-major maps (K*B, H, W) -> (B, H, W): mean, min or the ceil(alpha K)-th smallest over paths."""
+    h = h.view(K, -1, *h.shape[1:])
+    m = aggregator_rank(aggregator, K)
     return h.mean(0) if m is None else h.sort(0).values[m - 1]
 
 
 def noisy_copies(y, cfg: ScoreConfig, ids):
     """(K*B, C, H, W) path-major copies y_t0 = (1 - t0) x0 + t0 y (Eq. 28), and t0 per row."""
     B, C, H, W = y.shape
+    ids = list(range(B)) if ids is None else ids
     x0 = torch.cat([path_noise(cfg.seed, ids, k, (C, H, W), y.device) for k in range(cfg.K)])
     return (1 - cfg.t0) * x0 + cfg.t0 * y.repeat(cfg.K, 1, 1, 1), torch.full((cfg.K * B,), cfg.t0, device=y.device)
+
+
+def velocity(model, x, t, labels, cfg: ScoreConfig, y) -> torch.Tensor:
+    """v(x, t) in fp32 for the path-major rows x of images y (labels: one per image), in forward batches."""
+    labels = None if labels is None else labels.repeat(cfg.K)
+    with autocast(x.device, cfg.precision):
+        return torch.cat([model(x[sl], t[sl], None if labels is None else labels[sl]).float()
+                          for sl in chunks(len(x), forward_batch(cfg, model, y))])
 
 
 @torch.no_grad()
 def recon_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
     """ReconFlow (App. C.2): Euler-integrate the learned ODE from y_t0 to t = 1 for y_hat and map
     the reconstruction error, (B, C, H, W) -> (B, H, W)."""
-    B = y.shape[0]
-    ids = list(range(B)) if ids is None else ids
     x, t = noisy_copies(y, cfg, ids)
-    labels = None if labels is None else labels.repeat(cfg.K)
     dt = (1 - cfg.t0) / cfg.ode_steps
     for _ in range(cfg.ode_steps):
-        v = torch.cat([velocity(model, x[sl], t[sl], labels, sl, cfg.precision)
-                       for sl in chunks(len(x), forward_batch(cfg, model, y))])
-        x, t = x + dt * v, t + dt
+        x, t = x + dt * velocity(model, x, t, labels, cfg, y), t + dt
     h = (y.repeat(cfg.K, 1, 1, 1) - x).square().sum(1).sqrt()  # Eq. (29): ||y - y_hat||_2 over channels
-    return aggregate_paths(h.view(cfg.K, B, *h.shape[1:]), cfg.aggregator)
+    return aggregate_paths(h, cfg.aggregator, cfg.K)
 
 
 @torch.no_grad()
@@ -1209,26 +1234,15 @@ def onestep_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=No
     y_hat = x_t + (1 - t) v (on a straight path y = x_t + (1 - t)(y - x0), with v in place of
     y - x0); the map is ||y - y_hat||_2 plus the same norm of the difference of Sobel gradients,
     (B, C, H, W) -> (B, H, W)."""
-    B = y.shape[0]
-    ids = list(range(B)) if ids is None else ids
     xt, t = noisy_copies(y, cfg, ids)
-    labels = None if labels is None else labels.repeat(cfg.K)
-    v = torch.cat([velocity(model, xt[sl], t[sl], labels, sl, cfg.precision)
-                   for sl in chunks(len(xt), forward_batch(cfg, model, y))])
-    d = y.repeat(cfg.K, 1, 1, 1) - (xt + (1 - cfg.t0) * v)  # y - y_hat, (K*B, C, H, W)
+    d = y.repeat(cfg.K, 1, 1, 1) - (xt + (1 - cfg.t0) * velocity(model, xt, t, labels, cfg, y))  # y - y_hat
     h = d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt()
-    return aggregate_paths(h.view(cfg.K, B, *h.shape[1:]), cfg.aggregator)
+    return aggregate_paths(h, cfg.aggregator, cfg.K)
 
 
 def chunks(n: int, size: int):
     """Slices of at most `size` rows covering range(n)."""
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
-
-
-def velocity(model, x, t, labels, sl, precision):
-    """v(x, t), returned in fp32, for the rows `sl` of a path-major batch."""
-    with autocast(x.device, precision):
-        return model(x, t, None if labels is None else labels[sl]).float()
 
 
 def sobel(x: torch.Tensor) -> torch.Tensor:
@@ -1489,12 +1503,9 @@ def folder_category(cat: Path):
         normal = defect.name.lower() in NORMAL
         masks = match_masks(files, mask_index(gt / defect.name)) if gt and not normal else [[]] * len(files)
         for f, ms in zip(files, masks):
-            if normal:
-                test.append((f, 0, []))
-            elif gt and not ms:
+            if gt and not normal and not ms:
                 raise UserError(f"{f}: no mask at {gt / defect.name / (f.stem + '_mask.png')}")
-            else:
-                test.append((f, 1, ms))
+            test.append((f, int(not normal), ms))
     return Category(cat.resolve().name, train_dir, test_dir,  # `--data .` is the folder's own name
                     image_files(train_dir) if train_dir.is_dir() else [], test, has_masks=gt is not None)
 
@@ -1552,17 +1563,23 @@ def find_categories(root: Path) -> list:
     return [cats[name] for name in sorted(cats)]
 
 
-def _load(files, size, mode="RGB", skip=False, scale=1.0):
-    """read_image of every file, in threads; with skip, an unreadable file is None and one warning line."""
+def _load(files, size, mode="RGB", skip=False, scale=1.0, tile=0):
+    """read_image of every file, in threads, each at least tile x tile; with skip, an unreadable file
+    is None and one warning line."""
     from concurrent.futures import ThreadPoolExecutor
 
     def read(f):
         try:
-            return read_image(f, size, mode, scale)
+            a, original = read_image(f, size, mode, scale)
         except UserError as e:
             if not skip:
                 raise
             return e
+        if min(a.shape[:2]) < tile:
+            at = f" at --tile-scale {scale}" if scale != 1 else ""
+            raise UserError(f"{f if isinstance(f, (str, os.PathLike)) else 'image'}: {a.shape[1]}x{a.shape[0]}{at} "
+                            f"is smaller than the tile ({tile}x{tile}); use a smaller --tile or a larger --tile-scale")
+        return a, original
 
     pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
     try:
@@ -1573,20 +1590,6 @@ def _load(files, size, mode="RGB", skip=False, scale=1.0):
         if isinstance(r, UserError):
             note(f"warning: {r}; skipped")
     return [None if isinstance(r, UserError) else r for r in got]
-
-
-def note(message: str) -> None:
-    """A one-line warning on stderr (rank 0 only)."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"flow_mismatch.py: {message}", file=sys.stderr, flush=True)
-
-
-def check_tiles_fit(files, arrays, tile: int, scale: float) -> None:
-    for f, a in zip(files, arrays):
-        if min(a.shape[:2]) < tile:
-            at = f" at --tile-scale {scale}" if scale != 1 else ""
-            raise UserError(f"{f}: {a.shape[1]}x{a.shape[0]}{at} is smaller than the tile ({tile}x{tile}); "
-                            f"use a smaller --tile or a larger --tile-scale")
 
 
 def image_geometry(train_config: dict) -> tuple:
@@ -1606,9 +1609,7 @@ def load_train(root, size: int, scale=1.0, tile=0) -> Dataset:
             raise UserError(f"--data: {cat.train_dir} is missing (every category needs train/good)")
         if not cat.train:
             raise UserError(f"--data: {cat.train_dir} holds no images")
-        loaded = [a for a, _ in _load(cat.train, size, scale=scale)]
-        check_tiles_fit(cat.train, loaded, tile, scale)
-        images += loaded
+        images += [a for a, _ in _load(cat.train, size, scale=scale, tile=tile)]
         labels += [c] * len(cat.train)
         paths += [str(f) for f in cat.train]
         names.append(cat.name)
@@ -1670,8 +1671,7 @@ def load_test(root, size: int, scale=1.0, tile=0) -> dict:
         if not cat.test:
             raise UserError(f"--data: {cat.test_dir} holds no images")
         files, anomalous, mask_files = (list(v) for v in zip(*cat.test))
-        loaded = _load(files, size, scale=scale)
-        check_tiles_fit(files, [a for a, _ in loaded], tile, scale)
+        loaded = _load(files, size, scale=scale, tile=tile)
         sizes = [s for _, s in loaded]
         other = next((f for f, (a, _) in zip(files, loaded) if a.shape != loaded[0][0].shape), None)
         if other is not None:
@@ -1744,12 +1744,13 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
 # Evaluation: score every test image of every category, write what the metrics used.
 
 class Progress:
-    """`{unit} done/total, images/s, eta` on stderr every few seconds and at the end: images while
+    """`{unit} done/total, images/s, eta` to `log` every few seconds and at the end: images while
     scoring, steps (of `per` images each) while training, from `done` on."""
 
-    def __init__(self, total: int, unit="images", done=0, per=1, every=5.0):
+    def __init__(self, total: int, unit="images", done=0, per=1, every=5.0, log=note):
         self.total, self.unit, self.done, self.start, self.per, self.every = total, unit, done, done, per, every
         self.t0 = self.t_log = time.time()
+        self.log = log  # where the lines go
 
     def __call__(self, n: int, extra="") -> None:
         self.done = min(self.total, self.done + n)
@@ -1758,8 +1759,7 @@ class Progress:
             self.t_log = now
             rate = (self.done - self.start) / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"{self.unit} {self.done}/{self.total}  {extra}{rate * self.per:.2f} img/s  eta {eta / 60:.1f} min",
-                  file=sys.stderr, flush=True)
+            self.log(f"{self.unit} {self.done}/{self.total}  {extra}{rate * self.per:.2f} img/s  eta {eta / 60:.1f} min")
 
 
 def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, progress=None,
@@ -1817,7 +1817,8 @@ def overlay_name(path) -> str:
 def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> None:
     """image | ground-truth mask | heatmap over the image, one PNG per test image named by
     overlay_name, enlarged (nearest pixel) to at least 256 pixels high for the eye; the metrics
-    never see it. span: the colour range (lo, hi), by default the heatmaps' own, shared by the category."""
+    never see it. span: the colour range (lo, hi), by default the heatmaps' own, shared by the category;
+    returns it."""
     from matplotlib import colormaps
     from PIL import Image
 
@@ -1830,10 +1831,8 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> 
         blend = (0.5 * img + 0.5 * colour).astype(np.uint8)
         strip = Image.fromarray(np.concatenate([img, mask, blend], axis=1))
         scale = -(-256 // strip.height)
-        name = folder / overlay_name(path)
-        name.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(name, "wb") as f:
-            strip.resize((scale * strip.width, scale * strip.height), Image.NEAREST).save(f, format="PNG")
+        save_image(folder / overlay_name(path), strip.resize((scale * strip.width, scale * strip.height), Image.NEAREST))
+    return lo, hi
 
 
 def percent(v) -> str:
@@ -1897,8 +1896,7 @@ def staged(out: Path, stale=()):
     try:
         yield tmp
         names = sorted(os.listdir(tmp))
-        with atomic_write(out / "INCOMPLETE") as f:
-            f.write(f"an interrupted run was replacing {', '.join(names)} here; some may be missing\n")
+        write_text(out / "INCOMPLETE", f"an interrupted run was replacing {', '.join(names)} here; some may be missing\n")
         trash = tmp / ".old"
         trash.mkdir()
         for name in [*names, *stale]:
@@ -1910,9 +1908,8 @@ def staged(out: Path, stale=()):
                 os.replace(tmp / name, out / name)
                 moved.append(name)
         except BaseException:
-            with atomic_write(out / "INCOMPLETE") as f:
-                f.write(f"missing: {', '.join(n for n in names if n not in moved)} (an interrupted run); "
-                        f"run it again\n")
+            write_text(out / "INCOMPLETE", f"missing: {', '.join(n for n in names if n not in moved)} "
+                                           f"(an interrupted run); run it again\n")
             raise
         (out / "INCOMPLETE").unlink()
     finally:
@@ -1944,21 +1941,17 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
     for name, (heat, scores) in scored.items():
         data, r = tests[name], results.get(name, {})
         fig = Figure(figsize=(12, 3.6), layout="constrained")
-        axes = fig.subplots(1, 3)
-        curves = [("image ROC", "image_auroc", data.anomalous, scores),
-                  ("pixel ROC", "pixel_auroc", data.masks.ravel(), heat.ravel())]
-        for ax, (title, key, truth, pred) in zip(axes, curves):
-            if 0 < truth.sum() < truth.size:
-                fpr, tpr, _ = roc_curve(truth.astype(bool), pred)
-                ax.plot(fpr, tpr)
-            ax.set(title=f"{title}, AUROC {percent(r.get(key))}", xlabel="false positive rate",
-                   ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
-        curve = pro_curve(data.masks, heat)
-        if curve is not None:
-            axes[2].plot(*curve)
-        axes[2].axvline(0.3, color="grey", ls=":")
-        axes[2].set(title=f"PRO, AUPRO (FPR <= 0.3) {percent(r.get('pixel_aupro'))}", xlabel="false positive rate",
-                    ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.02))
+        roc = [roc_curve(truth.astype(bool), pred)[:2] if 0 < truth.sum() < truth.size else None
+               for truth, pred in ((data.anomalous, scores), (data.masks.ravel(), heat.ravel()))]
+        panels = [(f"image ROC, AUROC {percent(r.get('image_auroc'))}", roc[0], "true positive rate"),
+                  (f"pixel ROC, AUROC {percent(r.get('pixel_auroc'))}", roc[1], "true positive rate"),
+                  (f"PRO, AUPRO (FPR <= 0.3) {percent(r.get('pixel_aupro'))}", pro_curve(data.masks, heat),
+                   "per-region overlap")]
+        for ax, (title, curve, ylabel) in zip(fig.subplots(1, 3), panels):
+            if curve is not None:
+                ax.plot(*curve)
+            ax.set(title=title, xlabel="false positive rate", ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02))
+        fig.axes[2].axvline(0.3, color="grey", ls=":")  # the AUPRO's FPR limit
         with atomic_write(out / "report" / f"{name}.png", "wb") as f:
             fig.savefig(f, format="png", dpi=80)
         page.append(f"<h2 id='{quote(name)}'>{escape(name)}</h2><img src='report/{quote(name)}.png' alt='curves of {escape(name)}'>")
@@ -1976,23 +1969,22 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
                             f"<figcaption>S = {scores[i]:.4g} &middot; {escape(rel)}</figcaption></figure>")
             page.append("</div>")
     page.append("</body></html>")
-    with atomic_write(out / "report.html") as f:
-        f.write("\n".join(page) + "\n")
+    write_text(out / "report.html", "\n".join(page) + "\n")
 
 
-def score_tests(model, ckpt, tests: dict, cfg: ScoreConfig, device) -> dict:
-    """{category: (heat (N, S, S) float32, scores (N,))} on rank 0, {} on other ranks."""
+def score_tests(detector, tests: dict, cfg: ScoreConfig) -> dict:
+    """{category: (heat (N, S, S) float32, scores (N,))} by the Detector, on rank 0; {} on other ranks."""
+    ckpt = detector.ckpt
     for name in tests:
         if name not in ckpt["class_names"]:
             raise UserError(f"--data: category {name!r} is not among the checkpoint's classes {ckpt['class_names']}")
-    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     progress = Progress(sum(len(d) for d in tests.values())) if rank == 0 else None
     out = {}
     for name, data in tests.items():
         label = ckpt["class_names"].index(name) if ckpt["conditional"] else None
-        heat, scores = score_dataset(model, data, cfg, mean, std, device, label, progress,
-                                     tile=ckpt["train_config"]["tile"], grid=ckpt["train_config"]["tile_grid"])
+        heat, scores = score_dataset(detector.model, data, cfg, detector.mean, detector.std, detector.device, label,
+                                     progress, tile=detector.geometry[2], grid=detector.grid)
         if rank == 0:
             out[name] = heat.numpy().astype(np.float32), scores.numpy()
     return out
@@ -2033,8 +2025,6 @@ def write_maps(out: Path, names, heat, sizes, threshold=None) -> None:
     with a threshold also the binary mask map > threshold as a 0/255 PNG at out / names[i][1] (if not
     None). Each top folder (a category's, or anomaly_images/<category>) is staged and replaces its
     namesake whole, and no two images may share a name."""
-    from PIL import Image
-
     tops, seen = {}, set()
     for i, (tiff, png) in enumerate(names):
         if tiff in seen:
@@ -2048,28 +2038,24 @@ def write_maps(out: Path, names, heat, sizes, threshold=None) -> None:
         with staged(out / top.parent) as new:
             for i, rel in items:
                 m = upsample(heat[i], sizes[i])
-                name = new / top.name / rel.relative_to(top)
-                name.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_write(name, "wb") as f:
-                    if rel.suffix == ".tiff":
-                        Image.fromarray(m).save(f, format="TIFF")
-                    else:
-                        Image.fromarray((m > threshold).astype(np.uint8) * 255).save(f, format="PNG")
+                save_image(new / top.name / rel.relative_to(top),
+                           m if rel.suffix == ".tiff" else (m > threshold).astype(np.uint8) * 255)
 
 
-def metrics_of(tests: dict, scored: dict, eval_size=None) -> dict:
+def metrics_of(tests: dict, scored: dict, eval_size=None, cals=None, alarm_rate=None) -> dict:
     """The seven metrics per category (pixel metrics at the training resolution, or at eval_size: N
-    or "original") and their mean over the categories that have each (None if none has it), with
-    the number of those categories per metric (mean.categories)."""
+    or "original") and, with alarm_rate, the operating point of its calibration cals[category]; their
+    mean over the categories that have each (None if none has it), with the number of those
+    categories per metric (mean.categories)."""
     results = {}
     for name, (heat, scores) in scored.items():
-        data, masks = tests[name], tests[name].masks
-        if data.mask_files is None:
-            masks = None
-        elif eval_size is not None:
+        data = tests[name]
+        masks = None if data.mask_files is None else data.masks
+        point = operating_point(cals[name], alarm_rate, scores, data.anomalous, heat, masks) if alarm_rate else {}
+        if masks is not None and eval_size is not None:
             masks, heat = at_eval_size(data, heat, eval_size)
-        results[name] = compute_metrics(data.anomalous, scores, masks, heat)
-    values = {k: [r[k] for r in results.values() if r[k] is not None] for k in METRICS}
+        results[name] = {**compute_metrics(data.anomalous, scores, masks, heat), **point}
+    values = {k: [r[k] for r in results.values() if r[k] is not None] for k in METRICS + OPERATING * bool(alarm_rate)}
     results["mean"] = {k: float(np.mean(v)) if v else None for k, v in values.items()}
     results["mean"]["categories"] = {k: len(v) for k, v in values.items()}  # how many each mean is over
     return results
@@ -2090,50 +2076,39 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
         rank, world, local_rank = distributed()
         device = pick_device(device, local_rank)
         detector = load(ckpt_path, device, compile)
-        ckpt, model = detector.ckpt, detector.model
-        tests = load_test(data_root, *image_geometry(ckpt["train_config"]))
+        ckpt = detector.ckpt
+        tests = load_test(data_root, *detector.geometry)
         cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests} if alarm_rate else {}
         t0 = time.time()
-        scored = score_tests(model, ckpt, tests, cfg, device)
+        scored = score_tests(detector, tests, cfg)
         seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
         if rank != 0:
             return {}
-        results = metrics_of(tests, scored, eval_size)
-        table = format_table(results)
+        results = metrics_of(tests, scored, eval_size, cals, alarm_rate)
+        text = format_table(results)
         if alarm_rate:
-            for name, (heat, scores) in scored.items():
-                data = tests[name]
-                results[name].update(operating_point(cals[name], alarm_rate, scores, data.anomalous, heat,
-                                                      None if data.mask_files is None else data.masks))
-            for k in OPERATING:
-                values = [results[name][k] for name in scored if results[name][k] is not None]
-                results["mean"][k] = float(np.mean(values)) if values else None
-                results["mean"]["categories"][k] = len(values)
-            table += "\n\n" + format_operating_point(results, alarm_rate)
-        out.mkdir(parents=True, exist_ok=True)
+            text += f"\n\nAt --alarm-rate {alarm_rate} (calibrated thresholds), in percent:\n\n" + table(
+                ["category", *OPERATING], [[name, *(percent(m[k]) for k in OPERATING)] for name, m in results.items()])
         with staged(out) as new:
             for name, (heat, scores) in scored.items():
                 data, folder = tests[name], new / name
                 folder.mkdir()
                 with atomic_write(folder / "scores.csv", newline="") as f:
-                    w = csv.writer(f)
-                    w.writerow(["path", "label", "score"])
-                    w.writerows(zip(data.paths, data.anomalous.tolist(), scores.tolist()))
+                    csv.writer(f).writerows([("path", "label", "score"),
+                                             *zip(data.paths, data.anomalous.tolist(), scores.tolist())])
                 with atomic_write(folder / "heatmaps.npz", "wb") as f:
                     np.savez_compressed(f, paths=np.array(data.paths), labels=data.anomalous.astype(np.uint8),
                                         scores=scores.astype(np.float32), heat=heat, masks=data.masks)
                 if overlays:
                     write_overlays(folder / "overlays", data, heat)
-            with atomic_write(new / "metrics.json") as f:
-                f.write(json.dumps(results, indent=2, allow_nan=False))
-            with atomic_write(new / "table.md") as f:
-                f.write(table + "\n")
+            write_text(new / "metrics.json", json.dumps(results, indent=2, allow_nan=False))
+            write_text(new / "table.md", text + "\n")
             write_report(new, out.name, tests, scored, results, cfg, overlays)
         if save_maps is not None:
             for name, (heat, _) in scored.items():
                 write_maps(Path(save_maps), [map_names(name, p) for p in tests[name].paths], heat, tests[name].sizes,
                            conformal_threshold(cals[name]["maxima"], alarm_rate) if alarm_rate else None)
-        log(table)
+        log(text)
         rule = (f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}" if cfg.score == "mismatch" else
                 f"{cfg.score}: K={cfg.K} t0={cfg.t0}{f' steps={cfg.ode_steps}' * (cfg.score == 'recon')} "
                 f"aggregator={cfg.aggregator}")
@@ -2158,32 +2133,29 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
         rows, tests = [], {}
         for path in ckpt_paths:
             detector = load(path, device, compile)
-            ckpt, model = detector.ckpt, detector.model
-            size = image_geometry(ckpt["train_config"])
+            size = detector.geometry
             if size not in tests:
                 tests[size] = load_test(data_root, *size)
             n_images = sum(len(d) for d in tests[size].values())
             for cfg in settings:
                 t0 = time.time()
-                scored = score_tests(model, ckpt, tests[size], cfg, device)
+                scored = score_tests(detector, tests[size], cfg)
                 fps = n_images / (time.time() - t0)
                 if rank == 0:
                     setting = {"ckpt": str(path)} if len(ckpt_paths) > 1 else {}
                     setting.update({f: getattr(cfg, f) for f in grid})
                     rows.append(dict(setting=setting, images_per_s=fps, results=metrics_of(tests[size], scored, eval_size)))
-                    print(f"{setting}: image AUROC {percent(rows[-1]['results']['mean']['image_auroc'])}, "
-                          f"{fps:.2f} images/s", file=sys.stderr, flush=True)
+                    note(f"{setting}: image AUROC {percent(rows[-1]['results']['mean']['image_auroc'])}, "
+                         f"{fps:.2f} images/s")
         if rank != 0:
             return []
         keys = list(rows[0]["setting"])
         md = table(keys + list(METRICS) + ["images/s"], [[r["setting"][k] for k in keys] + [
             percent(r["results"]["mean"][k]) for k in METRICS] + [f"{r['images_per_s']:.2f}"] for r in rows])
-        out.mkdir(parents=True, exist_ok=True)
         with staged(out) as new:
-            with atomic_write(new / "sweep.md") as f:
-                f.write(md + "\n")
-            with atomic_write(new / "sweep.json") as f:
-                f.write(json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2, allow_nan=False))
+            write_text(new / "sweep.md", md + "\n")
+            write_text(new / "sweep.json", json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2,
+                                                      allow_nan=False))
         log(md)
         return rows
 
@@ -2306,15 +2278,10 @@ def operating_point(cal: dict, A: float, scores, anomalous, heat, masks) -> dict
                 pixel_recall=hits / int(gt.sum()) if gt.any() else None)
 
 
-def format_operating_point(results: dict, A: float) -> str:
-    return f"At --alarm-rate {A} (calibrated thresholds), in percent:\n\n" + table(
-        ["category", *OPERATING], [[name, *(percent(m[k]) for k in OPERATING)] for name, m in results.items()])
-
-
 # ----------------------------------------------------------------------------
 # Explain: inside the scorer for one image; the per-time maps that Eq. (4) averages into H.
 
-def explain(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0, grid=0) -> dict:
+def explain_maps(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0, grid=0) -> dict:
     """The scorer's intermediate quantities for one normalised image y (1, C, H, W):
     maps (T, H, W) = w(t) delta_t from mismatch_delta, whose mean over t is heat, the H of
     mismatch_heat; S; x_t of path 0 at every t; and, at the time t* contributing most to H's
@@ -2325,14 +2292,13 @@ def explain(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0, grid
     w = WEIGHTS[cfg.weight](t).view(1, -1, 1, 1)
 
     def delta_of(c):  # (1, T, H, W)
-        if not tile:
-            return mismatch_delta(model, y, None if label is None else torch.tensor([label], device=y.device), c)
-        per_call = max(1, forward_batch(c, model, y[:, :, :tile, :tile]) // (c.K * c.T))
-
-        def fn(x, ids, cells):
+        def fn(x, ids, cells=None):
             labels = position_labels(None if label is None else torch.full((len(x),), label), cells, grid)
             return mismatch_delta(model, x, None if labels is None else labels.to(y.device), c, ids)
 
+        if not tile:
+            return fn(y, [0])
+        per_call = max(1, forward_batch(c, model, y[:, :, :tile, :tile]) // (c.K * c.T))
         return tiled_maps(fn, [y[0]], tile, c.stride or tile // 2, [0], per_call, grid=grid)[0][None].to(y.device)
 
     delta = delta_of(cfg)
@@ -2348,9 +2314,9 @@ def explain(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0, grid
                 spread={cfg.aggregator: delta[0, j].cpu(), "mean": mean.cpu()})
 
 
-def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about: dict) -> None:
-    """One figure of explain's output to `out`, the numbers of each panel to out.json and its
-    maps to out.npz. image: (H, W, 3) uint8; mask: (H, W) bool or None; mean, std: (3,)."""
+def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about: dict) -> dict:
+    """One figure of explain_maps's output to `out`, the numbers of each panel to out.json (returned)
+    and its maps to out.npz. image: (H, W, 3) uint8; mask: (H, W) bool or None; mean, std: (3,)."""
     from matplotlib.figure import Figure
 
     T = len(e["t"])
@@ -2415,11 +2381,42 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
     if mask is not None:
         numbers["heat_in_mask"] = dict(inside=float(heat[mask].mean()) if mask.any() else None,
                                        outside=float(heat[~mask].mean()) if (~mask).any() else None)
-    with atomic_write(out.with_suffix(".json")) as f:
-        f.write(json.dumps(numbers, indent=2))
+    write_text(out.with_suffix(".json"), json.dumps(numbers, indent=2))
     with atomic_write(out.with_suffix(".npz"), "wb") as f:
         np.savez_compressed(f, t=e["t"].numpy(), maps=maps, heat=heat, xt=e["xt"].numpy(),
                             **{f"delta_{a}": m.numpy() for a, m in e["spread"].items()})
+    return numbers
+
+
+def explain(ckpt, image, out, cfg: ScoreConfig = ScoreConfig(), mask=None, category=None, device="auto") -> dict:
+    """Explain one image file: the figure `out` (.png, .pdf or .svg), out.json and out.npz of
+    write_explain; mask: its ground-truth mask file, drawn as a contour. Returns out.json's numbers."""
+    out, image = Path(out), Path(image)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UserError(f"--out: {out} must end in .png, .pdf or .svg")
+    if out.is_dir():
+        raise UserError(f"--out: {out} is a folder")
+    check_out_dir(out.parent)
+    if not image.is_file():
+        raise UserError(f"{image}: no such image file")
+    detector = load(ckpt, device)
+    label = category_label(detector.ckpt, category)
+    size, scale, tile = detector.geometry
+    [(arr, original)] = _load([image], size, scale=scale, tile=tile)
+    truth = None
+    if mask is not None:
+        if not Path(mask).is_file():
+            raise UserError(f"--mask: no such file {mask}")
+        m, msize = read_image(Path(mask), size, mode="L", scale=scale)
+        if msize != original:
+            raise UserError(f"--mask: {mask} is {msize[0]}x{msize[1]} but {image} is {original[0]}x{original[1]}")
+        truth = m > 127
+    y = normalise(uint8_batch([arr]).to(detector.device), detector.mean, detector.std)
+    e = explain_maps(detector.model, y, label, cfg, tile, detector.grid)
+    about = dict(image=str(image), mask=None if mask is None else str(mask), ckpt=str(ckpt), category=category,
+                 image_size=size, tile=tile, tile_scale=scale, K=cfg.K, T=cfg.T, aggregator=cfg.aggregator,
+                 weight=cfg.weight, seed=cfg.seed)
+    return write_explain(out, e, arr, truth, detector.mean, detector.std, about)
 
 
 # ----------------------------------------------------------------------------
@@ -2719,6 +2716,21 @@ def image_inputs(images):
         raise UserError(f"images: cannot read a {type(images).__name__}")
 
 
+def category_label(ckpt, category):
+    """The class label of --category for a class-conditional model; None for an unconditional
+    one, where a --category it was not trained on is an error and any other is said to do nothing."""
+    names = ckpt["class_names"]
+    if ckpt["conditional"]:
+        if category not in names:
+            raise UserError(f"--category: give one of {names} for this class-conditional model")
+        return names.index(category)
+    if category is not None:
+        if category not in names:
+            raise UserError(f"--category: {category!r} is not what this model was trained on ({', '.join(names)})")
+        note(f"warning: --category {category} has no effect: the model is unconditional (trained on {', '.join(names)})")
+    return None
+
+
 class Detector:
     """A trained model ready to score, from fm.load(ckpt): in eval mode on its device, with its
     categories, training normalisation and size, and its calibration."""
@@ -2740,22 +2752,20 @@ class Detector:
         cfg = ScoreConfig(**overrides)
         label = category_label(self.ckpt, category)
         cal = calibration_of(self.ckpt, category, cfg, self.path, alarm_rate) if alarm_rate else None
-        inputs, done = image_inputs(images), 0
+        (size, scale, tile), inputs, done = self.geometry, image_inputs(images), 0
         while items := list(itertools.islice(inputs, chunk)):
-            size, scale, tile = self.geometry
-            read = [(r, p) for r, p in zip(_load([x for x, _ in items], size, skip=skip, scale=scale),
-                                           (p for _, p in items)) if r is not None]
+            read = [(r, p) for r, (_, p) in zip(_load([x for x, _ in items], size, skip=skip, scale=scale, tile=tile),
+                                                items) if r is not None]
             if not read:
                 continue
             arrays = [a for (a, _), _ in read]
-            check_tiles_fit([p or "image" for _, p in read], arrays, tile, scale)
             data = Dataset(uint8_batch(arrays), torch.zeros(len(read), dtype=torch.long), [],
                            [p for _, p in read], np.zeros(len(read), int),
                            [np.zeros(a.shape[:2], np.uint8) for a in arrays], sizes=[s for (_, s), _ in read])
             heat, scores = score_dataset(self.model, data, cfg, self.mean, self.std, self.device, label, progress,
                                          first_id=done, tile=tile, grid=self.grid)
             done += len(read)
-            maps = [upsample(h.numpy(), size) for h, size in zip(heat, data.sizes)]
+            maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
             pred = Prediction(scores.numpy(), maps, data.paths)
             if cal is not None:
                 pred.p_value = p_values(cal["scores"], pred.pred_score)
@@ -2786,8 +2796,6 @@ def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, al
     overlay per image, one colour range: the first chunk's), maps/ (each map as a float32 TIFF at its
     image's original size, named like its overlay) and with alarm_rate masks/ (defect masks at each
     image's original size). Returns the rows of scores.csv."""
-    from PIL import Image
-
     out = Path(out)
     check_out_dir(out)
     with run_lock(out, "--out", "score"):
@@ -2797,22 +2805,13 @@ def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, al
         with staged(out, stale=() if alarm_rate else ("masks",)) as new:
             for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,
                                                     progress=Progress(len(files)), **asdict(cfg)):
-                heat = [h.numpy() for h in heat]
-                flat = np.concatenate([h.ravel() for h in heat])
-                span = span or (float(flat.min()), float(np.percentile(flat, 99.9)))
-                write_overlays(new / "heatmaps", data, heat, span)
+                span = write_overlays(new / "heatmaps", data, [h.numpy() for h in heat], span)
                 for i, path in enumerate(pred.image_path):
                     rows[path] = [pred.pred_score[i]] + ([] if pred.p_value is None else
                                                          [pred.p_value[i], int(pred.pred_label[i])])
-                    written = [(new / "maps" / Path(overlay_name(path)).with_suffix(".tiff"),
-                                Image.fromarray(pred.anomaly_map[i]), "TIFF")]
+                    save_image(new / "maps" / Path(overlay_name(path)).with_suffix(".tiff"), pred.anomaly_map[i])
                     if alarm_rate:
-                        written.append((new / "masks" / overlay_name(path),
-                                        Image.fromarray(pred.pred_mask[i].astype(np.uint8) * 255), "PNG"))
-                    for name, im, kind in written:
-                        name.parent.mkdir(parents=True, exist_ok=True)
-                        with atomic_write(name, "wb") as f:
-                            im.save(f, format=kind)
+                        save_image(new / "masks" / overlay_name(path), pred.pred_mask[i].astype(np.uint8) * 255)
             if not rows:
                 raise UserError(f"{images}: no readable image")
             table = [[str(p), *rows.get(str(p), [""] * (1 + 2 * bool(alarm_rate)))] for p in files]
@@ -2854,9 +2853,8 @@ def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), 
         files = image_files(Path(data))
         if not files:
             raise UserError(f"--data: {data} holds no images")
-        arrays = [a for a, _ in _load(files, size, scale=scale)]
-        check_tiles_fit(files, arrays, tile, scale)
-        images, paths = uint8_batch(arrays), [str(f.resolve()) for f in files]
+        images = uint8_batch([a for a, _ in _load(files, size, scale=scale, tile=tile)])
+        paths = [str(f.resolve()) for f in files]
     held = Dataset(images, torch.zeros(len(paths), dtype=torch.long), names, paths)
     check_unseen(ckpt, held, ckpt_path)
     label = names.index(category) if ckpt["conditional"] else None
@@ -2879,7 +2877,7 @@ def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), 
 
 
 # ----------------------------------------------------------------------------
-# CLI: a thin layer over train / run_test / mismatch_heat.
+# CLI: each command parses its flags, calls one function above and prints its result.
 
 # Exit statuses: 0 done; 1 the run failed (training diverged, disk full, out of memory); 2 bad input
 # or flags, nothing done; 3 `score` wrote results but skipped unreadable images; 128 + signal
@@ -2889,18 +2887,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DEMO = dict(steps=160, image_size=64)  # the demo's training length and size
 
 
-class Help(argparse.HelpFormatter):
-    def _get_help_string(self, action):  # a default not already in the text, unless none
-        text = action.help or ""
-        return text if action.default in (None, False, argparse.SUPPRESS) else f"{text} (default {action.default})"
-
-
 class Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **{"formatter_class": Help, **kw})
-
     def error(self, message):  # one line, exit status 2
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        note(f"error: {message}")
         raise SystemExit(2)
 
 
@@ -2967,7 +2956,6 @@ def knob_flags(p, cls, names=None, shown=None):
 
 def scoring(p):
     knob_flags(p, ScoreConfig)
-    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net at one fixed batch (a CPU's first compile takes minutes; BENCHMARKS.md)")
 
@@ -2975,21 +2963,6 @@ def scoring(p):
 def given(cls, args) -> dict:
     """The fields of config dataclass cls that were given as flags."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-
-
-def category_label(ckpt, category):
-    """The class label of --category for a class-conditional model; None for an unconditional
-    one, where a --category it was not trained on is an error and any other is said to do nothing."""
-    names = ckpt["class_names"]
-    if ckpt["conditional"]:
-        if category not in names:
-            raise UserError(f"--category: give one of {names} for this class-conditional model")
-        return names.index(category)
-    if category is not None:
-        if category not in names:
-            raise UserError(f"--category: {category!r} is not what this model was trained on ({', '.join(names)})")
-        note(f"warning: --category {category} has no effect: the model is unconditional (trained on {', '.join(names)})")
-    return None
 
 
 def cmd_train(args):
@@ -3061,36 +3034,9 @@ def cmd_demo(args):
 
 
 def cmd_explain(args):
-    cfg = ScoreConfig(**given(ScoreConfig, args))
-    out, image = Path(args.out), Path(args.image)
-    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise UserError(f"--out: {out} must end in .png, .pdf or .svg")
-    if out.is_dir():
-        raise UserError(f"--out: {out} is a folder")
-    check_out_dir(out.parent)
-    if not image.is_file():
-        raise UserError(f"{image}: no such image file")
-    detector = load(args.ckpt, args.device)
-    ckpt, model, device = detector.ckpt, detector.model, detector.device
-    label = category_label(ckpt, args.category)
-    size, scale, tile = image_geometry(ckpt["train_config"])
-    arr, original = read_image(image, size, scale=scale)
-    check_tiles_fit([image], [arr], tile, scale)
-    mask = None
-    if args.mask:
-        if not Path(args.mask).is_file():
-            raise UserError(f"--mask: no such file {args.mask}")
-        m, msize = read_image(Path(args.mask), size, mode="L", scale=scale)
-        if msize != original:
-            raise UserError(f"--mask: {args.mask} is {msize[0]}x{msize[1]} but {image} is {original[0]}x{original[1]}")
-        mask = m > 127
-    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
-    e = explain(model, normalise(uint8_batch([arr]).to(device), mean, std), label, cfg, tile,
-                ckpt["train_config"]["tile_grid"])
-    about = dict(image=str(image), mask=args.mask, ckpt=str(args.ckpt), category=args.category, image_size=size,
-                 tile=tile, tile_scale=scale,
-                 K=cfg.K, T=cfg.T, aggregator=cfg.aggregator, weight=cfg.weight, seed=cfg.seed)
-    write_explain(out, e, arr, mask, mean, std, about)
+    out = Path(args.out)
+    e = explain(args.ckpt, args.image, out, ScoreConfig(**given(ScoreConfig, args)), args.mask, args.category,
+                args.device)
     print(f"S = {e['score']:.6g}; wrote {out}, {out.with_suffix('.json')} and {out.with_suffix('.npz')}")
     return 0
 
@@ -3112,8 +3058,7 @@ def cmd_compare(args):
     if partial:
         note(f"our mean is not over the paper's {len(PAPER_CATEGORIES[args.dataset])} {args.dataset} categories "
              f"({partial}); the mean rows are not like for like")
-    with atomic_write(path.parent / f"compare_{args.dataset}.md") as f:
-        f.write(table + "\n")
+    write_text(path.parent / f"compare_{args.dataset}.md", table + "\n")
     print(table)
     return 0
 
@@ -3131,8 +3076,7 @@ def cmd_bench(args):
         print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(args.json) as f:
-            f.write(json.dumps(r, indent=2))
+        write_text(args.json, json.dumps(r, indent=2))
     return 0
 
 
@@ -3141,20 +3085,25 @@ def build_parser() -> Parser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("train", help="train the flow on normal images (Eq. 1)")
+    def command(name, func, help, device=True, **kw):
+        p = sub.add_parser(name, help=help, **kw)
+        p.set_defaults(func=func)
+        if device:
+            p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if a GPU is visible (default auto)")
+        return p
+
+    p = command("train", cmd_train, "train the flow on normal images (Eq. 1)")
     p.add_argument("--data", help="a category folder (mvtec/bottle) or a root of categories (mvtec)")
     p.add_argument("--out", help="run folder; writes RUN_DIR/ckpt.pt (default: runs/<name of the data folder>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     knob_flags(p, TrainConfig, shown={k: f"{getattr(TrainConfig, k)}; CPU presets: {v}"
                                       for k, v in CPU_RECIPES["tiny"].items()})
-    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (BENCHMARKS.md: when it pays)")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("test", help="score the test split and print the seven metrics",
-                       epilog="Any of --scores, --grid-K, --grid-T, --aggregators, --weights, or several --ckpt, "
-                              "turns `test` into an ablation: one row per setting (mean over categories, "
-                              "images/s) in OUT/sweep.md and OUT/sweep.json.")
+    p = command("test", cmd_test, "score the test split and print the seven metrics",
+                epilog="Any of --scores, --grid-K, --grid-T, --aggregators, --weights, or several --ckpt, turns "
+                       "`test` into an ablation: one row per setting (mean over categories, images/s) in "
+                       "OUT/sweep.md and OUT/sweep.json.")
     p.add_argument("--ckpt", required=True, action="append",
                    help="checkpoint; repeat it for a row per checkpoint (Table 8: pooled vs conditional, "
                         "Table 9: ckpt_epochE.pt)")
@@ -3179,9 +3128,8 @@ def build_parser() -> Parser:
     p.add_argument("--alarm-rate", type=rate, metavar="A",
                    help="also report, per category, the false-alarm and detection rates of the calibrated decision "
                         "p <= A and the pixel precision and recall of its masks")
-    p.set_defaults(func=cmd_test)
 
-    p = sub.add_parser("score", help="heatmaps and scores for new, unlabelled images")
+    p = command("score", cmd_score, "heatmaps and scores for new, unlabelled images")
     p.add_argument("--ckpt", required=True)
     p.add_argument("images", help="an image or a folder of images")
     p.add_argument("--out", help="output folder (default: scored/<name of the folder or image>)")
@@ -3190,50 +3138,42 @@ def build_parser() -> Parser:
                    help="decide: scores.csv gains the conformal p_value and anomalous (p <= A), masks/ a binary "
                         "defect mask per image; at most a fraction A of normal images is flagged (README)")
     scoring(p)
-    p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("calibrate", help="score normal images the model has not seen: the thresholds of --alarm-rate")
+    p = command("calibrate", cmd_calibrate, "score normal images the model has not seen: the thresholds of --alarm-rate")
     p.add_argument("--ckpt", required=True, help="checkpoint; the calibration is stored in it")
     p.add_argument("--data", help="a folder of normal images not used in training (default: the run's "
                                   "--calib-fraction hold-out, rescored with the options below)")
     p.add_argument("--category", help="the category these images belong to (several-category models)")
     scoring(p)
-    p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("demo", help="generate textures with defects, train `tiny` on CPU, test")
-    p.add_argument("--out", default="demo_out")
+    p = command("demo", cmd_demo, "generate textures with defects, train `tiny` on CPU, test")
+    p.add_argument("--out", default="demo_out", help="its data, run and evaluation (default demo_out)")
     knob_flags(p, TrainConfig, ("steps", "image_size", "seed"), shown=DEMO)
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("explain", help="one figure of what the scorer sees in one image (Eqs. 2-4)")
+    p = command("explain", cmd_explain, "one figure of what the scorer sees in one image (Eqs. 2-4)")
     p.add_argument("--ckpt", required=True)
     p.add_argument("image", help="the image to explain")
     p.add_argument("--out", required=True, help="FIG.png (or .pdf, .svg); also writes FIG.json and FIG.npz")
     p.add_argument("--mask", help="its ground-truth mask, drawn as a contour")
     p.add_argument("--category", help="category label for a class-conditional model")
     knob_flags(p, ScoreConfig, ("K", "T", "weight", "seed", "stride"))
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("compare", help="our metrics.json beside the paper's Tables 1, 4 and 5")
+    p = command("compare", cmd_compare, "our metrics.json beside the paper's Tables 1, 4 and 5", device=False)
     p.add_argument("metrics", help="EVAL_DIR/metrics.json written by `test`; writes EVAL_DIR/compare_DATASET.md")
     p.add_argument("--dataset", required=True, choices=list(PAPER), help="whose paper numbers to show")
-    p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("bench", help="images/s of the batched scorer vs a naive (k, t) loop")
+    p = command("bench", cmd_bench, "images/s of the batched scorer vs a naive (k, t) loop")
     knob_flags(p, TrainConfig, ("preset", "image_size"), shown=dict(image_size="the preset's training size"))
     knob_flags(p, ScoreConfig, ("K", "T", "max_batch"))
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--images", type=int_in(1, 4096), default=4)
-    p.add_argument("--repeats", type=int_in(1, 1000), default=3)
+    p.add_argument("--images", type=int_in(1, 4096), default=4, help="images scored (default 4)")
+    p.add_argument("--repeats", type=int_in(1, 1000), default=3, help="timed repeats; the median counts (default 3)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
     p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")
     p.add_argument("--compile", action="store_true", help="also time the compiled U-Net (and training step)")
     p.add_argument("--layout", choices=("auto", "channels_last", "nchw"), default="auto",
-                   help="memory layout to measure (auto: channels_last for training and CPU scoring, NCHW for GPU scoring)")
+                   help="memory layout to measure (default auto: channels_last for training and CPU scoring, NCHW for "
+                        "GPU scoring)")
     p.add_argument("--json", help="also write the figures to this file")
-    p.set_defaults(func=cmd_bench)
     return ap
 
 
@@ -3248,20 +3188,18 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"flow_mismatch.py: error: {e}", file=sys.stderr)
+        note(f"error: {e}")
         return e.status
     except (MemoryError, RuntimeError) as e:  # CUDA's and the CPU allocator's failures are RuntimeErrors
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
             raise
-        print(f"flow_mismatch.py: error: out of memory; a smaller --batch-size, --max-batch or --image-size "
-              f"needs less", file=sys.stderr)
+        note("error: out of memory; a smaller --batch-size, --max-batch or --image-size needs less", every_rank=True)
         return 1
     except OSError as e:  # the disk, not the input: full, gone, or refused mid-run
-        print(f"flow_mismatch.py: error: {e.filename or 'writing output'}: {e.strerror or e}", file=sys.stderr)
+        note(f"error: {e.filename or 'writing output'}: {e.strerror or e}", every_rank=True)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM by `terminated`
-        print("flow_mismatch.py: interrupted", file=sys.stderr)
+        note("interrupted", every_rank=True)
         return 128 + (e.args[0] if e.args else signal.SIGINT)
     finally:
         if dist.is_initialized():

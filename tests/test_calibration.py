@@ -145,7 +145,7 @@ def line(tmp_path_factory):
     r = run_cli("train", "--data", data, "--out", root / "run", "--preset", "tiny", "--steps", 4,
                 "--batch-size", 4, "--image-size", 16, "--calib-fraction", 0.5, "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert "12 more held out for calibration" in r.stdout
+    assert "12 more held out for calibration" in r.stderr
     return data, root / "run" / "ckpt.pt"
 
 

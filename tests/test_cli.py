@@ -32,7 +32,7 @@ def test_train_prints_the_parameter_count(mvtec, tmp_path):
                 "--batch-size", 2, "--image-size", 16)
     assert r.returncode == 0, r.stderr
     n = sum(p.numel() for p in fm.build_model("tiny", 0).parameters())
-    assert f"{n:,} parameters" in r.stdout and "unconditional" in r.stdout
+    assert f"{n:,} parameters" in r.stderr and "unconditional" in r.stderr
 
 
 def test_test_writes_every_output(evaluated, mvtec):

@@ -22,7 +22,7 @@ def model():
 def test_maps_are_the_scorers_and_recombine_to_heat(model):
     cfg = fm.ScoreConfig(K=3, T=4, seed=5)
     y = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    e = fm.explain(model, y, None, cfg)
+    e = fm.explain_maps(model, y, None, cfg)
     heat = fm.mismatch_heat(model, y, None, cfg)[0]
     assert torch.equal(e["maps"].mean(0), heat) and torch.equal(e["heat"], heat)
     assert e["score"] == float(fm.image_score(heat[None])[0])

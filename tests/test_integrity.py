@@ -271,7 +271,7 @@ def test_resume_refuses_other_data_or_a_changed_flag_and_keeps_every_training_im
     (data / "weave" / "train" / "good" / "000.png").unlink()  # the run's data lost an image it trained on
     r = run_cli("train", "--resume", run, "--steps", 3, "--batch-size", 2)  # an unchanged flag is fine
     assert r.returncode == 0, r.stderr
-    assert "--steps 2 -> 3" in r.stdout
+    assert "--steps 2 -> 3" in r.stderr
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and set(first) <= set(ckpt["trained_on"]) and len(ckpt["trained_on"]) == len(first)
     assert fm.main(["train", "--resume", str(run), "--epochs", "2"]) == 0  # 15 images, batch 2: 7 steps an epoch

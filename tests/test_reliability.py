@@ -82,7 +82,7 @@ def test_signal_saves_a_checkpoint_and_exits_with_one_line(mvtec, tmp_path, sig)
                           "--out", str(run), "--preset", "tiny", "--steps", "100000", "--batch-size", "2",
                           "--image-size", "16", "--save-every", "100000", "--device", "cpu"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "parameters" in p.stdout.readline()  # training has started
+    assert "parameters" in p.stderr.readline()  # training has started
     time.sleep(2)
     p.send_signal(sig)
     out, err = p.communicate(timeout=120)
@@ -117,7 +117,7 @@ def test_torchrun_trains_on_two_processes(mvtec, tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 3 and "x2" in r.stdout
+    assert ckpt["step"] == 3 and "x2" in r.stderr
 
 
 def test_torchrun_scoring_gathers_the_same_heatmaps(trained, mvtec, tmp_path):

@@ -32,8 +32,8 @@ def cli(argv, capsys):
 
 
 def said(err):
-    """The warning and error lines among stderr's (progress lines aside)."""
-    return [line for line in err if line.startswith("flow_mismatch.py:")]
+    """The warning and error lines among stderr's (progress lines, `... img/s  eta ...`, aside)."""
+    return [line for line in err if line.startswith("flow_mismatch.py:") and "img/s" not in line]
 
 
 def files_under(folder):
@@ -54,9 +54,9 @@ def test_a_second_train_on_a_busy_folder_exits_2_naming_it_and_the_holder(mvtec,
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-u", str(ROOT / "flow_mismatch.py"), "train", "--data", str(mvtec),
                               "--out", str(run), "--steps", "100000", "--save-every", "1", *TINY],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert "parameters" in first.stdout.readline()  # training has begun
+        assert "parameters" in first.stderr.readline()  # training has begun
         for argv in (["train", "--data", mvtec, "--out", run, "--steps", 1, *TINY], ["train", "--resume", run]):
             rc, err = cli(argv, capsys)
             assert rc == 2 and len(err) == 1, err
@@ -272,6 +272,8 @@ def test_category_given_to_an_unconditional_model_is_reported(single, mvtec, tmp
     assert rc == 2 and len(err) == 1 and "--category" in err[0] and "weave" in err[0], err
     rc, err = cli(["score", "--ckpt", single, imgs, "--out", tmp_path / "b", "--category", "weave", "-K", 1, "-T", 1],
                   capsys)
+    assert any("images 4/4" in line for line in err), err
+    assert all(line.startswith("flow_mismatch.py: ") for line in err), err  # progress too: one channel, one prefix
     err = said(err)
     assert rc == 0 and len(err) == 1 and "no effect" in err[0] and "unconditional" in err[0], err
 
@@ -288,3 +290,4 @@ def test_gpu_preset_on_a_cpu_estimates_the_time_and_names_the_cpu_preset(mvtec, 
     estimate = [ln for ln in logs["paper"] if "on a CPU: about" in ln]
     assert len(estimate) == 1 and "remaining 2 steps" in estimate[0] and "--preset tiny" in estimate[0], logs
     assert not any("on a CPU" in ln for ln in logs["tiny"])
+    assert any(ln.startswith("step 4/4") for ln in logs["tiny"]), logs  # the step lines go to log= too

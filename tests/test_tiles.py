@@ -231,7 +231,7 @@ def test_explain_on_a_tiled_checkpoint_shows_the_tiled_map(tiled_run):
     cfg = fm.ScoreConfig(K=2, T=3)
     heat, _ = fm.score_dataset(model, test, cfg, mean, std, "cpu", labels_for=1, tile=8)
     y = (test.images.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    e = fm.explain(model, y, 1, cfg, tile=8)
+    e = fm.explain_maps(model, y, 1, cfg, tile=8)
     assert e["maps"].shape == (3, 16, 16) and torch.allclose(e["heat"], heat[0], rtol=1e-5, atol=1e-6)
 
 
