@@ -560,8 +560,7 @@ class Compiled(nn.Module):
             out.append(self.compiled(xs, ts, ls)[:self.batch - pad])
         if first:
             self.compile_s = time.perf_counter() - t0
-            print(f"torch.compile: the U-Net at batch {self.batch} compiled in {self.compile_s:.1f} s",
-                  file=sys.stderr, flush=True)
+            note(f"torch.compile: the U-Net at batch {self.batch} compiled in {self.compile_s:.1f} s")
         return torch.cat(out)
 
 
@@ -2756,6 +2755,8 @@ class Detector:
         while items := list(itertools.islice(inputs, chunk)):
             read = [(r, p) for r, (_, p) in zip(_load([x for x, _ in items], size, skip=skip, scale=scale, tile=tile),
                                                 items) if r is not None]
+            if progress and len(read) < len(items):  # a skipped file counts as done
+                progress(len(items) - len(read))
             if not read:
                 continue
             arrays = [a for (a, _), _ in read]
