@@ -506,7 +506,8 @@ def mismatch_delta(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=
         ks = range(s // n, (e - 1) // n + 1)  # the paths inputs s..e-1 belong to
         for k in ks:
             if k not in open_paths:
-                open_paths[k] = (path_noise(cfg.seed, ids, k, (C, H, W), device), torch.empty(B, T, H, W, device=device))
+                x0 = path_noise(cfg.seed, ids, k, (C, H, W), device)
+                open_paths[k] = (x0, torch.empty(B, T, H, W, device=device))
         sl = torch.arange(s, e, device=device)
         ki, bi, ji = sl // n - ks[0], sl // T % B, sl % T
         x0 = torch.stack([open_paths[k][0] for k in ks])[ki, bi]
