@@ -2473,11 +2473,6 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
         sync()
         return out, time.perf_counter() - t0
 
-    def timed(fn):
-        fn()  # warm-up
-        times = [seconds(fn)[1] for _ in range(repeats)]
-        return fn(), float(np.min(times))
-
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(device):
@@ -2485,10 +2480,17 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     flops = counter.get_total_flops()  # one 1-image forward
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    out = dict(device=name, preset=preset, image_size=image_size, flops=flops)
     if train_mode:
-        return bench_train(model, y, device, layout, compile, repeats, seconds, dict(
-            mode="train", device=name, preset=preset, image_size=image_size, flops=flops))
-    cfg = ScoreConfig(K=K, T=T, max_batch=max_batch)
+        return bench_train(model, y, device, layout, compile, repeats, seconds, dict(mode="train", **out))
+    return bench_score(model, y, ScoreConfig(K=K, T=T, max_batch=max_batch), device, layout, compile, repeats,
+                       seconds, naive, dict(mode="score", **out), peak)
+
+
+def bench_score(model: UNet, y, cfg: ScoreConfig, device, layout, compile, repeats, seconds, naive, out: dict,
+                peak=None) -> dict:
+    """The scoring figures of `bench` on images y (see there); peak: the device's dense bf16 TFLOP/s."""
+    images, image_size, K, T = len(y), y.shape[-1], cfg.K, cfg.T
     fast = inference_model(model, device, False, None if layout == "auto" else layout == "channels_last")
     conv = next(p for p in model.parameters() if p.dim() == 4)  # the layout inference_model chose
     layout = "nchw" if conv.is_contiguous() else "channels_last"
@@ -2517,10 +2519,9 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
                     times.setdefault((v, task), []).append(seconds(lambda: fn(*m))[1])
     best = {key: float(np.min(ts)) for key, ts in times.items()}
     heat, sec = heats["eager"], best["eager", "scorer"]
-    out = dict(mode="score", device=name, preset=preset, layout=layout, K=K, T=T, images=images,
-               image_size=image_size, max_batch=fb, precision=main, other_precision=other, batched_fps=images / sec,
-               forwards_per_s=images * K * T / sec, achieved_tflops=flops * images * K * T / sec / 1e12,
-               peak_mem_bytes=peak_memory(device))
+    out.update(layout=layout, K=K, T=T, images=images, max_batch=fb, precision=main, other_precision=other,
+               batched_fps=images / sec, forwards_per_s=images * K * T / sec,
+               achieved_tflops=out["flops"] * images * K * T / sec / 1e12, peak_mem_bytes=peak_memory(device))
     for v in variants:
         out.update({f"{v}_forward_ms": 1e3 * best[v, "forward"], f"{v}_fps": images / best[v, "scorer"],
                     f"{v}_latency_ms": 1e3 * best[v, "latency"]})
@@ -2541,7 +2542,8 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
                bf16_score_max_rel_diff=float(((s16 - s32).abs() / s32.abs()).max()),
                bf16_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
     if naive:
-        ref, seconds_naive = timed(lambda: mismatch_heat_naive(model, y, cfg=cfg))
+        ref = mismatch_heat_naive(model, y, cfg=cfg)  # also the warm-up
+        seconds_naive = min(seconds(lambda: mismatch_heat_naive(model, y, cfg=cfg))[1] for _ in range(repeats))
         out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / sec,
                    max_abs_diff=float((heat - ref).abs().max()))
     return out
