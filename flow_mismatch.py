@@ -3166,11 +3166,11 @@ def build_parser() -> Parser:
     p.add_argument("metrics", help="EVAL_DIR/metrics.json written by `test`; writes EVAL_DIR/compare_DATASET.md")
     p.add_argument("--dataset", required=True, choices=list(PAPER), help="whose paper numbers to show")
 
-    p = command("bench", cmd_bench, "images/s of the batched scorer vs a naive (k, t) loop")
+    p = command("bench", cmd_bench, "latency and images/s of the scorer (before/eager/compiled, fp32/bf16, naive)")
     knob_flags(p, TrainConfig, ("preset", "image_size"), shown=dict(image_size="the preset's training size"))
     knob_flags(p, ScoreConfig, ("K", "T", "max_batch"))
     p.add_argument("--images", type=int_in(1, 4096), default=4, help="images scored (default 4)")
-    p.add_argument("--repeats", type=int_in(1, 1000), default=3, help="timed repeats; the median counts (default 3)")
+    p.add_argument("--repeats", type=int_in(1, 1000), default=3, help="timed repeats; the fastest counts (default 3)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
     p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")
     p.add_argument("--compile", action="store_true", help="also time the compiled U-Net (and training step)")
