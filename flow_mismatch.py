@@ -942,10 +942,15 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
             f"{f', random {cfg.tile}x{cfg.tile} tiles at scale {cfg.tile_scale}' * (cfg.tile > 0)}, "
             f"{steps_per_epoch} steps/epoch, {total} steps on {device} x{world}")
     path = out / "train_log.csv"
-    rows = list(csv.reader(open(path)))[1:] if resume and path.is_file() else []
-    log_file = open(path if rank == 0 else os.devnull, "w", newline="")
+    if rank == 0:  # the log up to the checkpoint's step, replaced atomically; then appended to
+        rows = []
+        if resume and path.is_file():
+            with open(path, newline="") as f:
+                rows = [r for r in list(csv.reader(f))[1:] if int(r[0]) <= step]
+        with atomic_write(path, newline="") as f:
+            csv.writer(f).writerows([["step", "loss", "lr", "images_per_s", "wall_s"]] + rows)
+    log_file = open(path if rank == 0 else os.devnull, "a", newline="")
     writer = csv.writer(log_file)
-    writer.writerows([["step", "loss", "lr", "images_per_s", "wall_s"]] + [r for r in rows if int(r[0]) <= step])
     return dict(cfg=replace(cfg, steps=total), data=data, held=held, conditional=conditional, model=model, opt=opt,
                 ddp=torch.compile(ddp, dynamic=False) if compile else ddp, compiled=compile, mean=mean, std=std, step=step,
                 total=total, steps_per_epoch=steps_per_epoch, out=out,
