@@ -1043,11 +1043,13 @@ def plot_loss(out: Path) -> None:
     """out/loss.png: the loss of out/train_log.csv against the step."""
     from matplotlib.figure import Figure
 
-    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    with open(out / "train_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     ax = (fig := Figure(figsize=(6, 3.5), layout="constrained")).subplots()
     ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.8)
     ax.set(xlabel="step", ylabel="CFM loss (Eq. 1)", yscale="log", title=out.name)
-    fig.savefig(out / "loss.png", dpi=80)
+    with atomic_write(out / "loss.png", "wb") as f:
+        fig.savefig(f, format="png", dpi=80)
 
 
 # ----------------------------------------------------------------------------
@@ -1699,8 +1701,6 @@ def load_test(root, size: int, scale=1.0, tile=0) -> dict:
 
 def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: int = 20, seed: int = 0) -> Path:
     """Two procedural textures with scratch and stain defects, in MVTec-AD layout (numpy only)."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
 
@@ -1729,8 +1729,7 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
         return img, mask
 
     def write(path, arr):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((arr * 255).round().astype(np.uint8)).save(path)
+        save_image(path, (arr * 255).round().astype(np.uint8))
 
     for cat in ("weave", "grid"):
         for i in range(n_train):
@@ -1819,7 +1818,7 @@ def overlay_name(path) -> str:
     return str(Path(p.parent.name, p.name + ".png"))
 
 
-def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> None:
+def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> tuple:
     """image | ground-truth mask | heatmap over the image, one PNG per test image named by
     overlay_name, enlarged (nearest pixel) to at least 256 pixels high for the eye; the metrics
     never see it. span: the colour range (lo, hi), by default the heatmaps' own, shared by the category;
