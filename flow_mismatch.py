@@ -2411,10 +2411,10 @@ def explain(ckpt, image, out, cfg: ScoreConfig = ScoreConfig(), mask=None, categ
     if mask is not None:
         if not Path(mask).is_file():
             raise UserError(f"--mask: no such file {mask}")
-        m, msize = read_image(Path(mask), size, mode="L", scale=scale)
+        m, msize = read_image(Path(mask), size, mode="mask", scale=scale)  # any mask encoding, as `test` reads it
         if msize != original:
             raise UserError(f"--mask: {mask} is {msize[0]}x{msize[1]} but {image} is {original[0]}x{original[1]}")
-        truth = m > 127
+        truth = m > 0
     y = normalise(uint8_batch([arr]).to(detector.device), detector.mean, detector.std)
     e = explain_maps(detector.model, y, label, cfg, tile, detector.grid)
     about = dict(image=str(image), mask=None if mask is None else str(mask), ckpt=str(ckpt), category=category,

@@ -56,6 +56,13 @@ def test_cli_writes_figure_json_and_arrays(trained, mvtec, tmp_path, capsys):
     assert sum(r["share_of_H"] for r in numbers["times"]) == pytest.approx(1, rel=1e-5)
     assert arrays["maps"].shape == (3, 16, 16)
     np.testing.assert_allclose(arrays["heat"].max(), numbers["heat"]["max"], rtol=1e-6)
+    # the same mask as label ids (0/1, as many datasets store them) is the same mask, as `test` reads it
+    ids = tmp_path / "ids_mask.png"
+    Image.fromarray((np.asarray(Image.open(mask).convert("L")) > 0).astype(np.uint8)).save(ids)
+    assert fm.main(["explain", "--ckpt", str(trained), str(image), "--mask", str(ids), "--category", "weave",
+                    "-K", "2", "-T", "3", "--device", "cpu", "--out", str(tmp_path / "ids.png")]) == 0
+    assert json.loads((tmp_path / "ids.json").read_text())["heat_in_mask"] == numbers["heat_in_mask"]
+    assert numbers["heat_in_mask"]["inside"] is not None
     # the same image through `score` (the production path: loading, normalisation, path ids) gives the same S
     capsys.readouterr()
     assert fm.main(["score", "--ckpt", str(trained), str(image), "--category", "weave", "-K", "2", "-T", "3",
