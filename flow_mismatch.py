@@ -789,19 +789,17 @@ def train_config_of(ckpt: dict) -> TrainConfig:
 
 
 def resumed_config(ckpt: dict, cfg: TrainConfig, log=note, given=None) -> TrainConfig:
-    """The run's own TrainConfig with cfg's RESUMABLE fields, each change logged; any other field of
-    cfg that was given (given: the flags' names; None: each field not at TrainConfig's default) and
-    differs from the run's is refused, naming its flag."""
+    """The run's own TrainConfig with the RESUMABLE fields of cfg that were given (given: the flags'
+    names; None: each field not at TrainConfig's default), each change logged; --epochs alone trains
+    that many. Any other field given that differs from the run's is refused, naming its flag."""
     saved, default = train_config_of(ckpt), TrainConfig()
-    for f in fields(TrainConfig):
-        v = getattr(cfg, f.name)
-        if f.name not in RESUMABLE and v != getattr(saved, f.name) and (
-                f.name in given if given is not None else v != getattr(default, f.name)):
-            raise UserError(f"--{f.name.replace('_', '-')}: {getattr(cfg, f.name)} differs from the run's "
-                            f"{getattr(saved, f.name)}; a resumed run keeps it (start a new run to change it)")
-    length = (dict(steps=cfg.steps) if cfg.steps else
-              dict(steps=None, epochs=cfg.epochs) if cfg.epochs != saved.epochs else {})
-    new = replace(saved, save_every=cfg.save_every, save_epochs=cfg.save_epochs, **length)
+    given = {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)} if given is None else given
+    for name in sorted(set(given) - set(RESUMABLE)):
+        if getattr(cfg, name) != getattr(saved, name):
+            raise UserError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} differs from the run's "
+                            f"{getattr(saved, name)}; a resumed run keeps it (start a new run to change it)")
+    new = replace(saved, **({"steps": None} if "epochs" in given and "steps" not in given else {}),
+                  **{k: getattr(cfg, k) for k in RESUMABLE if k in given})
     changed = [f"--{k.replace('_', '-')} {getattr(saved, k)} -> {getattr(new, k)}" for k in RESUMABLE
                if getattr(new, k) != getattr(saved, k)]
     if changed:
@@ -810,20 +808,20 @@ def resumed_config(ckpt: dict, cfg: TrainConfig, log=note, given=None) -> TrainC
 
 
 def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resume=False, log=note,
-          compile=False) -> Path:
+          compile=False, given=None) -> Path:
     """Train v_theta on `data` (a folder of categories or a Dataset of normal images) and write
     out/ckpt.pt (out: runs/<name of the data folder>); resume continues out's checkpoint.
 
     With cfg.calib_fraction > 0 a seeded part of each category is held out, never drawn into a
     batch, and scored at the end (K = T = 10) as the run's calibration set (see Calibration).
     Step s draws its batch, noise and dropout from (seed, s, rank) alone, so a run resumed from any
-    checkpoint continues exactly as if it had never stopped. Every step's loss, learning rate and
+    checkpoint continues exactly as if it had never stopped (given: see resumed_config). Every step's loss, learning rate and
     speed go to out/train_log.csv, drawn at the end as out/loss.png."""
     out = Path(out or Path("runs") / Path(data.root if isinstance(data, Dataset) else data).resolve().name)
     flag = "--resume" if resume else "--out"
     check_out_dir(out, flag)
     with run_lock(out, flag):  # held until training ends
-        run = train_setup(data, cfg, out, pick_device(device, distributed()[2]), resume, log, compile)
+        run = train_setup(data, cfg, out, pick_device(device, distributed()[2]), resume, log, compile, given)
         stop = []  # the signal that asks to stop: finish the step, save, exit
         old = {sig: signal.signal(sig, lambda signum, _: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -894,7 +892,7 @@ def train_loop(run: dict, stop: list, log) -> None:
             progress(1, f"epoch {step / per_epoch:.1f}  loss {loss:.4f}  ")
 
 
-def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=False) -> dict:
+def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=False, given=None) -> dict:
     """What a run holds: its configuration (the checkpoint's, on resume), data and hold-out, model,
     optimiser, DDP wrapper (under torch.compile with `compile`: every step has the same batch, so it
     compiles once), normalisation, step and total; out/train_log.csv opened, rows past the
@@ -904,7 +902,7 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
         raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
     ckpt, said = load_checkpoint(out / "ckpt.pt") if resume else None, []
     if ckpt is not None:
-        cfg = resumed_config(ckpt, cfg, said.append)  # said below, once the data is checked too
+        cfg = resumed_config(ckpt, cfg, said.append, given)  # said below, once the data is checked too
     elif (out / "ckpt.pt").exists():
         raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
                         f"another folder")
@@ -2980,14 +2978,9 @@ def cmd_train(args):
     if flags.get("tile") and "image_size" in flags:
         raise UserError("--image-size: has no effect with --tile, which cuts tiles at the images' own size "
                         "(--tile-scale rescales them first)")
-    cfg = train_config(**flags)
     pick_device(args.device)
-    if args.resume and (Path(args.resume) / "ckpt.pt").is_file():  # its own config with the flags given
-        ckpt = load_checkpoint(Path(args.resume) / "ckpt.pt")
-        cfg = resumed_config(ckpt, replace(train_config_of(ckpt), **({"steps": None} if "epochs" in flags else {}),
-                                           **flags), lambda *_: None, given=flags)  # --epochs alone: that many
-    path = train(args.data, cfg, args.resume or args.out, args.device, resume=bool(args.resume),
-                 compile=args.compile)
+    path = train(args.data, train_config(**flags), args.resume or args.out, args.device, resume=bool(args.resume),
+                 compile=args.compile, given=flags)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
     return 0
