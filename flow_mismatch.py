@@ -2243,6 +2243,8 @@ def check_unseen(ckpt: dict, data: Dataset, ckpt_path) -> None:
 
 def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) -> dict:
     """The checkpoint's calibration of `category`, checked to fit cfg's scoring rule and the rate A."""
+    if not 0 < A < 1:
+        raise UserError(f"--alarm-rate: must be strictly between 0 and 1, got {A}")
     names = ckpt["class_names"]
     if category is None:
         if len(names) > 1:
@@ -2899,13 +2901,6 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def rate(text):
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
-    return value
-
-
 def eval_size(text):
     if text == "original":
         return text
@@ -3126,7 +3121,7 @@ def build_parser() -> Parser:
                    help="write each map as a float32 TIFF at its image's original size where the official "
                         "MVTec AD / LOCO (DIR/<category>/test/<defect>/<name>.tiff) and MVTec AD 2 "
                         "(DIR/anomaly_images/..., with --alarm-rate also anomaly_images_thresholded/) evaluations read them")
-    p.add_argument("--alarm-rate", type=rate, metavar="A",
+    p.add_argument("--alarm-rate", type=float, metavar="A",
                    help="also report, per category, the false-alarm and detection rates of the calibrated decision "
                         "p <= A and the pixel precision and recall of its masks")
 
@@ -3135,7 +3130,7 @@ def build_parser() -> Parser:
     p.add_argument("images", help="an image or a folder of images")
     p.add_argument("--out", help="output folder (default: scored/<name of the folder or image>)")
     p.add_argument("--category", help="category label for a class-conditional model")
-    p.add_argument("--alarm-rate", type=rate, metavar="A",
+    p.add_argument("--alarm-rate", type=float, metavar="A",
                    help="decide: scores.csv gains the conformal p_value and anomalous (p <= A), masks/ a binary "
                         "defect mask per image; at most a fraction A of normal images is flagged (README)")
     scoring(p)

@@ -143,6 +143,16 @@ def test_calibrated_decisions_equal_score_alarm_rate(bottle, tmp_path):
         assert np.array_equal(pred.pred_mask[i], pred.anomaly_map[i] > tau)
 
 
+def test_an_alarm_rate_outside_0_1_is_refused_alike_from_python_and_the_cli(bottle, tmp_path, capsys):
+    ckpt, folder = bottle / "runs" / "bottle" / "ckpt.pt", bottle / "mvtec" / "bottle" / "test" / "good"
+    with pytest.raises(fm.UserError) as e:
+        fm.load(ckpt, "cpu").predict(folder, alarm_rate=1.5)
+    assert fm.main(["score", "--ckpt", str(ckpt), str(folder), "--out", str(tmp_path / "s"), "--alarm-rate", "1.5",
+                    "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == f"flow_mismatch.py: error: {e.value}"
+    assert "--alarm-rate" in str(e.value) and not (tmp_path / "s").exists()
+
+
 def test_every_file_and_test_the_readme_names_exists():
     named, last = [], None
     source = r"[\w./-]+\.(?:py|sh|txt)|[\w/]*(?:README|BENCHMARKS)\.md"  # not the .md tables commands write

@@ -201,7 +201,7 @@ def bad_invocations(d):
         (["explain", "--ckpt", ck, data / "x.png", "--out", f / "fig.png"], ("--out", "not a folder")),
         (["calibrate", "--ckpt", f / "ckpt.pt"], ("--ckpt", "not a folder")),
         (["calibrate", "--ckpt", ck, "-T", 0], "-T"),
-        (sc + ["--alarm-rate", 1.5], "--alarm-rate"),
+        (sc + ["--alarm-rate", "x"], "--alarm-rate"),  # out of range: test_library (after the checkpoint)
         (["compare", d / "none.json", "--dataset", "mvtec"], "none.json"),
         (["compare", f / "metrics.json", "--dataset", "mvtec"], "file.txt"),
         (["compare", f, "--dataset", "nope"], "--dataset"),
