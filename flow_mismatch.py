@@ -2449,9 +2449,24 @@ def with_strided_attention(model: UNet) -> UNet:
     return before
 
 
-def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, max_batch=0,
-          repeats=3, naive=True, train_mode=False, compile=False, layout="auto") -> dict:
-    """Layout: auto (training: channels_last; scoring: inference_model's choice), channels_last or nchw.
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `bench` times, beside the preset and image size (TrainConfig) and K, T, --max-batch (ScoreConfig)."""
+
+    images: int = knob(4, "images scored (training: the batch)", ge=1, le=4096)
+    repeats: int = knob(3, "timed repeats; the fastest counts", ge=1, le=1000)
+    no_naive: bool = knob(False, "skip the naive loop (slow for large K*T)")
+    train: bool = knob(False, "time training steps instead (batch = --images)")
+    compile: bool = knob(False, "also time the compiled U-Net (and training step)")
+    layout: str = knob("auto", "memory layout; auto: channels_last for training and CPU scoring, NCHW for GPU "
+                               "scoring", choices=("auto", "channels_last", "nchw"))
+
+    def __post_init__(self):
+        check_knobs(self)
+
+
+def bench(cfg: BenchConfig = BenchConfig(), preset="paper", image_size=128, score=ScoreConfig(), device="auto") -> dict:
+    """Scoring (or with cfg.train, training) speed of `preset` at image_size, K, T and max_batch of `score`.
 
     Scoring times, in one run and interleaved repeat by repeat (so a load that comes and goes
     hits every variant alike; each figure is the fastest repeat, as other load only adds time):
@@ -2465,7 +2480,7 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     for p in model.parameters():
         if not p.any():  # undo the zero initialisations: a non-trivial output to compare
             nn.init.normal_(p, std=0.02)
-    y = torch.randn(images, 3, image_size, image_size, device=device)
+    y = torch.randn(cfg.images, 3, image_size, image_size, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -2485,16 +2500,14 @@ def bench(preset="paper", device="auto", K=10, T=10, images=4, image_size=128, m
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     out = dict(device=name, preset=preset, image_size=image_size, flops=flops)
-    if train_mode:
-        return bench_train(model, y, device, layout, compile, repeats, seconds, dict(mode="train", **out))
-    return bench_score(model, y, ScoreConfig(K=K, T=T, max_batch=max_batch), device, layout, compile, repeats,
-                       seconds, naive, dict(mode="score", **out), peak)
+    if cfg.train:
+        return bench_train(model, y, device, cfg, seconds, dict(mode="train", **out))
+    return bench_score(model, y, score, device, cfg, seconds, dict(mode="score", **out), peak)
 
 
-def bench_score(model: UNet, y, cfg: ScoreConfig, device, layout, compile, repeats, seconds, naive, out: dict,
-                peak=None) -> dict:
+def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, seconds, out: dict, peak=None) -> dict:
     """The scoring figures of `bench` on images y (see there); peak: the device's dense bf16 TFLOP/s."""
-    images, image_size, K, T = len(y), y.shape[-1], cfg.K, cfg.T
+    images, image_size, K, T, layout, compile = len(y), y.shape[-1], cfg.K, cfg.T, bc.layout, bc.compile
     fast = inference_model(model, device, False, None if layout == "auto" else layout == "channels_last")
     conv = next(p for p in model.parameters() if p.dim() == 4)  # the layout inference_model chose
     layout = "nchw" if conv.is_contiguous() else "channels_last"
@@ -2517,7 +2530,7 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, layout, compile, repea
         for v, m in variants.items():  # warm-up (compiles)
             heats[v] = tasks["scorer"](*m)
             tasks["forward"](*m)
-        for _ in range(repeats):
+        for _ in range(bc.repeats):
             for v, m in variants.items():
                 for task, fn in tasks.items():
                     times.setdefault((v, task), []).append(seconds(lambda: fn(*m))[1])
@@ -2545,18 +2558,18 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, layout, compile, repea
     out.update(bf16_heat_max_rel_diff=float((h16 - h32).abs().max() / h32.abs().max()),
                bf16_score_max_rel_diff=float(((s16 - s32).abs() / s32.abs()).max()),
                bf16_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
-    if naive:
+    if not bc.no_naive:
         ref = mismatch_heat_naive(model, y, cfg=cfg)  # also the warm-up
-        seconds_naive = min(seconds(lambda: mismatch_heat_naive(model, y, cfg=cfg))[1] for _ in range(repeats))
+        seconds_naive = min(seconds(lambda: mismatch_heat_naive(model, y, cfg=cfg))[1] for _ in range(bc.repeats))
         out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / sec,
                    max_abs_diff=float((heat - ref).abs().max()))
     return out
 
 
-def bench_train(model: UNet, y, device, layout, compile, repeats, seconds, out: dict) -> dict:
+def bench_train(model: UNet, y, device, bc: BenchConfig, seconds, out: dict) -> dict:
     """Training images/s (10 StableAdamW steps) at batch len(y) and, on a GPU, at the largest batch
-    that fits (doubling until out of memory), eager and with `compile` compiled, interleaved."""
-    layout = "nchw" if layout == "nchw" else "channels_last"
+    that fits (doubling until out of memory), eager and with bc.compile compiled, interleaved."""
+    layout, compile = "nchw" if bc.layout == "nchw" else "channels_last", bc.compile
     model.to(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format).train()
     opt = StableAdamW(model.parameters())
     nets = {"eager": model, **({"compiled": torch.compile(model, dynamic=False)} if compile else {})}
@@ -2586,7 +2599,7 @@ def bench_train(model: UNet, y, device, layout, compile, repeats, seconds, out: 
         yb = y[:1].expand(b, -1, -1, -1).clone() if b != len(y) else y
         warm = {v: seconds(lambda: steps(net, yb))[1] for v, net in nets.items()}  # warm-up (compiles)
         times = {}
-        for _ in range(repeats):
+        for _ in range(bc.repeats):
             for v, net in nets.items():
                 times.setdefault(v, []).append(seconds(lambda: steps(net, yb))[1])
         if compile and b == len(y):  # the warm-up's excess over a timed repeat
@@ -2909,15 +2922,6 @@ def eval_size(text):
     return int(text)
 
 
-def int_in(lo, hi):
-    """argparse type of a flag outside the config dataclasses: an integer in [lo, hi]."""
-    def parse(text):
-        if not text.lstrip("-").isdigit() or not lo <= int(text) <= hi:
-            raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {hi}, got {text}")
-        return int(text)
-    return parse
-
-
 def number(text):
     try:
         return int(text)
@@ -3065,8 +3069,7 @@ def cmd_bench(args):
             raise UserError(f"--json: {args.json} is a folder; name a file")
         check_out_dir(Path(args.json).parent, "--json")
     tc, sc = train_config(**given(TrainConfig, args)), ScoreConfig(**given(ScoreConfig, args))
-    r = bench(tc.preset, args.device, sc.K, sc.T, args.images, tc.image_size, sc.max_batch, args.repeats,
-              naive=not args.no_naive, train_mode=args.train, compile=args.compile, layout=args.layout)
+    r = bench(BenchConfig(**given(BenchConfig, args)), tc.preset, tc.image_size, sc, args.device)
     r.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     for k, v in r.items():
         print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
@@ -3161,14 +3164,7 @@ def build_parser() -> Parser:
     p = command("bench", cmd_bench, "latency and images/s of the scorer (before/eager/compiled, fp32/bf16, naive)")
     knob_flags(p, TrainConfig, ("preset", "image_size"), shown=dict(image_size="the preset's training size"))
     knob_flags(p, ScoreConfig, ("K", "T", "max_batch"))
-    p.add_argument("--images", type=int_in(1, 4096), default=4, help="images scored (default 4)")
-    p.add_argument("--repeats", type=int_in(1, 1000), default=3, help="timed repeats; the fastest counts (default 3)")
-    p.add_argument("--no-naive", action="store_true", help="skip the naive loop (slow for large K*T)")
-    p.add_argument("--train", action="store_true", help="time training steps instead (batch = --images)")
-    p.add_argument("--compile", action="store_true", help="also time the compiled U-Net (and training step)")
-    p.add_argument("--layout", choices=("auto", "channels_last", "nchw"), default="auto",
-                   help="memory layout to measure (default auto: channels_last for training and CPU scoring, NCHW for "
-                        "GPU scoring)")
+    knob_flags(p, BenchConfig)
     p.add_argument("--json", help="also write the figures to this file")
     return ap
 
