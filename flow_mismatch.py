@@ -744,7 +744,9 @@ def run_lock(out: Path, flag="--out", command="train", wait=False):
     """One writer per folder (`train` and `calibrate` of a run folder, `test` or `score` of an output
     folder): an exclusive OS lock (try_lock) on OUT/.lock, which names the holder's pid and command,
     for as long as the block runs. Busy: an error naming the folder and the holder, or with wait,
-    one line saying so and a wait. A folder made here and left empty is removed again."""
+    one line saying so and a wait. A folder made here and left empty is removed again. First of all,
+    check_out_dir."""
+    check_out_dir(out, flag)
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
         yield
         return
@@ -819,7 +821,6 @@ def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resum
     speed go to out/train_log.csv, drawn at the end as out/loss.png."""
     out = Path(out or Path("runs") / Path(data.root if isinstance(data, Dataset) else data).resolve().name)
     flag = "--resume" if resume else "--out"
-    check_out_dir(out, flag)
     with run_lock(out, flag):  # held until training ends
         run = train_setup(data, cfg, out, pick_device(device, distributed()[2]), resume, log, compile, given)
         stop = []  # the signal that asks to stop: finish the step, save, exit
@@ -2070,9 +2071,6 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     With alarm_rate, also the operating point of the calibrated decisions (see Calibration).
     With save_maps, a folder: every map at its image's original size as the official evaluations
     read them (write_maps)."""
-    check_out_dir(out)
-    if save_maps is not None:
-        check_out_dir(save_maps, "--save-maps")
     maps = run_lock(Path(save_maps), "--save-maps", "test") if save_maps is not None else contextlib.nullcontext()
     with run_lock(out, "--out", "test"), maps:  # one writer per output folder
         rank, world, local_rank = distributed()
@@ -2127,7 +2125,6 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
               log=print, eval_size=None) -> list:
     """Every checkpoint x the Cartesian product of `grid` ({ScoreConfig field: values}, fields not
     given stay as in `base`); writes out/sweep.md and out/sweep.json (per-category results too)."""
-    check_out_dir(out)
     with run_lock(out, "--out", "test"):
         settings = [replace(base, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
         rank, world, local_rank = distributed()
@@ -2818,7 +2815,6 @@ def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, al
     image's original size, named like its overlay) and with alarm_rate masks/ (defect masks at each
     image's original size). Returns the rows of scores.csv."""
     out = Path(out)
-    check_out_dir(out)
     with run_lock(out, "--out", "score"):
         detector = load(ckpt, device, compile)
         files = [p for _, p in image_inputs(images)]
