@@ -375,7 +375,7 @@ class UNet(nn.Module):
         return 2 ** (len(self.cfg.channel_mult) - 1)
 
     def forward(self, x, t, labels=None):
-        emb = self.time_mlp(time_embedding(t, self.cfg.base_channels))
+        emb = self.time_mlp(time_embedding(t, self.cfg.base_channels).to(x.dtype))  # x.dtype: bf16 weights too
         if self.label_emb is not None:
             emb = emb + self.label_emb(labels)
         h = self.stem(x)
