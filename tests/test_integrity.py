@@ -261,8 +261,8 @@ def test_resume_refuses_other_data_or_a_changed_flag_and_keeps_every_training_im
     assert r.returncode == 0, r.stderr
     first = torch.load(run / "ckpt.pt", weights_only=True)["trained_on"]
     before = (run / "ckpt.pt").read_bytes()
-    changed = [["--lr", 0.01], ["--batch-size", 3], ["--image-size", 32], ["--preset", "small"], ["--seed", 1],
-               ["--pooled"], ["--calib-fraction", 0.5]]
+    changed = [["--lr", 0.01], ["--batch-size", 3], ["--batch-size", 32], ["--image-size", 32], ["--preset", "small"],
+               ["--seed", 1], ["--pooled"], ["--calib-fraction", 0.5]]  # --batch-size 32: a default, given
     for argv, needles in [(["--data", other], ("--data", "other")), *[(a, (a[0], "differs")) for a in changed]]:
         rc = fm.main(["train", "--resume", str(run), *map(str, argv), "--steps", "3"])
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
