@@ -2978,7 +2978,6 @@ def cmd_train(args):
                  compile=args.compile, given=flags)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
-    return 0
 
 
 def cmd_test(args):
@@ -2995,7 +2994,6 @@ def cmd_test(args):
         evaluate(args.ckpt[0], args.data, out, cfg, args.device, overlays=not args.no_overlays, compile=args.compile,
                  eval_size=args.eval_size, alarm_rate=args.alarm_rate, save_maps=args.save_maps)
     print(f"wrote {out}")
-    return 0
 
 
 def cmd_score(args):
@@ -3008,7 +3006,6 @@ def cmd_score(args):
 
 def cmd_calibrate(args):
     calibrate(args.ckpt, args.data, args.category, ScoreConfig(**given(ScoreConfig, args)), args.device, args.compile)
-    return 0
 
 
 def cmd_demo(args):
@@ -3026,7 +3023,6 @@ def cmd_demo(args):
     results = evaluate(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
     print(f"demo: image AUROC {percent(results['mean']['image_auroc'])}, pixel AUROC "
           f"{percent(results['mean']['pixel_auroc'])}; heatmaps under {out / 'eval'}")
-    return 0
 
 
 def cmd_explain(args):
@@ -3034,7 +3030,6 @@ def cmd_explain(args):
     e = explain(args.ckpt, args.image, out, ScoreConfig(**given(ScoreConfig, args)), args.mask, args.category,
                 args.device)
     print(f"S = {e['score']:.6g}; wrote {out}, {out.with_suffix('.json')} and {out.with_suffix('.npz')}")
-    return 0
 
 
 def cmd_compare(args):
@@ -3056,7 +3051,6 @@ def cmd_compare(args):
              f"({partial}); the mean rows are not like for like")
     write_text(path.parent / f"compare_{args.dataset}.md", table + "\n")
     print(table)
-    return 0
 
 
 def cmd_bench(args):
@@ -3072,7 +3066,6 @@ def cmd_bench(args):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text(args.json, json.dumps(r, indent=2))
-    return 0
 
 
 def build_parser() -> Parser:
@@ -3171,10 +3164,10 @@ def terminated(signum, frame):
 
 
 def main(argv=None) -> int:
-    """Runs a command; returns its exit status (SKIPPED and the others above the Parser)."""
+    """Runs a command; returns its exit status (SKIPPED and the others above the Parser; a command's None: 0)."""
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        return args.func(args) or 0
     except UserError as e:
         note(f"error: {e}")
         return e.status
