@@ -2983,12 +2983,11 @@ def cmd_train(args):
 def cmd_test(args):
     cfg = ScoreConfig(**given(ScoreConfig, args))
     out = Path(args.out or Path("eval") / Path(args.ckpt[0]).resolve().parent.name)
-    grid = {name: getattr(args, "grid_" + name) for name in ("score", "K", "T", "aggregator", "weight")
-            if getattr(args, "grid_" + name) is not None}
-    for flag, value in (("--alarm-rate", args.alarm_rate), ("--save-maps", args.save_maps)):
-        if (grid or len(args.ckpt) > 1) and value:
-            raise UserError(f"{flag}: give it to a plain `test` of one checkpoint, not to an ablation")
+    grid = {k.removeprefix("grid_"): v for k, v in vars(args).items() if k.startswith("grid_") and v is not None}
     if grid or len(args.ckpt) > 1:
+        for flag, value in (("--alarm-rate", args.alarm_rate), ("--save-maps", args.save_maps)):
+            if value:
+                raise UserError(f"{flag}: give it to a plain `test` of one checkpoint, not to an ablation")
         run_sweep(args.ckpt, args.data, out, cfg, grid, args.device, args.compile, eval_size=args.eval_size)
     else:
         evaluate(args.ckpt[0], args.data, out, cfg, args.device, overlays=not args.no_overlays, compile=args.compile,
