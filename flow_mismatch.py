@@ -1965,11 +1965,10 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
                              ("defective images, lowest score first", defect[np.argsort(scores[defect], kind="stable")])):
             page.append(f"<h3>{escape(name)}: {title}</h3><div>")
             for i in order:
-                p = Path(data.paths[i])
-                rel = f"{p.parent.name}/{p.name}"
-                src = f"{quote(name)}/overlays/{quote(overlay_name(data.paths[i]))}"
-                page.append(f"<figure><img src='{src}' loading='lazy' alt='{escape(rel)}'>"
-                            f"<figcaption>S = {scores[i]:.4g} &middot; {escape(rel)}</figcaption></figure>")
+                src = overlay_name(data.paths[i])
+                rel = escape(src.removesuffix(".png"))  # <folder>/<file>
+                page.append(f"<figure><img src='{quote(name)}/overlays/{quote(src)}' loading='lazy' alt='{rel}'>"
+                            f"<figcaption>S = {scores[i]:.4g} &middot; {rel}</figcaption></figure>")
             page.append("</div>")
     page.append("</body></html>")
     write_text(out / "report.html", "\n".join(page) + "\n")
