@@ -2946,12 +2946,10 @@ def knob_flags(p, cls, names=None, shown=None):
         m = f.metadata
         rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
         about = f"{m['help']} (default {(shown or {}).get(f.name, f.default)}{'; ' + rule if rule else ''})"
-        if f.type == "bool":
-            p.add_argument(flag_of(f), dest=f.name, action="store_true", default=argparse.SUPPRESS, help=about)
-        else:
-            p.add_argument(flag_of(f), dest=f.name, type=lambda text, f=f: parse_knob(f, text),
-                           default=argparse.SUPPRESS, help=about,
-                           metavar="{" + ",".join(m["choices"]) + "}" if m["choices"] else f.name.upper())
+        kind = dict(action="store_true") if f.type == "bool" else dict(
+            type=lambda text, f=f: parse_knob(f, text),
+            metavar="{" + ",".join(m["choices"]) + "}" if m["choices"] else f.name.upper())
+        p.add_argument(flag_of(f), dest=f.name, default=argparse.SUPPRESS, help=about, **kind)
 
 
 def scoring(p):
