@@ -2464,12 +2464,10 @@ class BenchConfig:
 def bench(cfg: BenchConfig = BenchConfig(), preset="paper", image_size=128, score=ScoreConfig(), device="auto") -> dict:
     """Scoring (or with cfg.train, training) speed of `preset` at image_size, K, T and max_batch of `score`.
 
-    Scoring times, in one run and interleaved repeat by repeat (so a load that comes and goes
-    hits every variant alike; each figure is the fastest repeat, as other load only adds time):
-    the U-Net before the contiguous attention ("before"), as it is ("eager"), the same in the
-    other precision (bf16 on a CPU, fp32 on a GPU) and, with `compile`, Compiled in both; each as
-    one forward at the forward batch, as images/s of the scorer on `images` images, and as latency
-    (one image, K x T forwards)."""
+    Scoring times, in one run, each the fastest of interleaved repeats (see fastest): the U-Net
+    before the contiguous attention ("before"), as it is ("eager"), the same in the other precision
+    (bf16 on a CPU, fp32 on a GPU) and, with `compile`, Compiled in both; each as one forward at the
+    forward batch, as images/s of the scorer on `images` images, and as latency (one image, K x T forwards)."""
     device = pick_device(device)
     torch.manual_seed(0)
     model = build_model(preset, 0).to(device)
@@ -2481,12 +2479,18 @@ def bench(cfg: BenchConfig = BenchConfig(), preset="paper", image_size=128, scor
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def seconds(fn):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        return out, time.perf_counter() - t0
+    def fastest(jobs: dict, repeats=cfg.repeats) -> dict:
+        """{key: seconds of the fastest of `repeats` calls of jobs[key]()}, the jobs interleaved repeat by
+        repeat, so a load that comes and goes hits every job alike (and other load only adds time)."""
+        best = dict.fromkeys(jobs, math.inf)
+        for _ in range(repeats):
+            for key, fn in jobs.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                best[key] = min(best[key], time.perf_counter() - t0)
+        return best
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -2497,11 +2501,11 @@ def bench(cfg: BenchConfig = BenchConfig(), preset="paper", image_size=128, scor
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     out = dict(device=name, preset=preset, image_size=image_size, flops=flops)
     if cfg.train:
-        return bench_train(model, y, device, cfg, seconds, dict(mode="train", **out))
-    return bench_score(model, y, score, device, cfg, seconds, dict(mode="score", **out), peak)
+        return bench_train(model, y, device, cfg, fastest, dict(mode="train", **out))
+    return bench_score(model, y, score, device, cfg, fastest, dict(mode="score", **out), peak)
 
 
-def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, seconds, out: dict, peak=None) -> dict:
+def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, fastest, out: dict, peak=None) -> dict:
     """The scoring figures of `bench` on images y (see there); peak: the device's dense bf16 TFLOP/s."""
     images, image_size, K, T, layout, compile = len(y), y.shape[-1], cfg.K, cfg.T, bc.layout, bc.compile
     fast = inference_model(model, device, False, None if layout == "auto" else layout == "channels_last")
@@ -2521,16 +2525,13 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, secon
 
     tasks = {"forward": forward, "scorer": lambda m, p: mismatch_heat(m, y, cfg=replace(cfg, precision=p)),
              "latency": lambda m, p: mismatch_heat(m, y[:1], cfg=replace(cfg, precision=p))}
-    times, heats = {}, {}
+    heats = {}
     with torch.no_grad():
         for v, m in variants.items():  # warm-up (compiles)
             heats[v] = tasks["scorer"](*m)
             tasks["forward"](*m)
-        for _ in range(bc.repeats):
-            for v, m in variants.items():
-                for task, fn in tasks.items():
-                    times.setdefault((v, task), []).append(seconds(lambda: fn(*m))[1])
-    best = {key: float(np.min(ts)) for key, ts in times.items()}
+        best = fastest({(v, task): lambda fn=fn, m=m: fn(*m)
+                        for v, m in variants.items() for task, fn in tasks.items()})
     heat, sec = heats["eager"], best["eager", "scorer"]
     out.update(layout=layout, K=K, T=T, images=images, max_batch=fb, precision=main, other_precision=other,
                batched_fps=images / sec, forwards_per_s=images * K * T / sec,
@@ -2556,13 +2557,13 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, secon
                bf16_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
     if not bc.no_naive:
         ref = mismatch_heat_naive(model, y, cfg=cfg)  # also the warm-up
-        seconds_naive = min(seconds(lambda: mismatch_heat_naive(model, y, cfg=cfg))[1] for _ in range(bc.repeats))
+        seconds_naive = fastest({"naive": lambda: mismatch_heat_naive(model, y, cfg=cfg)})["naive"]
         out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / sec,
                    max_abs_diff=float((heat - ref).abs().max()))
     return out
 
 
-def bench_train(model: UNet, y, device, bc: BenchConfig, seconds, out: dict) -> dict:
+def bench_train(model: UNet, y, device, bc: BenchConfig, fastest, out: dict) -> dict:
     """Training images/s (10 StableAdamW steps) at batch len(y) and, on a GPU, at the largest batch
     that fits (doubling until out of memory), eager and with bc.compile compiled, interleaved."""
     layout, compile = "nchw" if bc.layout == "nchw" else "channels_last", bc.compile
@@ -2593,15 +2594,12 @@ def bench_train(model: UNet, y, device, bc: BenchConfig, seconds, out: dict) -> 
     out.update(layout=layout, batch=len(y), batches=batches)
     for b in batches:
         yb = y[:1].expand(b, -1, -1, -1).clone() if b != len(y) else y
-        warm = {v: seconds(lambda: steps(net, yb))[1] for v, net in nets.items()}  # warm-up (compiles)
-        times = {}
-        for _ in range(bc.repeats):
-            for v, net in nets.items():
-                times.setdefault(v, []).append(seconds(lambda: steps(net, yb))[1])
+        jobs = {v: lambda net=net: steps(net, yb) for v, net in nets.items()}
+        warm, best = fastest(jobs, 1), fastest(jobs)  # the first: a warm-up (compiles)
         if compile and b == len(y):  # the warm-up's excess over a timed repeat
-            out["compile_s"] = warm["compiled"] - float(np.min(times["compiled"]))
+            out["compile_s"] = warm["compiled"] - best["compiled"]
         for v in nets:
-            fps = n_steps * b / float(np.min(times[v]))
+            fps = n_steps * b / best[v]
             out[f"{v}_train_fps_batch{b}"] = fps
             if b == len(y):
                 out.update({f"{v}_train_fps": fps, f"{v}_achieved_tflops": 3 * out["flops"] * fps / 1e12})
