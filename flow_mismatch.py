@@ -1804,9 +1804,7 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
             reduced = h.to(device)
             dist.all_reduce(reduced)
             h.copy_(reduced.cpu())
-    scores = image_score(heat, cfg.image_score) if torch.is_tensor(heat) else \
-        torch.cat([image_score(h[None], cfg.image_score) for h in heat])
-    return heat, scores
+    return heat, torch.cat([image_score(h[None], cfg.image_score) for h in heat])  # image by image: sizes may differ
 
 
 def overlay_name(path) -> str:
