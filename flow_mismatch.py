@@ -2064,10 +2064,8 @@ def metrics_of(tests: dict, scored: dict, eval_size=None, cals=None, alarm_rate=
 def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", overlays=True, compile=False,
              log=print, eval_size=None, alarm_rate=None, save_maps=None) -> dict:
     """Score the test split of every category under data_root; write metrics and heatmaps to out.
-    Pixel metrics at the training resolution, or at eval_size (N or "original").
-    With alarm_rate, also the operating point of the calibrated decisions (see Calibration).
-    With save_maps, a folder: every map at its image's original size as the official evaluations
-    read them (write_maps)."""
+    eval_size and alarm_rate: as metrics_of; with save_maps, a folder, also every map at its image's
+    original size where the official evaluations read them (write_maps)."""
     maps = run_lock(Path(save_maps), "--save-maps", "test") if save_maps is not None else contextlib.nullcontext()
     with run_lock(out, "--out", "test"), maps:  # one writer per output folder
         rank, world, local_rank = distributed()
@@ -2757,9 +2755,8 @@ class Detector:
     def stream(self, images, category=None, alarm_rate=None, chunk=32, skip=False, progress=None, **overrides):
         """(Prediction, data, heat) per chunk of at most `chunk` images, each read when its chunk is
         scored, so memory does not grow with the number of images; data: the chunk at the model's
-        size, heat: (n, S, S) its maps there (a tiled checkpoint: at the images' own size times its
-        tile scale, a list if the sizes differ; each image scored in tiles). With skip, an unreadable file is named and left out.
-        Image i draws its paths as image i of the readable ones, as `score` does."""
+        size, heat: its maps there, as score_dataset returns them. With skip, an unreadable file is
+        named and left out. Image i draws its paths as image i of the readable ones, as `score` does."""
         cfg = ScoreConfig(**overrides)
         label = category_label(self.ckpt, category)
         cal = calibration_of(self.ckpt, category, cfg, self.path, alarm_rate) if alarm_rate else None
