@@ -2238,10 +2238,9 @@ def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) 
     if not 0 < A < 1:
         raise UserError(f"--alarm-rate: must be strictly between 0 and 1, got {A}")
     names = ckpt["class_names"]
+    category = category or (names[0] if len(names) == 1 else None)
     if category is None:
-        if len(names) > 1:
-            raise UserError(f"--category: give one of {names}; each category has its own calibration")
-        category = names[0]
+        raise UserError(f"--category: give one of {names}; each category has its own calibration")
     cal = (ckpt.get("calibration") or {}).get(category)
     if cal is None:
         raise UserError(f"--alarm-rate: {ckpt_path} holds no calibration of {category}; train with --calib-fraction "
