@@ -2339,9 +2339,9 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
     show(axes[0, 6], image, "H over the image")
     axes[0, 6].imshow(heat, cmap="jet", alpha=0.45)
     hi = float(maps.max())
+    share = maps.sum((1, 2)) / max(float(maps.sum()), 1e-30)  # (T,): each time's part of H
     for j in range(T):
-        share = float(maps[j].sum() / max(maps.sum(), 1e-30))
-        show(axes[1 + j // cols, j % cols], maps[j], f"w·δ, t={e['t'][j]:.2f}\n{100 * share:.0f}% of H",
+        show(axes[1 + j // cols, j % cols], maps[j], f"w·δ, t={e['t'][j]:.2f}\n{100 * share[j]:.0f}% of H",
              cmap="inferno", vmin=0, vmax=hi)
     low, avg = e["spread"][aggregator].numpy(), e["spread"]["mean"].numpy()
     ts, r = f"t={e['t'][e['t_star']]:.2f}", rows - 1
@@ -2369,7 +2369,7 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
 
     numbers = dict(about, score=e["score"], heat=dict(stats(heat), peak=list(map(int, e["peak"]))),
                    xt=dict(path=0, t=[float(e["t"][j]) for j in shown]),
-                   times=[dict(t=float(e["t"][j]), w=float(e["w"][j]), share_of_H=float(maps[j].sum() / maps.sum()),
+                   times=[dict(t=float(e["t"][j]), w=float(e["w"][j]), share_of_H=float(share[j]),
                                **stats(maps[j])) for j in range(T)],
                    spread=dict(t=float(e["t"][e["t_star"]]), **{a: stats(m.numpy()) for a, m in e["spread"].items()}),
                    arrays=out.with_suffix(".npz").name)
