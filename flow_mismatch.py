@@ -2661,9 +2661,7 @@ def compare(results: dict, dataset: str) -> str:
     """Our metrics beside the paper's for the categories both have: rows ours, paper, ours - paper.
     A mean that is not over the paper's categories is labelled as such (mean_coverage)."""
     rows = []
-    for name in results:
-        if name not in PAPER[dataset]:
-            continue
+    for name in [n for n in results if n in PAPER[dataset]]:
         paper, ours = PAPER[dataset][name], [results[name][k] for k in METRICS]
         ours = [None if v is None else 100 * v for v in ours]
         diff = [None if o is None else o - p for o, p in zip(ours, paper)]
