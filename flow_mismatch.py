@@ -2073,7 +2073,7 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
         detector = load(ckpt_path, device, compile)
         ckpt = detector.ckpt
         tests = load_test(data_root, *detector.geometry)
-        cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests} if alarm_rate else {}
+        cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests if alarm_rate is not None}
         t0 = time.time()
         scored = score_tests(detector, tests, cfg)
         seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
@@ -2756,7 +2756,7 @@ class Detector:
         named and left out. Image i draws its paths as image i of the readable ones, as `score` does."""
         cfg = ScoreConfig(**overrides)
         label = category_label(self.ckpt, category)
-        cal = calibration_of(self.ckpt, category, cfg, self.path, alarm_rate) if alarm_rate else None
+        cal = None if alarm_rate is None else calibration_of(self.ckpt, category, cfg, self.path, alarm_rate)
         (size, scale, tile), inputs, done = self.geometry, image_inputs(images), 0
         while items := list(itertools.islice(inputs, chunk)):
             read = [(r, p) for r, (_, p) in zip(_load([x for x, _ in items], size, skip=skip, scale=scale, tile=tile),
