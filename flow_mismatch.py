@@ -1804,9 +1804,7 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
             reduced = h.to(device)
             dist.all_reduce(reduced)
             h.copy_(reduced.cpu())
-    scores = image_score(heat, cfg.image_score) if torch.is_tensor(heat) else \
-        torch.cat([image_score(h[None], cfg.image_score) for h in heat])
-    return heat, scores
+    return heat, torch.cat([image_score(h[None], cfg.image_score) for h in heat])  # image by image: sizes may differ
 
 
 def overlay_name(path) -> str:
@@ -1965,11 +1963,10 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
                              ("defective images, lowest score first", defect[np.argsort(scores[defect], kind="stable")])):
             page.append(f"<h3>{escape(name)}: {title}</h3><div>")
             for i in order:
-                p = Path(data.paths[i])
-                rel = f"{p.parent.name}/{p.name}"
-                src = f"{quote(name)}/overlays/{quote(overlay_name(data.paths[i]))}"
-                page.append(f"<figure><img src='{src}' loading='lazy' alt='{escape(rel)}'>"
-                            f"<figcaption>S = {scores[i]:.4g} &middot; {escape(rel)}</figcaption></figure>")
+                src = overlay_name(data.paths[i])
+                rel = escape(src.removesuffix(".png"))  # <folder>/<file>
+                page.append(f"<figure><img src='{quote(name)}/overlays/{quote(src)}' loading='lazy' alt='{rel}'>"
+                            f"<figcaption>S = {scores[i]:.4g} &middot; {rel}</figcaption></figure>")
             page.append("</div>")
     page.append("</body></html>")
     write_text(out / "report.html", "\n".join(page) + "\n")
@@ -2067,10 +2064,8 @@ def metrics_of(tests: dict, scored: dict, eval_size=None, cals=None, alarm_rate=
 def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", overlays=True, compile=False,
              log=print, eval_size=None, alarm_rate=None, save_maps=None) -> dict:
     """Score the test split of every category under data_root; write metrics and heatmaps to out.
-    Pixel metrics at the training resolution, or at eval_size (N or "original").
-    With alarm_rate, also the operating point of the calibrated decisions (see Calibration).
-    With save_maps, a folder: every map at its image's original size as the official evaluations
-    read them (write_maps)."""
+    eval_size and alarm_rate: as metrics_of; with save_maps, a folder, also every map at its image's
+    original size where the official evaluations read them (write_maps)."""
     maps = run_lock(Path(save_maps), "--save-maps", "test") if save_maps is not None else contextlib.nullcontext()
     with run_lock(out, "--out", "test"), maps:  # one writer per output folder
         rank, world, local_rank = distributed()
@@ -2078,7 +2073,7 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
         detector = load(ckpt_path, device, compile)
         ckpt = detector.ckpt
         tests = load_test(data_root, *detector.geometry)
-        cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests} if alarm_rate else {}
+        cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests if alarm_rate is not None}
         t0 = time.time()
         scored = score_tests(detector, tests, cfg)
         seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
@@ -2243,10 +2238,9 @@ def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) 
     if not 0 < A < 1:
         raise UserError(f"--alarm-rate: must be strictly between 0 and 1, got {A}")
     names = ckpt["class_names"]
+    category = category or (names[0] if len(names) == 1 else None)
     if category is None:
-        if len(names) > 1:
-            raise UserError(f"--category: give one of {names}; each category has its own calibration")
-        category = names[0]
+        raise UserError(f"--category: give one of {names}; each category has its own calibration")
     cal = (ckpt.get("calibration") or {}).get(category)
     if cal is None:
         raise UserError(f"--alarm-rate: {ckpt_path} holds no calibration of {category}; train with --calib-fraction "
@@ -2345,9 +2339,9 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
     show(axes[0, 6], image, "H over the image")
     axes[0, 6].imshow(heat, cmap="jet", alpha=0.45)
     hi = float(maps.max())
+    share = maps.sum((1, 2)) / max(float(maps.sum()), 1e-30)  # (T,): each time's part of H
     for j in range(T):
-        share = float(maps[j].sum() / max(maps.sum(), 1e-30))
-        show(axes[1 + j // cols, j % cols], maps[j], f"w·δ, t={e['t'][j]:.2f}\n{100 * share:.0f}% of H",
+        show(axes[1 + j // cols, j % cols], maps[j], f"w·δ, t={e['t'][j]:.2f}\n{100 * share[j]:.0f}% of H",
              cmap="inferno", vmin=0, vmax=hi)
     low, avg = e["spread"][aggregator].numpy(), e["spread"]["mean"].numpy()
     ts, r = f"t={e['t'][e['t_star']]:.2f}", rows - 1
@@ -2375,7 +2369,7 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
 
     numbers = dict(about, score=e["score"], heat=dict(stats(heat), peak=list(map(int, e["peak"]))),
                    xt=dict(path=0, t=[float(e["t"][j]) for j in shown]),
-                   times=[dict(t=float(e["t"][j]), w=float(e["w"][j]), share_of_H=float(maps[j].sum() / maps.sum()),
+                   times=[dict(t=float(e["t"][j]), w=float(e["w"][j]), share_of_H=float(share[j]),
                                **stats(maps[j])) for j in range(T)],
                    spread=dict(t=float(e["t"][e["t_star"]]), **{a: stats(m.numpy()) for a, m in e["spread"].items()}),
                    arrays=out.with_suffix(".npz").name)
@@ -2465,12 +2459,10 @@ class BenchConfig:
 def bench(cfg: BenchConfig = BenchConfig(), preset="paper", image_size=128, score=ScoreConfig(), device="auto") -> dict:
     """Scoring (or with cfg.train, training) speed of `preset` at image_size, K, T and max_batch of `score`.
 
-    Scoring times, in one run and interleaved repeat by repeat (so a load that comes and goes
-    hits every variant alike; each figure is the fastest repeat, as other load only adds time):
-    the U-Net before the contiguous attention ("before"), as it is ("eager"), the same in the
-    other precision (bf16 on a CPU, fp32 on a GPU) and, with `compile`, Compiled in both; each as
-    one forward at the forward batch, as images/s of the scorer on `images` images, and as latency
-    (one image, K x T forwards)."""
+    Scoring times, in one run, each the fastest of interleaved repeats (see fastest): the U-Net
+    before the contiguous attention ("before"), as it is ("eager"), the same in the other precision
+    (bf16 on a CPU, fp32 on a GPU) and, with `compile`, Compiled in both; each as one forward at the
+    forward batch, as images/s of the scorer on `images` images, and as latency (one image, K x T forwards)."""
     device = pick_device(device)
     torch.manual_seed(0)
     model = build_model(preset, 0).to(device)
@@ -2482,12 +2474,18 @@ def bench(cfg: BenchConfig = BenchConfig(), preset="paper", image_size=128, scor
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def seconds(fn):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        return out, time.perf_counter() - t0
+    def fastest(jobs: dict, repeats=cfg.repeats) -> dict:
+        """{key: seconds of the fastest of `repeats` calls of jobs[key]()}, the jobs interleaved repeat by
+        repeat, so a load that comes and goes hits every job alike (and other load only adds time)."""
+        best = dict.fromkeys(jobs, math.inf)
+        for _ in range(repeats):
+            for key, fn in jobs.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                best[key] = min(best[key], time.perf_counter() - t0)
+        return best
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -2498,11 +2496,11 @@ def bench(cfg: BenchConfig = BenchConfig(), preset="paper", image_size=128, scor
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     out = dict(device=name, preset=preset, image_size=image_size, flops=flops)
     if cfg.train:
-        return bench_train(model, y, device, cfg, seconds, dict(mode="train", **out))
-    return bench_score(model, y, score, device, cfg, seconds, dict(mode="score", **out), peak)
+        return bench_train(model, y, device, cfg, fastest, dict(mode="train", **out))
+    return bench_score(model, y, score, device, cfg, fastest, dict(mode="score", **out), peak)
 
 
-def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, seconds, out: dict, peak=None) -> dict:
+def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, fastest, out: dict, peak=None) -> dict:
     """The scoring figures of `bench` on images y (see there); peak: the device's dense bf16 TFLOP/s."""
     images, image_size, K, T, layout, compile = len(y), y.shape[-1], cfg.K, cfg.T, bc.layout, bc.compile
     fast = inference_model(model, device, False, None if layout == "auto" else layout == "channels_last")
@@ -2522,16 +2520,13 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, secon
 
     tasks = {"forward": forward, "scorer": lambda m, p: mismatch_heat(m, y, cfg=replace(cfg, precision=p)),
              "latency": lambda m, p: mismatch_heat(m, y[:1], cfg=replace(cfg, precision=p))}
-    times, heats = {}, {}
+    heats = {}
     with torch.no_grad():
         for v, m in variants.items():  # warm-up (compiles)
             heats[v] = tasks["scorer"](*m)
             tasks["forward"](*m)
-        for _ in range(bc.repeats):
-            for v, m in variants.items():
-                for task, fn in tasks.items():
-                    times.setdefault((v, task), []).append(seconds(lambda: fn(*m))[1])
-    best = {key: float(np.min(ts)) for key, ts in times.items()}
+        best = fastest({(v, task): lambda fn=fn, m=m: fn(*m)
+                        for v, m in variants.items() for task, fn in tasks.items()})
     heat, sec = heats["eager"], best["eager", "scorer"]
     out.update(layout=layout, K=K, T=T, images=images, max_batch=fb, precision=main, other_precision=other,
                batched_fps=images / sec, forwards_per_s=images * K * T / sec,
@@ -2557,13 +2552,13 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, secon
                bf16_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
     if not bc.no_naive:
         ref = mismatch_heat_naive(model, y, cfg=cfg)  # also the warm-up
-        seconds_naive = min(seconds(lambda: mismatch_heat_naive(model, y, cfg=cfg))[1] for _ in range(bc.repeats))
+        seconds_naive = fastest({"naive": lambda: mismatch_heat_naive(model, y, cfg=cfg)})["naive"]
         out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / sec,
                    max_abs_diff=float((heat - ref).abs().max()))
     return out
 
 
-def bench_train(model: UNet, y, device, bc: BenchConfig, seconds, out: dict) -> dict:
+def bench_train(model: UNet, y, device, bc: BenchConfig, fastest, out: dict) -> dict:
     """Training images/s (10 StableAdamW steps) at batch len(y) and, on a GPU, at the largest batch
     that fits (doubling until out of memory), eager and with bc.compile compiled, interleaved."""
     layout, compile = "nchw" if bc.layout == "nchw" else "channels_last", bc.compile
@@ -2594,15 +2589,12 @@ def bench_train(model: UNet, y, device, bc: BenchConfig, seconds, out: dict) -> 
     out.update(layout=layout, batch=len(y), batches=batches)
     for b in batches:
         yb = y[:1].expand(b, -1, -1, -1).clone() if b != len(y) else y
-        warm = {v: seconds(lambda: steps(net, yb))[1] for v, net in nets.items()}  # warm-up (compiles)
-        times = {}
-        for _ in range(bc.repeats):
-            for v, net in nets.items():
-                times.setdefault(v, []).append(seconds(lambda: steps(net, yb))[1])
+        jobs = {v: lambda net=net: steps(net, yb) for v, net in nets.items()}
+        warm, best = fastest(jobs, 1), fastest(jobs)  # the first: a warm-up (compiles)
         if compile and b == len(y):  # the warm-up's excess over a timed repeat
-            out["compile_s"] = warm["compiled"] - float(np.min(times["compiled"]))
+            out["compile_s"] = warm["compiled"] - best["compiled"]
         for v in nets:
-            fps = n_steps * b / float(np.min(times[v]))
+            fps = n_steps * b / best[v]
             out[f"{v}_train_fps_batch{b}"] = fps
             if b == len(y):
                 out.update({f"{v}_train_fps": fps, f"{v}_achieved_tflops": 3 * out["flops"] * fps / 1e12})
@@ -2669,9 +2661,7 @@ def compare(results: dict, dataset: str) -> str:
     """Our metrics beside the paper's for the categories both have: rows ours, paper, ours - paper.
     A mean that is not over the paper's categories is labelled as such (mean_coverage)."""
     rows = []
-    for name in results:
-        if name not in PAPER[dataset]:
-            continue
+    for name in [n for n in results if n in PAPER[dataset]]:
         paper, ours = PAPER[dataset][name], [results[name][k] for k in METRICS]
         ours = [None if v is None else 100 * v for v in ours]
         diff = [None if o is None else o - p for o, p in zip(ours, paper)]
@@ -2762,12 +2752,11 @@ class Detector:
     def stream(self, images, category=None, alarm_rate=None, chunk=32, skip=False, progress=None, **overrides):
         """(Prediction, data, heat) per chunk of at most `chunk` images, each read when its chunk is
         scored, so memory does not grow with the number of images; data: the chunk at the model's
-        size, heat: (n, S, S) its maps there (a tiled checkpoint: at the images' own size times its
-        tile scale, a list if the sizes differ; each image scored in tiles). With skip, an unreadable file is named and left out.
-        Image i draws its paths as image i of the readable ones, as `score` does."""
+        size, heat: its maps there, as score_dataset returns them. With skip, an unreadable file is
+        named and left out. Image i draws its paths as image i of the readable ones, as `score` does."""
         cfg = ScoreConfig(**overrides)
         label = category_label(self.ckpt, category)
-        cal = calibration_of(self.ckpt, category, cfg, self.path, alarm_rate) if alarm_rate else None
+        cal = None if alarm_rate is None else calibration_of(self.ckpt, category, cfg, self.path, alarm_rate)
         (size, scale, tile), inputs, done = self.geometry, image_inputs(images), 0
         while items := list(itertools.islice(inputs, chunk)):
             read = [(r, p) for r, (_, p) in zip(_load([x for x, _ in items], size, skip=skip, scale=scale, tile=tile),
@@ -2947,12 +2936,10 @@ def knob_flags(p, cls, names=None, shown=None):
         m = f.metadata
         rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
         about = f"{m['help']} (default {(shown or {}).get(f.name, f.default)}{'; ' + rule if rule else ''})"
-        if f.type == "bool":
-            p.add_argument(flag_of(f), dest=f.name, action="store_true", default=argparse.SUPPRESS, help=about)
-        else:
-            p.add_argument(flag_of(f), dest=f.name, type=lambda text, f=f: parse_knob(f, text),
-                           default=argparse.SUPPRESS, help=about,
-                           metavar="{" + ",".join(m["choices"]) + "}" if m["choices"] else f.name.upper())
+        kind = dict(action="store_true") if f.type == "bool" else dict(
+            type=lambda text, f=f: parse_knob(f, text),
+            metavar="{" + ",".join(m["choices"]) + "}" if m["choices"] else f.name.upper())
+        p.add_argument(flag_of(f), dest=f.name, default=argparse.SUPPRESS, help=about, **kind)
 
 
 def scoring(p):
@@ -2978,24 +2965,21 @@ def cmd_train(args):
                  compile=args.compile, given=flags)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
-    return 0
 
 
 def cmd_test(args):
     cfg = ScoreConfig(**given(ScoreConfig, args))
     out = Path(args.out or Path("eval") / Path(args.ckpt[0]).resolve().parent.name)
-    grid = {name: getattr(args, "grid_" + name) for name in ("score", "K", "T", "aggregator", "weight")
-            if getattr(args, "grid_" + name) is not None}
-    for flag, value in (("--alarm-rate", args.alarm_rate), ("--save-maps", args.save_maps)):
-        if (grid or len(args.ckpt) > 1) and value:
-            raise UserError(f"{flag}: give it to a plain `test` of one checkpoint, not to an ablation")
+    grid = {k.removeprefix("grid_"): v for k, v in vars(args).items() if k.startswith("grid_") and v is not None}
     if grid or len(args.ckpt) > 1:
+        for flag, value in (("--alarm-rate", args.alarm_rate), ("--save-maps", args.save_maps)):
+            if value:
+                raise UserError(f"{flag}: give it to a plain `test` of one checkpoint, not to an ablation")
         run_sweep(args.ckpt, args.data, out, cfg, grid, args.device, args.compile, eval_size=args.eval_size)
     else:
         evaluate(args.ckpt[0], args.data, out, cfg, args.device, overlays=not args.no_overlays, compile=args.compile,
                  eval_size=args.eval_size, alarm_rate=args.alarm_rate, save_maps=args.save_maps)
     print(f"wrote {out}")
-    return 0
 
 
 def cmd_score(args):
@@ -3008,7 +2992,6 @@ def cmd_score(args):
 
 def cmd_calibrate(args):
     calibrate(args.ckpt, args.data, args.category, ScoreConfig(**given(ScoreConfig, args)), args.device, args.compile)
-    return 0
 
 
 def cmd_demo(args):
@@ -3026,7 +3009,6 @@ def cmd_demo(args):
     results = evaluate(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
     print(f"demo: image AUROC {percent(results['mean']['image_auroc'])}, pixel AUROC "
           f"{percent(results['mean']['pixel_auroc'])}; heatmaps under {out / 'eval'}")
-    return 0
 
 
 def cmd_explain(args):
@@ -3034,7 +3016,6 @@ def cmd_explain(args):
     e = explain(args.ckpt, args.image, out, ScoreConfig(**given(ScoreConfig, args)), args.mask, args.category,
                 args.device)
     print(f"S = {e['score']:.6g}; wrote {out}, {out.with_suffix('.json')} and {out.with_suffix('.npz')}")
-    return 0
 
 
 def cmd_compare(args):
@@ -3056,7 +3037,6 @@ def cmd_compare(args):
              f"({partial}); the mean rows are not like for like")
     write_text(path.parent / f"compare_{args.dataset}.md", table + "\n")
     print(table)
-    return 0
 
 
 def cmd_bench(args):
@@ -3072,7 +3052,6 @@ def cmd_bench(args):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text(args.json, json.dumps(r, indent=2))
-    return 0
 
 
 def build_parser() -> Parser:
@@ -3171,10 +3150,10 @@ def terminated(signum, frame):
 
 
 def main(argv=None) -> int:
-    """Runs a command; returns its exit status (SKIPPED and the others above the Parser)."""
+    """Runs a command; returns its exit status (SKIPPED and the others above the Parser; a command's None: 0)."""
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        return args.func(args) or 0
     except UserError as e:
         note(f"error: {e}")
         return e.status
