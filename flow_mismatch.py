@@ -2973,7 +2973,7 @@ def cmd_test(args):
     grid = {k.removeprefix("grid_"): v for k, v in vars(args).items() if k.startswith("grid_") and v is not None}
     if grid or len(args.ckpt) > 1:
         for flag, value in (("--alarm-rate", args.alarm_rate), ("--save-maps", args.save_maps)):
-            if value:
+            if value is not None:
                 raise UserError(f"{flag}: give it to a plain `test` of one checkpoint, not to an ablation")
         run_sweep(args.ckpt, args.data, out, cfg, grid, args.device, args.compile, eval_size=args.eval_size)
     else:
