@@ -795,7 +795,8 @@ def resumed_config(ckpt: dict, cfg: TrainConfig, log=note, given=None) -> TrainC
     names; None: each field not at TrainConfig's default), each change logged; --epochs alone trains
     that many. Any other field given that differs from the run's is refused, naming its flag."""
     saved, default = train_config_of(ckpt), TrainConfig()
-    given = {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)} if given is None else given
+    if given is None:
+        given = {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
     for name in sorted(set(given) - set(RESUMABLE)):
         if getattr(cfg, name) != getattr(saved, name):
             raise UserError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} differs from the run's "
@@ -817,8 +818,8 @@ def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resum
     With cfg.calib_fraction > 0 a seeded part of each category is held out, never drawn into a
     batch, and scored at the end (K = T = 10) as the run's calibration set (see Calibration).
     Step s draws its batch, noise and dropout from (seed, s, rank) alone, so a run resumed from any
-    checkpoint continues exactly as if it had never stopped (given: see resumed_config). Every step's loss, learning rate and
-    speed go to out/train_log.csv, drawn at the end as out/loss.png."""
+    checkpoint continues exactly as if it had never stopped (given: see resumed_config). Every step's
+    loss, learning rate and speed go to out/train_log.csv, drawn at the end as out/loss.png."""
     out = Path(out or Path("runs") / Path(data.root if isinstance(data, Dataset) else data).resolve().name)
     flag = "--resume" if resume else "--out"
     with run_lock(out, flag):  # held until training ends
