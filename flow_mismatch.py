@@ -2043,6 +2043,15 @@ def write_maps(out: Path, names, heat, sizes, threshold=None) -> None:
                            m if rel.suffix == ".tiff" else (m > threshold).astype(np.uint8) * 255)
 
 
+def parse_eval_size(value):
+    """--eval-size, as text (the CLI) or a value (evaluate, run_sweep): an integer from 1 to 8192
+    (8192^2 floats per image are 256 MiB; more is a typo) or "original"."""
+    value = int(value) if isinstance(value, str) and value.isdigit() else value
+    if value != "original" and (type(value) is not int or not 1 <= value <= 8192):
+        raise UserError(f"--eval-size: {value!r} is neither an integer from 1 to 8192 nor 'original'")
+    return value
+
+
 def metrics_of(tests: dict, scored: dict, eval_size=None, cals=None, alarm_rate=None) -> dict:
     """The seven metrics per category (pixel metrics at the training resolution, or at eval_size: N
     or "original") and, with alarm_rate, the operating point of its calibration cals[category]; their
@@ -2067,6 +2076,7 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     """Score the test split of every category under data_root; write metrics and heatmaps to out.
     eval_size and alarm_rate: as metrics_of; with save_maps, a folder, also every map at its image's
     original size where the official evaluations read them (write_maps)."""
+    eval_size = None if eval_size is None else parse_eval_size(eval_size)
     maps = run_lock(Path(save_maps), "--save-maps", "test") if save_maps is not None else contextlib.nullcontext()
     with run_lock(out, "--out", "test"), maps:  # one writer per output folder
         rank, world, local_rank = distributed()
@@ -2121,6 +2131,7 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
               log=print, eval_size=None) -> list:
     """Every checkpoint x the Cartesian product of `grid` ({ScoreConfig field: values}, fields not
     given stay as in `base`); writes out/sweep.md and out/sweep.json (per-category results too)."""
+    eval_size = None if eval_size is None else parse_eval_size(eval_size)
     with run_lock(out, "--out", "test"):
         settings = [replace(base, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
         rank, world, local_rank = distributed()
@@ -2900,14 +2911,6 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def eval_size(text):
-    if text == "original":
-        return text
-    if not text.isdigit() or not 1 <= int(text) <= 8192:  # 8192^2 floats per image are 256 MiB; more is a typo
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer from 1 to 8192 nor 'original'")
-    return int(text)
-
-
 def number(text):
     try:
         return int(text)
@@ -3085,7 +3088,7 @@ def build_parser() -> Parser:
     p.add_argument("--data", required=True, help="a category folder or a root of categories")
     p.add_argument("--out", help="evaluation folder (default: eval/<name of the checkpoint's run folder>)")
     p.add_argument("--no-overlays", action="store_true", help="skip the PNG overlays")
-    p.add_argument("--eval-size", type=eval_size,
+    p.add_argument("--eval-size", type=parse_eval_size,
                    help="pixel metrics on heatmaps upsampled (bilinear) to N x N, or to each image's original size "
                         "('original', as the MVTec-AD evaluation script); default: the training resolution (paper)")
     scoring(p)

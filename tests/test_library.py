@@ -45,6 +45,8 @@ def test_the_method_part_runs_alone(monkeypatch):
     (lambda: fm.TrainConfig(lr=float("nan")), ["train", "--data", "d", "--lr", "nan"]),
     (lambda: fm.TrainConfig(preset="tiny", image_size=18), ["train", "--data", "d", "--preset", "tiny",
                                                             "--image-size", "18"]),
+    (lambda: fm.evaluate("c", "d", fm.Path("o"), fm.ScoreConfig(), eval_size=0),  # before anything is read
+     ["test", "--ckpt", "c", "--data", "d", "--eval-size", "0"]),
 ])
 def test_the_configs_refuse_what_the_cli_refuses_with_the_same_line(make, argv, capsys):
     with pytest.raises(fm.UserError) as e:
