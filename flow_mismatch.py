@@ -744,8 +744,8 @@ def run_lock(out: Path, flag="--out", command="train", wait=False):
     """One writer per folder (`train` and `calibrate` of a run folder, `test` or `score` of an output
     folder): an exclusive OS lock (try_lock) on OUT/.lock, which names the holder's pid and command,
     for as long as the block runs. Busy: an error naming the folder and the holder, or with wait,
-    one line saying so and a wait. A folder made here and left empty is removed again. First of all,
-    check_out_dir."""
+    one line saying so and a wait. The folder is checked first (check_out_dir); one made here and
+    left empty is removed again."""
     check_out_dir(out, flag)
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
         yield
