@@ -14,7 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-repro}
-FM=(python flow_mismatch.py)
+PY=${PYTHON:-python3}  # the interpreter that runs every step (the tests pass their own)
+FM=("$PY" flow_mismatch.py)
 
 if [[ "${1:-}" == "--quick" ]]; then
   # Generated data: two textures (weave, grid) with scratches and stains, 32^2, 32 normal
@@ -23,7 +24,7 @@ if [[ "${1:-}" == "--quick" ]]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny tensors: one thread, no slow-down when the CPU is shared
   rm -rf "$OUT"
   mkdir -p "$OUT"
-  python -c "import flow_mismatch as fm, pathlib; fm.make_demo_dataset(pathlib.Path('$OUT/data/demo'), size=32, n_train=32, n_test=8)"
+  "$PY" -c "import flow_mismatch as fm, pathlib; fm.make_demo_dataset(pathlib.Path('$OUT/data/demo'), size=32, n_train=32, n_test=8)"
   DATA=("$OUT/data/demo")
   NAMES=(demo)
   TRAIN=(--preset tiny --image-size 32 --epochs 20 --batch-size 8 --calib-fraction 0 --device cpu)

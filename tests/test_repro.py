@@ -4,6 +4,7 @@ plain `test`, `compare`, the new flags' bad input, and `reproduce.sh --quick` en
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -126,7 +127,7 @@ def test_bad_ablation_flags(trained, mvtec, tmp_path, flags, needle):
 def test_reproduce_quick_writes_every_table(tmp_path):
     out = tmp_path / "repro"
     r = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--quick"], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OUT": str(out)})
+                       env={**os.environ, "OUT": str(out), "PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr[-2000:]
 
     def first_column(path):

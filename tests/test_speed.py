@@ -62,12 +62,13 @@ def test_unet_with_bf16_weights_runs_and_stays_within_2_percent():
 @pytest.fixture
 def aot_eager(monkeypatch):
     """torch.compile with the aot_eager backend: the same graph capture, padding and guards as
-    inductor without its C++ build (80+ s for this model on 2 cores); a recompile is an error."""
+    inductor without its C++ build (80+ s for this model on 2 cores); a recompile is an error
+    (set through dynamo's own config.patch: pytest's monkeypatch cannot see its attributes on every pytest)."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    yield
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield
     torch._dynamo.reset()
 
 
@@ -111,10 +112,10 @@ def test_compiled_scorer_equals_eager_and_compiles_once(aot_eager, capsys):
 
 @pytest.mark.skipif(not os.environ.get("FM_INDUCTOR_TESTS"),
                     reason="inductor's first compile of even this U-Net takes 80+ s on 2 cores; FM_INDUCTOR_TESTS=1 runs it")
-def test_compiled_scorer_with_inductor_equals_eager(monkeypatch, capsys):
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+def test_compiled_scorer_with_inductor_equals_eager(capsys):
     torch._dynamo.reset()
-    check_compiled_scorer(capsys)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        check_compiled_scorer(capsys)
 
 
 def test_compiled_training_equals_eager(mvtec, tmp_path, aot_eager):
