@@ -78,11 +78,15 @@ import torch.nn.functional as F
 # so Python callers and the command line are refused the same values with the same message.
 
 class UserError(Exception):
-    """Reported as one line without a traceback; exit status 2 for bad input."""
+    """Reported as one line without a traceback; exit status 2 for bad input. keyword: the argument
+    at fault, named `keyword=` from Python and --keyword by the command line (see cli_line)."""
 
-    def __init__(self, message, status=2):
-        super().__init__(message)
-        self.status = status
+    def __init__(self, message, status=2, keyword=None):
+        super().__init__(f"{keyword}=: {message}" if keyword else message)
+        self.status, self.keyword, self.message = status, keyword, message
+
+    def cli_line(self) -> str:
+        return f"--{self.keyword.replace('_', '-')}: {self.message}" if self.keyword else str(self)
 
 
 def note(message: str, every_rank=False) -> None:
@@ -2252,7 +2256,7 @@ def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) 
     names = ckpt["class_names"]
     category = category or (names[0] if len(names) == 1 else None)
     if category is None:
-        raise UserError(f"--category: give one of {names}; each category has its own calibration")
+        raise UserError(f"give one of {names}; each category has its own calibration", keyword="category")
     cal = (ckpt.get("calibration") or {}).get(category)
     if cal is None:
         raise UserError(f"--alarm-rate: {ckpt_path} holds no calibration of {category}; train with --calib-fraction "
@@ -2735,16 +2739,17 @@ def image_inputs(images):
 
 
 def category_label(ckpt, category):
-    """The class label of --category for a class-conditional model; None for an unconditional
-    one, where a --category it was not trained on is an error and any other is said to do nothing."""
+    """The class label of `category` for a class-conditional model; None for an unconditional
+    one, where a category it was not trained on is an error and any other is said to do nothing."""
     names = ckpt["class_names"]
     if ckpt["conditional"]:
         if category not in names:
-            raise UserError(f"--category: give one of {names} for this class-conditional model")
+            raise UserError(f"give one of {names} for this class-conditional model", keyword="category")
         return names.index(category)
     if category is not None:
         if category not in names:
-            raise UserError(f"--category: {category!r} is not what this model was trained on ({', '.join(names)})")
+            raise UserError(f"{category!r} is not what this model was trained on ({', '.join(names)})",
+                            keyword="category")
         note(f"warning: --category {category} has no effect: the model is unconditional (trained on {', '.join(names)})")
     return None
 
@@ -2858,7 +2863,7 @@ def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), 
     ckpt, names = detector.ckpt, detector.categories
     category = category or (names[0] if len(names) == 1 else None)
     if category not in names:
-        raise UserError(f"--category: give one of {names}")
+        raise UserError(f"give one of {names}", keyword="category")
     size, scale, tile = detector.geometry
     if data is None:  # the run's own hold-out, e.g. rescored under other -K/-T
         record = (ckpt.get("held_out") or {}).get(category)
@@ -3159,7 +3164,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args) or 0
     except UserError as e:
-        note(f"error: {e}")
+        note(f"error: {e.cli_line()}")
         return e.status
     except (MemoryError, RuntimeError) as e:  # CUDA's and the CPU allocator's failures are RuntimeErrors
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):

@@ -91,11 +91,44 @@ def test_train_defaults_to_runs_and_logs_every_step_once_across_a_resume(bottle)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5] and float(rows[3]["loss"]) != 9.9
 
 
-def test_the_readme_from_python_example_runs_as_printed(bottle, monkeypatch, capsys):
-    block = README.split("### From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+def readme_python_example() -> str:
+    return README.split("### From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_from_python_example_runs_as_printed_on_the_demos_checkpoint(trained, mvtec, tmp_path,
+                                                                                monkeypatch, capsys):
+    """In a folder laid out as the demo leaves it (its two categories, a class-conditional model)."""
+    shutil.copytree(mvtec, tmp_path / "demo_out" / "data")
+    (tmp_path / "demo_out" / "run").mkdir()
+    shutil.copy(trained, tmp_path / "demo_out" / "run" / "ckpt.pt")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(readme_python_example(), "README", "exec"), {})
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "['grid', 'weave']" and out[-1].endswith("(100, 150)")
+
+
+def test_the_readme_from_python_example_runs_on_a_one_category_run_without_category(bottle, monkeypatch, capsys):
+    """As the README says: a one-category run's checkpoint and folder, and no category=."""
+    block = readme_python_example()
+    for old, new in (("demo_out/run/ckpt.pt", "runs/bottle/ckpt.pt"), ("demo_out/data/weave", "mvtec/bottle"),
+                     (', category="weave"', "")):
+        assert old in block
+        block = block.replace(old, new)
     monkeypatch.chdir(bottle)
     exec(compile(block, "README", "exec"), {})
-    assert capsys.readouterr().out.strip().endswith("(100, 150)")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "['bottle']" and out[-1].endswith("(100, 150)")
+
+
+def test_a_missing_category_names_the_keyword_from_python_and_the_flag_from_the_cli(trained, mvtec, tmp_path,
+                                                                                   capsys):
+    folder = mvtec / "weave" / "test" / "good"
+    with pytest.raises(fm.UserError) as e:
+        fm.load(trained, "cpu").predict(folder, K=1, T=1)
+    assert str(e.value) == "category=: give one of ['grid', 'weave'] for this class-conditional model"
+    assert fm.main(["score", "--ckpt", str(trained), str(folder), "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "flow_mismatch.py: error: --category: give one of ['grid', 'weave'] for this class-conditional model"
 
 
 def test_predict_takes_paths_pil_images_arrays_and_tensors_alike(bottle):
