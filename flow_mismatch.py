@@ -828,6 +828,7 @@ def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resum
     flag = "--resume" if resume else "--out"
     with run_lock(out, flag):  # held until training ends
         run = train_setup(data, cfg, out, pick_device(device, distributed()[2]), resume, log, compile, given)
+        cpu_estimate(run, data, given, log)
         stop = []  # the signal that asks to stop: finish the step, save, exit
         old = {sig: signal.signal(sig, lambda signum, _: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -875,10 +876,6 @@ def train_loop(run: dict, stop: list, log) -> None:
         wall = time.time() - t_start
         run["rows"].writerow([step, f"{loss:.6g}", run["opt"].param_groups[0]["lr"],
                               f"{(step - step0) * cfg.batch_size * world / wall:.2f}", f"{wall:.2f}"])
-        if step - step0 == 2 and run["rank"] == 0 and device.type == "cpu" and cfg.preset not in CPU_RECIPES:
-            log(f"preset {cfg.preset} on a CPU: about {wall / 2 * (total - step) / 3600:,.1f} h for the remaining "
-                f"{total - step:,} steps (timed over the first 2); the CPU preset, --preset tiny, trains in minutes "
-                f"(--preset small on more cores); continuing, Ctrl-C saves a checkpoint and stops")
         signum = stop[-1] if stop else 0
         if world > 1:  # every rank stops at the same step
             flag = torch.tensor([signum], device=device)
@@ -898,6 +895,44 @@ def train_loop(run: dict, stop: list, log) -> None:
             progress(1, f"epoch {step / per_epoch:.1f}  loss {loss:.4f}  ")
 
 
+def cpu_estimate(run: dict, data, given, log) -> None:
+    """On a CPU with a preset meant for GPUs, before the first step: the run's duration from one
+    image's timed forward and backward and, where it is hours, the CPU preset's command into a
+    folder of its own. The weights and the seeds of every step are untouched."""
+    cfg, model, out = run["cfg"], run["model"], run["out"]
+    if run["device"].type != "cpu" or cfg.preset in CPU_RECIPES or run["rank"] != 0:
+        return
+    side = cfg.tile or cfg.image_size
+    y = torch.zeros(1, 3, side, side).to(memory_format=torch.channels_last)
+    labels = torch.zeros(1, dtype=torch.long) if model.label_emb is not None else None
+    t0 = time.perf_counter()
+    cfm_loss(model, y, labels, torch.Generator().manual_seed(0)).backward()
+    per_image = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    hours = per_image * cfg.batch_size * run["world"] * (run["total"] - run["step"]) / 3600
+    line = (f"preset {cfg.preset} on a CPU: about {hours:,.1f} h for {run['total'] - run['step']:,} steps "
+            f"({per_image:.2f} s per image, timed before the first step)")
+    if hours >= 1:
+        keep = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else " " + (
+            ",".join(map(str, v)) if isinstance(v, tuple) else str(v)))
+                        for k, v in (given or {}).items() if k not in (*CPU_RECIPES["tiny"], "epochs", "preset")
+                        and v is not False)
+        where = data.root if isinstance(data, Dataset) else data or run["data"].root
+        line += (f"; the CPU preset trains in minutes: python flow_mismatch.py train --data {where} --preset tiny "
+                 f"{keep + ' ' if keep else ''}--out {free_folder(out, 'tiny')} (--preset small on more cores); "
+                 f"continuing, Ctrl-C saves a checkpoint and stops")
+    log(line)
+
+
+def free_folder(out: Path, preset: str) -> Path:
+    """A folder beside `out` that holds no run: OUT_PRESET, or OUT_PRESET2, 3, ..."""
+    path, i = out.with_name(f"{out.name}_{preset}"), 1
+    while (path / "ckpt.pt").exists():
+        i += 1
+        path = out.with_name(f"{out.name}_{preset}{i}")
+    return path
+
+
 def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=False, given=None) -> dict:
     """What a run holds: its configuration (the checkpoint's, on resume), data and hold-out, model,
     optimiser, DDP wrapper (under torch.compile with `compile`: every step has the same batch, so it
@@ -910,8 +945,8 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
     if ckpt is not None:
         cfg = resumed_config(ckpt, cfg, said.append, given)  # said below, once the data is checked too
     elif (out / "ckpt.pt").exists():
-        raise UserError(f"--out: {out} already holds a checkpoint; continue it with --resume {out} or choose "
-                        f"another folder")
+        raise UserError(f"--out: {out} already holds a checkpoint; train into a folder of its own "
+                        f"(--out {free_folder(out, cfg.preset)}), or continue that run with --resume {out}")
     if not isinstance(data, Dataset):
         data = load_train(data or ckpt.get("data"), *image_geometry(asdict(cfg)))
     if ckpt is not None and ckpt.get("data") and data.root != ckpt["data"]:
@@ -944,7 +979,7 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
             f"{'class-conditional on ' + str(len(data.class_names)) + ' categories' if conditional else 'unconditional'}; "
             f"{len(data)} images{f' ({len(held)} more held out for calibration)' * (len(held) > 0)}"
             f"{f', random {cfg.tile}x{cfg.tile} tiles at scale {cfg.tile_scale}' * (cfg.tile > 0)}, "
-            f"{steps_per_epoch} steps/epoch, {total} steps on {device} x{world}")
+            f"{steps_per_epoch} step{'s' * (steps_per_epoch != 1)}/epoch, {total} steps on {device} x{world}")
     path = out / "train_log.csv"
     if rank == 0:  # the log up to the checkpoint's step, replaced atomically; then appended to
         rows = []
@@ -2908,6 +2943,10 @@ def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), 
 SKIPPED = 3
 DEVICES = ("auto", "cpu", "cuda")
 DEMO = dict(steps=160, image_size=64)  # the demo's training length and size
+EXAMPLES = """examples:
+  python flow_mismatch.py demo                                   # 2-4 min on a CPU: generated data, train, test
+  python flow_mismatch.py train --data mvtec/bottle --preset tiny --out runs/bottle_tiny   # a CPU run, minutes
+"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -2935,16 +2974,16 @@ def parse_knob(f, text, flag=None):
     return check_knob(f, value, flag)
 
 
-def knob_flags(p, cls, names=None, shown=None):
+def knob_flags(p, cls, names=None, shown=None, helps=None):
     """A flag per field of the config dataclass cls (or per field in `names`), parsed and checked by
-    its knob; --help gives its default (or shown[name]) and range. A flag not given stays out of the
-    parsed arguments, so the dataclass's own default applies (see given)."""
+    its knob; --help gives its help (or helps[name]), default (or shown[name]) and range. A flag not
+    given stays out of the parsed arguments, so the dataclass's own default applies (see given)."""
     for f in fields(cls):
         if names is not None and f.name not in names:
             continue
         m = f.metadata
         rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
-        about = f"{m['help']} (default {(shown or {}).get(f.name, f.default)}{'; ' + rule if rule else ''})"
+        about = f"{(helps or {}).get(f.name, m['help'])} (default {(shown or {}).get(f.name, f.default)}{'; ' + rule if rule else ''})"
         kind = dict(action="store_true") if f.type == "bool" else dict(
             type=lambda text, f=f: parse_knob(f, text),
             metavar="{" + ",".join(m["choices"]) + "}" if m["choices"] else f.name.upper())
@@ -2996,6 +3035,10 @@ def cmd_score(args):
     out = Path(args.out or Path("scored") / Path(args.images).resolve().name)
     rows = score(args.ckpt, args.images, out, cfg, args.category, args.alarm_rate, args.device, args.compile)
     print(f"wrote {out}")
+    if args.alarm_rate is None:
+        note(f"S ranks images (higher: more anomalous) on no fixed scale; for decisions, calibrate once on normal "
+             f"images (calibrate --ckpt {args.ckpt} --data FOLDER_OF_GOOD_IMAGES, or train --calib-fraction 0.2) "
+             f"and score with --alarm-rate 0.01 (at most 1 % of normal images flagged)")
     return SKIPPED if any(r[1] == "" for r in rows) else 0
 
 
@@ -3065,7 +3108,7 @@ def cmd_bench(args):
 
 def build_parser() -> Parser:
     ap = Parser(prog="flow_mismatch.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def command(name, func, help, device=True, **kw):
@@ -3113,7 +3156,7 @@ def build_parser() -> Parser:
                         "p <= A and the pixel precision and recall of its masks")
 
     p = command("score", cmd_score, "heatmaps and scores for new, unlabelled images")
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", required=True, help="checkpoint to score with (RUN_DIR/ckpt.pt)")
     p.add_argument("images", help="an image or a folder of images")
     p.add_argument("--out", help="output folder (default: scored/<name of the folder or image>)")
     p.add_argument("--category", help="category label for a class-conditional model")
@@ -3131,10 +3174,10 @@ def build_parser() -> Parser:
 
     p = command("demo", cmd_demo, "generate textures with defects, train `tiny` on CPU, test")
     p.add_argument("--out", default="demo_out", help="its data, run and evaluation (default demo_out)")
-    knob_flags(p, TrainConfig, ("steps", "image_size", "seed"), shown=DEMO)
+    knob_flags(p, TrainConfig, ("steps", "image_size", "seed"), shown=DEMO, helps=dict(steps="optimiser steps"))
 
     p = command("explain", cmd_explain, "one figure of what the scorer sees in one image (Eqs. 2-4)")
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", required=True, help="checkpoint to explain with (RUN_DIR/ckpt.pt)")
     p.add_argument("image", help="the image to explain")
     p.add_argument("--out", required=True, help="FIG.png (or .pdf, .svg); also writes FIG.json and FIG.npz")
     p.add_argument("--mask", help="its ground-truth mask, drawn as a contour")
