@@ -1855,24 +1855,62 @@ def overlay_name(path) -> str:
     return str(Path(p.parent.name, p.name + ".png"))
 
 
-def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> tuple:
-    """image | ground-truth mask | heatmap over the image, one PNG per test image named by
-    overlay_name, enlarged (nearest pixel) to at least 256 pixels high for the eye; the metrics
-    never see it. span: the colour range (lo, hi), by default the heatmaps' own, shared by the category;
-    returns it."""
-    from matplotlib import colormaps
+COLOURS = "inferno"  # the heatmaps' colour map: perceptually ordered, its maximum the brightest colour
+OVERLAY_HEIGHT = (256, 1024)  # an overlay is at least this high (nearest pixel), and at most this at the image's own size
+
+
+def overlay_panels(data: Dataset, i: int, heat: np.ndarray) -> tuple:
+    """(image, mask, heat) of image i for its overlay: at the image's own resolution (at most
+    OVERLAY_HEIGHT[1] high) where the model's input is smaller, the mask read again there and the heat
+    upsampled (bilinear), else at the model's size; enlarged by the nearest pixel to OVERLAY_HEIGHT[0]."""
     from PIL import Image
+
+    img, mask = data.images[i].permute(1, 2, 0).numpy(), data.masks[i]
+    w, h = data.sizes[i] if data.sizes else img.shape[1::-1]
+    if h > img.shape[0] and data.paths[i] is not None:
+        f = min(1.0, OVERLAY_HEIGHT[1] / h)
+        size = (round(f * w), round(f * h))
+        img = np.asarray(Image.fromarray(read_image(Path(data.paths[i]), None)[0]).resize(size, Image.BILINEAR))
+        if data.mask_files and data.mask_files[i]:
+            [mask] = read_masks([data.paths[i]], [data.mask_files[i]], [(w, h)], None)
+        mask, heat = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)), upsample(heat, size)
+    k = -(-OVERLAY_HEIGHT[0] // img.shape[0])
+    return tuple(np.repeat(np.repeat(a, k, 0), k, 1) for a in (img, mask, heat))
+
+
+def colour_bar(height: int, lo: float, hi: float) -> np.ndarray:
+    """The overlays' colour scale as an (height, width, 3) uint8 panel: the colour map from lo (bottom)
+    to hi (top; larger values take hi's colour), the values of H written beside it."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(10, height // 16))
+    labels = [(f"H >= {hi:.3g}", 0), (f"{(lo + hi) / 2:.3g}", 0.5), (f"{lo:.3g}", 1)]
+    bar, pad = max(8, height // 16), max(4, height // 64)
+    panel = Image.new("RGB", (2 * pad + bar + pad + max(font.getbbox(t)[2] for t, _ in labels) + pad, height), "white")
+    ramp = (colormaps[COLOURS](np.linspace(1, 0, height))[:, :3] * 255).astype(np.uint8)
+    panel.paste(Image.fromarray(np.repeat(ramp[:, None], bar, 1)), (2 * pad, 0))
+    draw, tall = ImageDraw.Draw(panel), font.getbbox("0.9")[3]
+    for text, at in labels:
+        draw.text((3 * pad + bar, min(max(0, at * height - tall / 2), height - tall - 2)), text, fill="black", font=font)
+    return np.asarray(panel)
+
+
+def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> tuple:
+    """image | ground-truth mask | heatmap H | its colour scale, one PNG per image named by overlay_name,
+    panels by overlay_panels; the metrics never see it. span: the colour range (lo, hi), by default
+    the heatmaps' minimum and 99.9th percentile, shared by the category; returns it."""
+    from matplotlib import colormaps
 
     flat = np.concatenate([np.ravel(h) for h in heat])
     lo, hi = span or (float(flat.min()), float(np.percentile(flat, 99.9)))
     for i, path in enumerate(data.paths):
-        img = data.images[i].permute(1, 2, 0).numpy()
-        mask = np.repeat(data.masks[i][..., None] * 255, 3, axis=2).astype(np.uint8)
-        colour = colormaps["jet"]((heat[i] - lo) / max(hi - lo, 1e-12))[..., :3] * 255
-        blend = (0.5 * img + 0.5 * colour).astype(np.uint8)
-        strip = Image.fromarray(np.concatenate([img, mask, blend], axis=1))
-        scale = -(-256 // strip.height)
-        save_image(folder / overlay_name(path), strip.resize((scale * strip.width, scale * strip.height), Image.NEAREST))
+        img, mask, h = overlay_panels(data, i, np.asarray(heat[i]))
+        colour = (colormaps[COLOURS](np.clip((h - lo) / max(hi - lo, 1e-12), 0, 1))[..., :3] * 255).astype(np.uint8)
+        gap = np.full((len(img), max(2, len(img) // 128), 3), 255, np.uint8)
+        save_image(folder / overlay_name(path), np.concatenate(
+            [img, gap, np.repeat(mask[..., None] * 255, 3, 2).astype(np.uint8), gap, colour,
+             colour_bar(len(img), lo, hi)], axis=1))
     return lo, hi
 
 
@@ -1961,7 +1999,8 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
                  overlays=True) -> None:
     """out/report.html, headed `title`, a static page to read the evaluation by eye: the metrics table, each
     category's image ROC, pixel ROC and PRO curves (out/report/CATEGORY.png) and its overlays,
-    worst first: normal images by falling score, then defective images by rising score."""
+    worst first: defective images by rising score (those the model found least), then normal images
+    by falling score (its false alarms)."""
     from html import escape
     from urllib.parse import quote
 
@@ -1973,12 +2012,14 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>flow-mismatch evaluation</title><style>",
             "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #bbb;"
             "padding:3px 8px;text-align:right}figure{display:inline-block;margin:4px}"
-            "figure img{height:160px;image-rendering:pixelated}figcaption{font-size:12px}</style></head><body>",
+            "figure img{height:200px}figcaption{font-size:12px}</style></head><body>",
             f"<h1>flow-mismatch evaluation</h1><p>{escape(title)}: score {escape(cfg.score)}, K={cfg.K}, "
             f"T={cfg.T}, aggregator {escape(cfg.aggregator)}, w(t) = {escape(cfg.weight)}, seed {cfg.seed}. "
             "Metrics in %; n/a: not computable on this test set.</p>", format_table(results, html=True)]
     page.append("<p>Categories: " + ", ".join(f"<a href='#{quote(n)}'>{escape(n)}</a>" for n in scored)
-                + ". Overlays: image | ground truth | heatmap over the image, one colour range per category.</p>")
+                + f". Overlays: image | ground truth | heatmap H ({COLOURS}: the brighter, the more anomalous) | "
+                  "its colour scale, one range per category (values above its top take the brightest colour); "
+                  "click one for full size.</p>")
     for name, (heat, scores) in scored.items():
         data, r = tests[name], results.get(name, {})
         fig = Figure(figsize=(12, 3.6), layout="constrained")
@@ -1990,8 +2031,8 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
                    "per-region overlap")]
         for ax, (title, curve, ylabel) in zip(fig.subplots(1, 3), panels):
             if curve is not None:
-                ax.plot(*curve)
-            ax.set(title=title, xlabel="false positive rate", ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02))
+                ax.plot(*curve, lw=2, clip_on=False)  # at AUROC 100 the curve runs along the frame: drawn over it
+            ax.set(title=title, xlabel="false positive rate", ylabel=ylabel, xlim=(-0.02, 1.02), ylim=(-0.02, 1.04))
         fig.axes[2].axvline(0.3, color="grey", ls=":")  # the AUPRO's FPR limit
         with atomic_write(out / "report" / f"{name}.png", "wb") as f:
             fig.savefig(f, format="png", dpi=80)
@@ -1999,13 +2040,14 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
         if not overlays:
             continue
         normal, defect = np.flatnonzero(data.anomalous == 0), np.flatnonzero(data.anomalous == 1)
-        for title, order in (("normal images, highest score first", normal[np.argsort(-scores[normal], kind="stable")]),
-                             ("defective images, lowest score first", defect[np.argsort(scores[defect], kind="stable")])):
+        for title, order in (("defective images, lowest score first", defect[np.argsort(scores[defect], kind="stable")]),
+                             ("normal images, highest score first", normal[np.argsort(-scores[normal], kind="stable")])):
             page.append(f"<h3>{escape(name)}: {title}</h3><div>")
             for i in order:
                 src = overlay_name(data.paths[i])
                 rel = escape(src.removesuffix(".png"))  # <folder>/<file>
-                page.append(f"<figure><img src='{quote(name)}/overlays/{quote(src)}' loading='lazy' alt='{rel}'>"
+                link = f"{quote(name)}/overlays/{quote(src)}"
+                page.append(f"<figure><a href='{link}'><img src='{link}' loading='lazy' alt='{rel}'></a>"
                             f"<figcaption>S = {scores[i]:.4g} &middot; {rel}</figcaption></figure>")
             page.append("</div>")
     page.append("</body></html>")
