@@ -2408,48 +2408,54 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
     from matplotlib.figure import Figure
 
     T = len(e["t"])
-    cols = max(7, min(T, 10))
-    rows = 2 + -(-T // cols)
-    fig = Figure(figsize=(1.7 * cols, 1.9 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    rows = -(-T // 10)  # w(t) delta_t in rows of at most 10
+    cols = -(-T // rows)
+    shown = sorted({round(i) for i in np.linspace(0, T - 1, 4)})
+    width = max(cols, 3 + len(shown), 7)
+    fig = Figure(figsize=(1.7 * width, 2.1 * (2 + rows)), layout="constrained")
+    top, middle, bottom = fig.subfigures(3, 1, height_ratios=[1, rows, 1.1])
 
     def show(ax, a, title, **kw):
-        ax.imshow(a, **kw)
+        ax.set_axis_off()
+        im = ax.imshow(a, **kw)
         if mask is not None:
             ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.6)
         ax.set_title(title, fontsize=8)
+        return im
 
     heat, maps, aggregator = e["heat"].numpy(), e["maps"].numpy(), next(iter(e["spread"]))
-    show(axes[0, 0], image, "image y" + " (mask: cyan)" * (mask is not None))
-    shown = sorted({round(i) for i in np.linspace(0, T - 1, 4)})
-    for ax, j in zip(axes[0, 1:], shown):
+    axes = top.subplots(1, 3 + len(shown))
+    show(axes[0], image, "image y" + " (mask: cyan)" * (mask is not None))
+    for ax, j in zip(axes[1:], shown):
         x = (e["xt"][j] * std.view(-1, 1, 1) + mean.view(-1, 1, 1)).clamp(0, 1).permute(1, 2, 0).numpy()
         show(ax, x, f"x_t, path 0, t={e['t'][j]:.2f}")
-    show(axes[0, 5], heat, f"heatmap H, S = {e['score']:.4g}", cmap="inferno")
-    axes[0, 5].plot(e["peak"][1], e["peak"][0], "w+", ms=9, mew=1.5)
-    show(axes[0, 6], image, "H over the image")
-    axes[0, 6].imshow(heat, cmap="jet", alpha=0.45)
+    im = show(axes[-2], heat, f"heatmap H, S = {e['score']:.4g}", cmap=COLOURS)
+    axes[-2].plot(e["peak"][1], e["peak"][0], "c+", ms=9, mew=1.5)
+    show(axes[-1], image, "H over the image")
+    axes[-1].imshow(heat, cmap=COLOURS, alpha=0.55)
+    top.colorbar(im, ax=axes[-2:], shrink=0.8, label="H").ax.tick_params(labelsize=7)
     hi = float(maps.max())
     share = maps.sum((1, 2)) / max(float(maps.sum()), 1e-30)  # (T,): each time's part of H
-    for j in range(T):
-        show(axes[1 + j // cols, j % cols], maps[j], f"w·δ, t={e['t'][j]:.2f}\n{100 * share[j]:.0f}% of H",
-             cmap="inferno", vmin=0, vmax=hi)
+    grid = middle.subplots(rows, cols, squeeze=False).flat
+    for j, ax in enumerate(grid):
+        if j >= T:
+            ax.remove()
+            continue
+        im = show(ax, maps[j], f"w·δ, t={e['t'][j]:.2f}\n{100 * share[j]:.0f}% of H", cmap=COLOURS, vmin=0, vmax=hi)
+    middle.colorbar(im, ax=middle.axes, shrink=0.8, label="w(t) δ_t, one scale").ax.tick_params(labelsize=7)
     low, avg = e["spread"][aggregator].numpy(), e["spread"]["mean"].numpy()
-    ts, r = f"t={e['t'][e['t_star']]:.2f}", rows - 1
-    top = float(avg.max())
-    show(axes[r, 0], low, f"δ_t, {aggregator} over K, {ts}", cmap="inferno", vmin=0, vmax=top)
-    show(axes[r, 1], avg, f"δ_t, mean over K, {ts}", cmap="inferno", vmin=0, vmax=top)
-    show(axes[r, 2], avg - low, f"mean - {aggregator}, {ts}", cmap="inferno", vmin=0, vmax=top)
-    for a in axes[r, 3:]:
-        a.remove()
-    ax = fig.add_subplot(axes[0, 0].get_gridspec()[r, 3:])
+    ts, top_value = f"t={e['t'][e['t_star']]:.2f}", float(avg.max())
+    left, right = bottom.subfigures(1, 2, width_ratios=[3.4, max(2.0, width - 3.4)])
+    trio = left.subplots(1, 3)
+    show(trio[0], low, f"δ_t, {aggregator} over K, {ts}", cmap=COLOURS, vmin=0, vmax=top_value)
+    show(trio[1], avg, f"δ_t, mean over K, {ts}", cmap=COLOURS, vmin=0, vmax=top_value)
+    im = show(trio[2], avg - low, f"mean - {aggregator}, {ts}", cmap=COLOURS, vmin=0, vmax=top_value)
+    left.colorbar(im, ax=trio, shrink=0.8, label="δ_t").ax.tick_params(labelsize=7)
+    ax = right.subplots()
     ax.plot(e["t"], maps.mean((1, 2)), "o-", ms=3, label="mean over pixels")
     ax.plot(e["t"], maps[:, e["peak"][0], e["peak"][1]], "s-", ms=3, label="at H's peak (+)")
-    ax.set(xlabel="t", yscale="log")
+    ax.set(xlabel="t", ylabel="w(t) δ_t", yscale="log")
     ax.set_title("w(t) δ_t against t: which times carry the evidence", fontsize=8)
-    ax.yaxis.tick_right()
     ax.legend(fontsize=7)
     ax.tick_params(labelsize=7)
     fig.suptitle(f"{about['image']}: S = {e['score']:.4g}", fontsize=9)
