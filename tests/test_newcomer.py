@@ -75,3 +75,31 @@ def test_score_without_an_alarm_rate_says_how_to_get_decisions(trained, mvtec, t
     assert fm.main([*argv, "--out", str(tmp_path / "a")]) == 0
     hint = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"calibrate --ckpt {trained}" in hint and "--alarm-rate 0.01" in hint
+
+
+def test_the_explain_narrative_quotes_the_committed_figures_numbers():
+    """Every number the README's text on docs/explain.png quotes is that of docs/explain.json, as
+    rounded in the text; and the README's explain command writes outside the repository's files."""
+    import json
+
+    from conftest import ROOT
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    command = re.search(r"python flow_mismatch\.py explain [^`]*?--out (\S+)", text)[1]
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert not command.startswith("docs/") and command.split("/")[0] + "/" in ignored
+    story = text[text.index("In this figure the late times"):text.index("These numbers are in `docs/explain.json`")]
+    d = json.loads((ROOT / "docs" / "explain.json").read_text())
+    times, spread = d["times"], d["spread"]
+    late, share = re.search(r"t ≥ ([\d.]+) gives (\d+) % of H", story).groups()
+    assert round(100 * sum(r["share_of_H"] for r in times if r["t"] >= float(late) - 0.005)) == int(share)
+    avg = [f"{times[j]['mean'] / times[j]['w']:.2f}" for j in (0, -1)]
+    peak = [f"{times[j]['at_peak'] / times[j]['w']:.0f}" for j in (0, -1)]
+    assert f"from {avg[0]} to {avg[1]} on average over the image and from {peak[0]} to {peak[1]} at the peak" in story
+    low, mean = spread[d["aggregator"]], spread["mean"]
+    assert (f"At t = {spread['t']:.2f} the min over paths keeps {100 * low['at_peak'] / mean['at_peak']:.0f} % of the "
+            f"mean's value at the peak ({low['at_peak']:.0f} of {mean['at_peak']:.0f})") in story
+    assert f"({low['mean']:.2f} of {mean['mean']:.2f})" in story
+    inside, outside = d["heat_in_mask"]["inside"], d["heat_in_mask"]["outside"]
+    assert f"H averages {inside:.1f} inside the mask and {outside:.2f} outside" in story
+
