@@ -2012,7 +2012,7 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>flow-mismatch evaluation</title><style>",
             "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #bbb;"
             "padding:3px 8px;text-align:right}figure{display:inline-block;margin:4px}"
-            "figure img{height:200px}figcaption{font-size:12px}</style></head><body>",
+            "figure img{height:160px}figcaption{font-size:12px}</style></head><body>",
             f"<h1>flow-mismatch evaluation</h1><p>{escape(title)}: score {escape(cfg.score)}, K={cfg.K}, "
             f"T={cfg.T}, aggregator {escape(cfg.aggregator)}, w(t) = {escape(cfg.weight)}, seed {cfg.seed}. "
             "Metrics in %; n/a: not computable on this test set.</p>", format_table(results, html=True)]
