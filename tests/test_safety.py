@@ -276,12 +276,13 @@ def test_category_given_to_an_unconditional_model_is_reported(single, mvtec, tmp
     assert any("images 4/4" in line for line in err), err
     assert all(line.startswith("flow_mismatch.py: ") for line in err), err  # progress too: one channel, one prefix
     err = said(err)
-    assert rc == 0 and len(err) == 1 and "no effect" in err[0] and "unconditional" in err[0], err
+    assert rc == 0 and len(err) == 2 and "no effect" in err[0] and "unconditional" in err[0], err
+    assert "--alarm-rate" in err[1]  # how to turn the scores into decisions
 
 
 # 8. A GPU preset on a CPU says how long it would take ------------------------------------------
 
-def test_gpu_preset_on_a_cpu_estimates_the_time_and_names_the_cpu_preset(mvtec, tmp_path, monkeypatch):
+def test_gpu_preset_on_a_cpu_estimates_the_time_before_the_first_step(mvtec, tmp_path, monkeypatch):
     monkeypatch.setitem(fm.PRESETS, "paper", fm.PRESETS["tiny"])  # the paper preset's path, at tiny cost
     data = fm.load_train(mvtec, 16)
     logs = {"paper": [], "tiny": []}
@@ -289,6 +290,7 @@ def test_gpu_preset_on_a_cpu_estimates_the_time_and_names_the_cpu_preset(mvtec, 
         cfg = fm.TrainConfig(preset=preset, image_size=16, batch_size=2, steps=4)
         fm.train(data, cfg, tmp_path / preset, "cpu", log=lines.append)
     estimate = [ln for ln in logs["paper"] if "on a CPU: about" in ln]
-    assert len(estimate) == 1 and "remaining 2 steps" in estimate[0] and "--preset tiny" in estimate[0], logs
+    assert len(estimate) == 1 and "for 4 steps" in estimate[0], logs  # the CPU preset's command: test_newcomer.py
+    assert logs["paper"].index(estimate[0]) < min(i for i, ln in enumerate(logs["paper"]) if ln.startswith("step "))
     assert not any("on a CPU" in ln for ln in logs["tiny"])
     assert any(ln.startswith("step 4/4") for ln in logs["tiny"]), logs  # the step lines go to log= too
