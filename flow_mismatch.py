@@ -2430,7 +2430,7 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
         x = (e["xt"][j] * std.view(-1, 1, 1) + mean.view(-1, 1, 1)).clamp(0, 1).permute(1, 2, 0).numpy()
         show(ax, x, f"x_t, path 0, t={e['t'][j]:.2f}")
     im = show(axes[-2], heat, f"heatmap H, S = {e['score']:.4g}", cmap=COLOURS)
-    axes[-2].plot(e["peak"][1], e["peak"][0], "c+", ms=9, mew=1.5)
+    axes[-2].plot(e["peak"][1], e["peak"][0], "+", color="lime", ms=10, mew=1.5)
     show(axes[-1], image, "H over the image")
     axes[-1].imshow(heat, cmap=COLOURS, alpha=0.55)
     top.colorbar(im, ax=axes[-2:], shrink=0.8, label="H").ax.tick_params(labelsize=7)
