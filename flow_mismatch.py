@@ -33,7 +33,8 @@ The machinery:
                         layouts), tables, report.html; ablation sweeps (Tables 6-9)
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
-    Speed               bench: U-Net before/eager/compiled, latency and throughput, training, the naive loop
+    Speed               bench: U-Net before/eager/compiled, bf16 weights, CUDA graphs, latency and throughput,
+                        training, the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
     From Python         fm.load(ckpt).predict(images); train, evaluate, calibrate, score as functions
     CLI                 train, test, score, calibrate, explain, demo, compare, bench
@@ -2498,7 +2499,7 @@ class BenchConfig:
     compile: bool = knob(False, "also time the compiled U-Net (and training step)")
     layout: str = knob("auto", "memory layout; auto: channels_last for training and CPU scoring, NCHW for GPU "
                                "scoring", choices=("auto", "channels_last", "nchw"))
-    bf16_weights: bool = knob(False, "also time the scorer with the U-Net's weights in bf16 (with --compile, compiled too)")
+    bf16_weights: bool = knob(False, "also time the U-Net with its weights in bf16 (with --compile, compiled too)")
     graphs: bool = knob(False, "also time the U-Net compiled as CUDA graph replays (mode reduce-overhead; on a "
                                "CPU plain compiled code)")
 

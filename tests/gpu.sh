@@ -74,6 +74,8 @@ path = Path(out) / "gpu.json"
 run = json.loads(path.read_text()) if path.exists() else dict(
     dry_run=dry == "1", started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), steps=[])
 figures = json.loads(Path(fig).read_text()) if os.path.exists(fig) else {}
+if figures:
+    os.remove(fig)  # this step's, no other's
 run["steps"].append(dict(name=name, status=status, seconds=round(int(ms) / 1e3, 1), command=command, figures=figures))
 
 

@@ -39,6 +39,7 @@ def test_dry_run_writes_every_steps_figures(tmp_path):
         want = "ok" if name != "export" or has_export else "skipped: flow_mismatch.py has no export command"
         assert s["status"] == want, (name, s["status"])
         assert f"| {name} | {want} |" in md
+        assert bool(s["figures"]) == (want == "ok"), name  # each step's own figures, none for a skipped one
     f = steps["tests"]["figures"]
     assert f["passed"] >= 2 and f["failures"] == f["errors"] == 0
     for kt, layout, kind in ((10, "nchw", ""), (2, "nchw", ""), (10, "nchw", "_compiled"), (10, "nchw", "_graphs"),

@@ -1,5 +1,6 @@
 """The speed paths compute what the plain ones do: contiguous attention, the compiled U-Net at
-one fixed batch, compiled training, the foreach StableAdamW."""
+one fixed batch, compiled training, the foreach StableAdamW; and the variants `bench` measures for a GPU:
+bf16 weights and CUDA graph replays."""
 
 import functools
 import os
