@@ -3,7 +3,7 @@
 # is available (the script fits in 8 minutes on one H100/H200):
 #
 #   bash tests/gpu.sh [--out DIR] [--budget SECONDS]   on the GPU (DIR: $OUT if set, else gpu_out)
-#   bash tests/gpu.sh --dry-run --out DIR              the same steps on the CPU, preset tiny, < 2 min
+#   bash tests/gpu.sh --dry-run --out DIR              the same steps on the CPU, preset tiny
 #
 # Steps, most wanted first: tests/test_speed.py (its CUDA test included); `bench` of the `paper` preset at
 # 128^2: scoring at K = T = 10 and 2 in NCHW, training at batch 32 and at the largest batch that fits,
@@ -17,10 +17,11 @@
 # (both rewritten whole, atomically), so a GPU that goes away mid-run loses only the step it was in; the
 # steps' output goes to DIR/gpu.log. Each step runs under its own time limit, cut to what is left of
 # --budget, and one that fails or hangs is recorded as such and the next one starts.
-# --dry-run: preset tiny at 16^2 on the CPU, one thread, with few images, and torch.compile the identity, so the
-# "compiled" variants run eagerly through the same wrappers (a CPU's inductor takes minutes to compile;
-# tests/test_speed.py checks compiled against eager): it checks that every step runs and writes its
-# figures (tests/test_gpu_script.py), not what they are. Only the two tests of the variants run.
+# --dry-run: preset tiny at 16^2 on the CPU, one thread, few images, and torch.compile the identity, so
+# the "compiled" variants run eagerly through the same wrappers (a CPU's inductor takes minutes to
+# compile; tests/test_speed.py checks compiled against eager): it checks that every step runs and writes
+# its figures (tests/test_gpu_script.py), not what they are. Only the variants' tests run (the CUDA one
+# is skipped). About a minute of CPU time (BENCHMARKS.md, "GPU script").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
