@@ -33,7 +33,8 @@ The machinery:
                         layouts), tables, report.html; ablation sweeps (Tables 6-9)
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
-    Speed               bench: U-Net before/eager/compiled, latency and throughput, training, the naive loop
+    Speed               bench: U-Net before/eager/compiled, bf16 weights, CUDA graphs, latency and throughput,
+                        training, the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
     From Python         fm.load(ckpt).predict(images); train, evaluate, calibrate, score as functions
     CLI                 train, test, score, calibrate, explain, demo, compare, bench
@@ -2539,6 +2540,41 @@ def with_strided_attention(model: UNet) -> UNet:
     return before
 
 
+class BF16Weights(nn.Module):
+    """The U-Net with its weights cast to bf16, run on bf16 inputs outside autocast: no cast around
+    each op, GroupNorm in bf16 where CUDA's autocast keeps it in fp32. Returns bf16 velocities (the
+    scorer takes them to fp32). `bench --bf16-weights` times it against autocast."""
+
+    def __init__(self, model: UNet):
+        super().__init__()
+        self.model, self.cfg = copy.deepcopy(model).to(torch.bfloat16), model.cfg
+
+    def forward(self, x, t, labels=None):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.model(x.to(torch.bfloat16), t, labels)
+
+
+class Replayed(nn.Module):
+    """`model` under torch.compile(mode="reduce-overhead"): on CUDA each call replays one recorded
+    CUDA graph (it needs fixed shapes: Compiled's fixed batch), its output copied out before the next
+    replay overwrites it; on a CPU, plain compiled code."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.graphed = torch.compile(model, fullgraph=True, dynamic=False, mode="reduce-overhead")
+
+    def forward(self, x, t, labels=None):
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.graphed(x, t, labels).clone()
+
+
+def graphed(model: nn.Module) -> Compiled:
+    """Compiled whose every forward of the fixed batch is one CUDA graph replay (`bench --graphs`)."""
+    c = Compiled(model)
+    c.compiled = Replayed(model)
+    return c
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """What `bench` times, beside the preset and image size (TrainConfig) and K, T, --max-batch (ScoreConfig)."""
@@ -2550,6 +2586,9 @@ class BenchConfig:
     compile: bool = knob(False, "also time the compiled U-Net (and training step)")
     layout: str = knob("auto", "memory layout; auto: channels_last for training and CPU scoring, NCHW for GPU "
                                "scoring", choices=("auto", "channels_last", "nchw"))
+    bf16_weights: bool = knob(False, "also time the U-Net with its weights in bf16 (with --compile, compiled too)")
+    graphs: bool = knob(False, "also time the U-Net compiled as CUDA graph replays (mode reduce-overhead; on a "
+                               "CPU plain compiled code)")
 
     def __post_init__(self):
         check_knobs(self)
@@ -2560,8 +2599,10 @@ def bench(cfg: BenchConfig = BenchConfig(), preset="paper", image_size=128, scor
 
     Scoring times, in one run, each the fastest of interleaved repeats (see fastest): the U-Net
     before the contiguous attention ("before"), as it is ("eager"), the same in the other precision
-    (bf16 on a CPU, fp32 on a GPU) and, with `compile`, Compiled in both; each as one forward at the
-    forward batch, as images/s of the scorer on `images` images, and as latency (one image, K x T forwards)."""
+    (bf16 on a CPU, fp32 on a GPU) and, with `compile`, Compiled in both; with `bf16_weights` the U-Net
+    with its weights in bf16 (BF16Weights; compiled too with `compile`); with `graphs` Compiled as CUDA
+    graph replays; each as one forward at the forward batch, as images/s of the scorer on `images`
+    images, and as latency (one image, K x T forwards)."""
     device = pick_device(device)
     torch.manual_seed(0)
     model = build_model(preset, 0).to(device)
@@ -2611,6 +2652,12 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, faste
     variants = {"before": (with_strided_attention(fast), main), "eager": (fast, main), f"eager_{other}": (fast, other)}
     if compile:  # one Compiled per precision: each fixes its own graph
         variants.update({"compiled": (Compiled(fast), main), f"compiled_{other}": (Compiled(fast), other)})
+    if bc.bf16_weights:  # bf16 weights run outside autocast, whatever the precision
+        variants["eager_bf16w"] = (BF16Weights(fast), main)
+        if compile:
+            variants["compiled_bf16w"] = (Compiled(variants["eager_bf16w"][0]), main)
+    if bc.graphs:
+        variants["graphs"] = (graphed(fast), main)
     x, t = torch.randn(fb, 3, image_size, image_size, device=device), torch.rand(fb, device=device)
 
     def forward(m, precision):
@@ -2636,8 +2683,9 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, faste
         if v != "before":
             out.update({f"{v}_{task}_vs_before": best["before", task] / best[v, task] for task in tasks})
             out[f"{v}_max_abs_diff_vs_before"] = float((heats[v] - heats["before"]).abs().max())
-    if compile:
-        for v, e in (("compiled", "eager"), (f"compiled_{other}", f"eager_{other}")):  # against eager, same precision
+    for v, e in (("compiled", "eager"), (f"compiled_{other}", f"eager_{other}"), ("compiled_bf16w", "eager_bf16w"),
+                 ("graphs", "eager")):  # against eager, same precision and weights
+        if v in variants:
             gain = best[e, "latency"] - best[v, "latency"]  # seconds saved per image
             c = variants[v][0].compile_s
             out.update({f"{v}_compile_s": c, f"{v}_pays_after_images": c / gain if gain > 0 else None})
@@ -2649,6 +2697,11 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, faste
     out.update(bf16_heat_max_rel_diff=float((h16 - h32).abs().max() / h32.abs().max()),
                bf16_score_max_rel_diff=float(((s16 - s32).abs() / s32.abs()).max()),
                bf16_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
+    if bc.bf16_weights:  # the same against fp32 for the weights in bf16
+        s16 = image_score(heats["eager_bf16w"])
+        out.update(bf16w_heat_max_rel_diff=float((heats["eager_bf16w"] - h32).abs().max() / h32.abs().max()),
+                   bf16w_score_max_rel_diff=float(((s16 - s32).abs() / s32.abs()).max()),
+                   bf16w_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
     if not bc.no_naive:
         ref = mismatch_heat_naive(model, y, cfg=cfg)  # also the warm-up
         seconds_naive = fastest({"naive": lambda: mismatch_heat_naive(model, y, cfg=cfg)})["naive"]

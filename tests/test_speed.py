@@ -1,5 +1,6 @@
 """The speed paths compute what the plain ones do: contiguous attention, the compiled U-Net at
-one fixed batch, compiled training, the foreach StableAdamW."""
+one fixed batch, compiled training, the foreach StableAdamW; and the variants `bench` measures for a GPU:
+bf16 weights and CUDA graph replays."""
 
 import functools
 import os
@@ -190,3 +191,80 @@ def test_foreach_stable_adamw_equals_the_per_tensor_one_over_20_steps():
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert ours.state[a]["step"] == ref.state[b]["step"] == 20
         assert torch.allclose(ours.state[a]["v_max"], ref.state[b]["v_max"], atol=1e-12, rtol=1e-6)
+
+
+def test_scorer_with_bf16_weights_stays_within_2_percent_of_fp32():
+    """`bench --bf16-weights` (BF16Weights): the scorer on a U-Net whose weights are bf16 copies, run
+    outside autocast, gives heatmaps within 2 % of the fp32 heatmap's maximum (the stated tolerance) and
+    leaves the fp32 model as it was. Runs on the CPU; on CUDA the same module runs."""
+    model = random_unet().eval()
+    y, labels, cfg = torch.randn(2, 3, 16, 16), torch.tensor([0, 1]), fm.ScoreConfig(K=3, T=2, precision="fp32")
+    ref = fm.mismatch_heat(model, y, labels, cfg)
+    w16 = fm.BF16Weights(model)
+    assert all(p.dtype == torch.bfloat16 for p in w16.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for precision in ("fp32", "bf16"):  # whatever autocast the scorer asks for
+        heat = fm.mismatch_heat(w16, y, labels, fm.replace(cfg, precision=precision))
+        assert heat.dtype == torch.float32
+        assert (heat - ref).abs().max() < 0.02 * ref.abs().max(), (heat - ref).abs().max() / ref.abs().max()
+
+
+class GraphReplay:
+    """What a CUDA graph does to outputs, on the CPU: every call writes its output into one static
+    buffer and returns that buffer, so a caller that keeps an output past the next call sees it change."""
+
+    def __init__(self, model):
+        self.model, self.buffer = model, None
+
+    def __call__(self, *args):
+        out = self.model(*args)
+        self.buffer = out.clone() if self.buffer is None else self.buffer.copy_(out)
+        return self.buffer
+
+
+def test_graphed_scorer_equals_eager_though_each_replay_overwrites_its_output(monkeypatch):
+    """`bench --graphs` (graphed): Compiled at a fixed batch with torch.compile(mode="reduce-overhead").
+    CUDA graphs cannot run on a CPU, so torch.compile is replaced by GraphReplay, a CPU stand-in with a
+    CUDA graph's output semantics; a call of 7 rows at batch 4 replays twice, and the heatmap over several
+    forwards equals eager's."""
+    modes = []
+
+    def fake_compile(model, mode=None, **kw):
+        modes.append(mode)
+        return GraphReplay(model) if mode == "reduce-overhead" else model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = random_unet().eval()
+    g = fm.graphed(model)
+    assert "reduce-overhead" in modes
+    x, t, labels = torch.randn(7, 3, 16, 16), torch.rand(7), torch.tensor([0, 1, 0, 1, 1, 0, 1])
+    with torch.no_grad():
+        for n in (4, 7, 3):
+            v, ref = g(x[:n], t[:n], labels[:n]), model(x[:n], t[:n], labels[:n])
+            assert torch.allclose(v, ref, atol=1e-5, rtol=0), (v - ref).abs().max()
+    y, cfg = torch.randn(2, 3, 16, 16), fm.ScoreConfig(K=3, T=2, max_batch=4)
+    assert torch.allclose(fm.mismatch_heat(g, y, labels[:2], cfg), fm.mismatch_heat(model, y, labels[:2], cfg),
+                          atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; tests/gpu.sh runs it on a GPU")
+def test_on_cuda_compiled_graphed_and_bf16_weights_scorers_agree_with_eager():
+    """On a GPU, with inductor and real CUDA graph replays: the scorer through Compiled and graphed
+    equals eager in fp32 to 1e-3 of the heatmap's maximum (TF32 convolutions round alike in both, but
+    inductor may order sums differently), also where one call replays twice (7 rows at batch 4); with
+    BF16Weights it stays within the 2 % tolerance."""
+    model = random_unet().cuda().eval()
+    y, labels = torch.randn(2, 3, 16, 16, device="cuda"), torch.tensor([0, 1], device="cuda")
+    cfg = fm.ScoreConfig(K=3, T=2, max_batch=4, precision="fp32")
+    x, t = torch.randn(7, 3, 16, 16, device="cuda"), torch.rand(7, device="cuda")
+    x_labels = torch.tensor([0, 1, 0, 1, 1, 0, 1], device="cuda")
+    with torch.no_grad():
+        ref, v_ref = fm.mismatch_heat(model, y, labels, cfg), model(x, t, x_labels)
+        torch._dynamo.reset()
+        for wrapped in (fm.Compiled(model), fm.graphed(model)):
+            heat = fm.mismatch_heat(wrapped, y, labels, cfg)  # the first call fixes the batch: 4
+            assert (heat - ref).abs().max() <= 1e-3 * ref.abs().max(), type(wrapped.compiled)
+            v = wrapped(x, t, x_labels)
+            assert (v - v_ref).abs().max() <= 1e-3 * v_ref.abs().max(), type(wrapped.compiled)
+        heat = fm.mismatch_heat(fm.BF16Weights(model), y, labels, cfg)
+        assert (heat - ref).abs().max() < 0.02 * ref.abs().max()
