@@ -1,4 +1,4 @@
-"""The library under the CLI: the method part runs alone, the configs are the one source of
+"""The library under the CLI: the configs are the one source of
 defaults and ranges, fm.load(...).predict(...) gives the commands' numbers for any kind of input,
 train's default folder and log, and a README whose commands, example and teaching map are true."""
 
@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -19,24 +18,6 @@ import flow_mismatch as fm
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-
-
-def test_the_method_part_runs_alone(monkeypatch):
-    text = (ROOT / "flow_mismatch.py").read_text()
-    alone = types.ModuleType("method_alone")  # a fresh namespace; dataclasses look their module up by name
-    monkeypatch.setitem(sys.modules, "method_alone", alone)
-    exec(compile(text[:text.index("# End of the method")], "method part", "exec"), alone.__dict__)
-    ns = alone.__dict__
-    torch.manual_seed(0)
-    model = ns["build_model"]("tiny").eval()
-    for p in model.parameters():
-        if not p.any():  # undo the zero initialisations: a non-trivial velocity
-            torch.nn.init.normal_(p, std=0.02)
-    y, cfg = torch.randn(2, 3, 8, 8), ns["ScoreConfig"](K=2, T=3)
-    heat = ns["mismatch_heat"](model, y, cfg=cfg)
-    assert heat.shape == (2, 8, 8) and heat.min() > 0
-    assert torch.allclose(heat, ns["mismatch_heat_naive"](model, y, cfg=cfg), rtol=1e-5, atol=1e-7)
-    assert torch.equal(heat, fm.mismatch_heat(model, y, cfg=fm.ScoreConfig(K=2, T=3)))
 
 
 @pytest.mark.parametrize("make, argv", [
