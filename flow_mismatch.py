@@ -2352,7 +2352,7 @@ def explain_maps(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0,
     xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * y  # Eq. (2) along path 0, (T, C, H, W)
     mean = delta_of(replace(cfg, aggregator="mean"))[0, j]
     return dict(t=t.cpu(), w=w.flatten().cpu(), maps=maps[0].cpu(), heat=heat[0].cpu(),
-                score=float(image_score(heat)[0]), peak=peak, t_star=j, xt=xt.cpu(),
+                score=float(image_score(heat, cfg.image_score)[0]), peak=peak, t_star=j, xt=xt.cpu(),
                 spread={cfg.aggregator: delta[0, j].cpu(), "mean": mean.cpu()})
 
 
@@ -2434,6 +2434,8 @@ def explain(ckpt, image, out, cfg: ScoreConfig = ScoreConfig(), mask=None, categ
     """Explain one image file: the figure `out` (.png, .pdf or .svg), out.json and out.npz of
     write_explain; mask: its ground-truth mask file, drawn as a contour. Returns out.json's numbers."""
     out, image = Path(out), Path(image)
+    if cfg.score != "mismatch":
+        raise UserError(f"--score: explain shows the scorer of Eqs. 2-4 (mismatch), not {cfg.score}")
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise UserError(f"--out: {out} must end in .png, .pdf or .svg")
     if out.is_dir():
@@ -2457,7 +2459,7 @@ def explain(ckpt, image, out, cfg: ScoreConfig = ScoreConfig(), mask=None, categ
     e = explain_maps(detector.model, y, label, cfg, tile, detector.grid)
     about = dict(image=str(image), mask=None if mask is None else str(mask), ckpt=str(ckpt), category=category,
                  image_size=size, tile=tile, tile_scale=scale, K=cfg.K, T=cfg.T, aggregator=cfg.aggregator,
-                 weight=cfg.weight, seed=cfg.seed)
+                 weight=cfg.weight, seed=cfg.seed, image_score=cfg.image_score)
     return write_explain(out, e, arr, truth, detector.mean, detector.std, about)
 
 
@@ -3131,7 +3133,7 @@ def build_parser() -> Parser:
     for flag, name, about in (("--scores", "score", "scorers to compare (Table 2)"),
                               ("--grid-K", "K", "values of K (Table 6)"), ("--grid-T", "T", "values of T (Table 6)"),
                               ("--aggregators", "aggregator", "e.g. min,mean,quantile:0.1 (Table 7)"),
-                              ("--weights", "weight", "e.g. 1,t,t2,snr")):
+                              ("--weights", "weight", f"e.g. {','.join(WEIGHTS)}")):
         p.add_argument(flag, dest="grid_" + name, help=about, type=lambda text, f=score_fields[name], flag=flag:
                        tuple(parse_knob(f, v, flag) for v in text.split(",")))
     p.add_argument("--save-maps", metavar="DIR",
@@ -3169,7 +3171,7 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="FIG.png (or .pdf, .svg); also writes FIG.json and FIG.npz")
     p.add_argument("--mask", help="its ground-truth mask, drawn as a contour")
     p.add_argument("--category", help="category label for a class-conditional model")
-    knob_flags(p, ScoreConfig, ("K", "T", "weight", "seed", "stride"))
+    knob_flags(p, ScoreConfig, [f.name for f in fields(MethodConfig)] + ["max_batch", "precision", "stride"])
 
     p = command("compare", cmd_compare, "our metrics.json beside the paper's Tables 1, 4 and 5", device=False)
     p.add_argument("metrics", help="EVAL_DIR/metrics.json written by `test`; writes EVAL_DIR/compare_DATASET.md")

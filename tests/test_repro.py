@@ -138,12 +138,12 @@ def test_reproduce_quick_writes_every_table(tmp_path):
     runs = out / "runs" / "demo"
     assert first_column("table1/demo/table.md") == ["grid", "weave", "mean"]
     assert first_column("table1/demo/compare_mvtec.md") == ["grid"] * 3 + ["mean"] * 3
-    assert first_column("table2/sweep.md") == ["mismatch", "recon", "onestep"]
+    assert first_column("table2/sweep.md") == list(fm.SCORERS)
     assert first_column("table6/sweep.md") == [str(k) for k in (1, 2, 3) for _ in (1, 2, 3)]
     assert first_column("table7/demo/sweep.md") == ["mean", "quantile:0.3", "quantile:0.2", "quantile:0.1", "min"]
     assert first_column("table8/demo/sweep.md") == [str(out / "runs" / "demo-pooled" / "ckpt.pt"), str(runs / "ckpt.pt")]
     assert first_column("table9/sweep.md") == [str(runs / f"ckpt_epoch{e}.pt") for e in (5, 10, 20)]
-    assert first_column("weights/sweep.md") == ["1", "t", "t2", "snr"]
+    assert first_column("weights/sweep.md") == list(fm.WEIGHTS)
     # The default setting (K = T = 3, min, t^2, conditional, last epoch) is one row of every ablation.
     default = (out / "table1/demo/table.md").read_text().splitlines()[-1].split(" | ")[1:]
     for path, row in (("table6/sweep.md", -1), ("table8/demo/sweep.md", -1), ("table9/sweep.md", -1),
