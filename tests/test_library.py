@@ -136,17 +136,23 @@ def test_an_alarm_rate_outside_0_1_is_refused_alike_from_python_and_the_cli(bott
     assert "--alarm-rate" in str(e.value) and not (tmp_path / "s").exists()
 
 
-def test_every_file_and_test_the_readme_names_exists():
-    named, last = [], None
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("doc", [ROOT / "README.md", *DOCS], ids=lambda p: p.name)
+def test_every_file_and_test_the_docs_name_exists(doc):
+    """README.md and every docs/*.md (each linked from the README): each file and `file::test` they name
+    exists, and no line numbers."""
+    text, named, last = doc.read_text(), [], None
     source = r"[\w./-]+\.(?:py|sh|txt)|[\w/]*(?:README|BENCHMARKS)\.md"  # not the .md tables commands write
-    for path, test, bare in re.findall(rf"`({source})(?:::(\w+))?`|`::(\w+)`", README):
+    for path, test, bare in re.findall(rf"`({source})(?:::(\w+))?`|`::(\w+)`", text):
         last = path or last
         named.append((last, test or bare))
-    assert len({p for p, _ in named}) > 20
+    assert doc.name == "README.md" and len({p for p, _ in named}) > 20 or f"](docs/{doc.name})" in README
     for path, test in named:
         candidates = [ROOT / path] + [ROOT / d / path for d in ("tests", "theory", "toys")]
         found = [c for c in candidates if c.is_file()]
         assert found, path
         if test:
             assert re.search(rf"^def {test}\(", found[0].read_text(), re.M), f"{path}::{test}"
-    assert not re.search(r"\bfirst \d+ lines|\blines? \d+", README)  # no line numbers to go stale
+    assert not re.search(r"\bfirst \d+ lines|\blines? \d+", text)  # no line numbers to go stale
