@@ -169,8 +169,7 @@ IMAGE_SCORES = {  # S of Eq. (4) from the flattened heatmaps (B, H * W) -> (B,),
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """The paper's test-time knobs of Eqs. (3)-(4); defaults are Sec. 5.1. ScoreConfig, below the
-    ruler, adds the options of a run (forward batch, precision, baselines, tile stride)."""
+    """The paper's test-time knobs of Eqs. (3)-(4), defaults Sec. 5.1; ScoreConfig (below the ruler) adds a run's."""
 
     K: int = knob(10, "paths per image (Eq. 3)", ge=1, le=1000, flag="-K")
     T: int = knob(10, "interior times j / (T + 1) (Eq. 4)", ge=1, le=1000, flag="-T")
@@ -612,9 +611,8 @@ SCORERS = {"mismatch": run_mismatch_heat, "recon": recon_heat, "onestep": oneste
 
 
 # ----------------------------------------------------------------------------
-# Run config: what a run is given besides the paper's test-time knobs: the training run
-# (TrainConfig, the CPU presets' recipes) and ScoreConfig, MethodConfig with a run's options; and
-# `note`, the one channel a run speaks on.
+# Run config: a run's settings besides the paper's test-time knobs: TrainConfig with the CPU presets'
+# recipes, ScoreConfig (MethodConfig with a run's options), and `note`, the one channel a run speaks on.
 
 def note(message: str, every_rank=False) -> None:
     """The one channel of all a command says besides its result (warnings, progress, what a run does,
@@ -692,8 +690,7 @@ def train_config(preset="paper", **given) -> TrainConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig(MethodConfig):
-    """The paper's knobs (MethodConfig) and the options of a run: the test-time rule, forward batch,
-    precision and tile stride."""
+    """MethodConfig and the options of a run: the test-time rule, forward batch, precision, tile stride."""
 
     max_batch: int = knob(0, "U-Net inputs per forward, the memory budget; 0: automatic (512 on CUDA, by image "
                              "size on CPU: 32 for tiny at 64^2)", ge=0, le=2**20)
