@@ -440,27 +440,25 @@ def mismatch_delta(model, y, labels=None, cfg: MethodConfig = MethodConfig(), id
     t = interior_times(T, device)
     m = aggregator_rank(cfg.aggregator, K)
     n = B * T  # inputs per path
-    acc, open_paths = None, {}  # k -> (x0, Z of path k)
+    acc, x0s, rows = None, {}, None  # x0 of the open paths; Z of the inputs not yet folded, in order
     for s in range(0, K * n, batch):
         e = min(K * n, s + batch)
         ks = range(s // n, (e - 1) // n + 1)  # the paths inputs s..e-1 belong to
         for k in ks:
-            if k not in open_paths:
-                x0 = path_noise(cfg.seed, ids, k, (C, H, W), device)
-                open_paths[k] = (x0, torch.empty(B, T, H, W, device=device))
+            if k not in x0s:
+                x0s[k] = path_noise(cfg.seed, ids, k, (C, H, W), device)
         sl = torch.arange(s, e, device=device)
         ki, bi, ji = sl // n - ks[0], sl // T % B, sl % T
-        x0 = torch.stack([open_paths[k][0] for k in ks])[ki, bi]
+        x0 = torch.stack([x0s[k] for k in ks])[ki, bi]
         tj = t[ji].view(-1, 1, 1, 1)
         xt = (1 - tj) * x0 + tj * y[bi]  # Eq. (2)
         with amp():
             v = model(xt, t[ji], None if labels is None else labels[bi])
         z = (v.float() - (y[bi] - x0)).square().sum(1)  # Eq. (3): Z_t^(k)
-        for k in ks:
-            lo, hi = max(s, k * n), min(e, (k + 1) * n)  # path k's inputs in this forward
-            open_paths[k][1].view(-1, H, W)[lo - k * n:hi - k * n] = z[lo - s:hi - s]
-            if hi == (k + 1) * n:  # path k is done
-                acc = fold_path(acc, open_paths.pop(k)[1], m)
+        rows = z if rows is None else torch.cat([rows, z])
+        while len(rows) >= n:  # the oldest open path is done
+            acc, rows = fold_path(acc, rows[:n].view(B, T, H, W), m), rows[n:]
+            del x0s[min(x0s)]
     return path_aggregate(acc, m, K)  # (B, T, H, W)
 
 
