@@ -22,8 +22,8 @@ The machinery:
     Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2); SCORERS
     Run config          TrainConfig, the CPU presets' recipes; ScoreConfig: MethodConfig and a run's options; note
     Tiles               large images: tile grid, blending window, stitching, position labels
-    Training loop       StableAdamW (App. C.2), setup, one CFM step, the loop; resume, signals, log; the lock
-    Checkpoints and output files  atomic writes of every file, checkpoints read as plain data and checked
+    Training loop       StableAdamW (App. C.2), setup, one CFM step, the loop; resume, signals, log
+    Checkpoints and output files  atomic writes, a folder's lock, staged outputs; checkpoints read as plain data
     Devices and DDP     torchrun process groups, device choice, inference layout
     Metrics             the seven numbers of Table 1
     Data                benchmark layouts read in place, every mask encoding; native-size images, tiles; demo data
@@ -815,72 +815,6 @@ class StableAdamW(torch.optim.Optimizer):
             torch._foreach_add_(ps, update)
 
 
-def try_lock(f) -> bool:
-    """An exclusive OS lock on the open file f, without waiting: False if another process holds it.
-    fcntl.flock where it exists (POSIX), msvcrt.locking of the first byte on Windows; the OS drops
-    it when the process dies, kill -9 included."""
-    try:
-        import fcntl
-    except ImportError:
-        import msvcrt
-
-        f.seek(0)
-        try:
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def run_lock(out: Path, flag="--out", command="train", wait=False):
-    """One writer per folder (`train` and `calibrate` of a run folder, `test` or `score` of an output
-    folder): an exclusive OS lock (try_lock) on OUT/.lock, which names the holder's pid and command,
-    for as long as the block runs. Busy: an error naming the folder and the holder, or with wait,
-    one line saying so and a wait. The folder is checked first (check_out_dir); one made here and
-    left empty is removed again."""
-    check_out_dir(out, flag)
-    if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
-        yield
-        return
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ".lock"
-    f = open(path, "a+")
-    said = False
-    while not try_lock(f):
-        f.seek(0)
-        try:
-            pid, *what = f.read().split() or ["unknown"]
-        except OSError:  # Windows: the holder's locked byte cannot be read
-            pid, what = "unknown", []
-        holder = f"{what[0] if what else 'run'} (pid {pid})"
-        if not wait:
-            f.close()
-            raise UserError(f"{flag}: {out} is in use by another {holder}; wait for it or choose another folder")
-        if not said:
-            note(f"waiting for {holder} to finish with {out}")
-            said = True
-        time.sleep(0.2)
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()} {command}\n")
-    f.flush()
-    try:
-        yield
-    finally:
-        if made and [p.name for p in out.iterdir()] == [".lock"]:
-            f.close()
-            path.unlink()
-            out.rmdir()
-        f.close()
-
-
 RESUMABLE = ("epochs", "steps", "save_every", "save_epochs")  # how long and what to keep; not what is learnt
 
 
@@ -1151,7 +1085,8 @@ def plot_loss(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints and output files: every file written atomically, checkpoints read as plain data.
+# Checkpoints and output files: every file written atomically, one writer per folder (its lock), a
+# command's outputs staged and swapped in together, checkpoints read as plain data.
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **kw):
@@ -1191,6 +1126,121 @@ def save_image(path: Path, im) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as f:
         (im if isinstance(im, Image.Image) else Image.fromarray(im)).save(f, format=path.suffix[1:].upper())
+
+
+def try_lock(f) -> bool:
+    """An exclusive OS lock on the open file f, without waiting: False if another process holds it.
+    fcntl.flock where it exists (POSIX), msvcrt.locking of the first byte on Windows; the OS drops
+    it when the process dies, kill -9 included."""
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        f.seek(0)
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, flag="--out", command="train", wait=False):
+    """One writer per folder (`train` and `calibrate` of a run folder, `test` or `score` of an output
+    folder): an exclusive OS lock (try_lock) on OUT/.lock, which names the holder's pid and command,
+    for as long as the block runs. Busy: an error naming the folder and the holder, or with wait,
+    one line saying so and a wait. The folder is checked first (check_out_dir); one made here and
+    left empty is removed again."""
+    check_out_dir(out, flag)
+    if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
+        yield
+        return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".lock"
+    f = open(path, "a+")
+    said = False
+    while not try_lock(f):
+        f.seek(0)
+        try:
+            pid, *what = f.read().split() or ["unknown"]
+        except OSError:  # Windows: the holder's locked byte cannot be read
+            pid, what = "unknown", []
+        holder = f"{what[0] if what else 'run'} (pid {pid})"
+        if not wait:
+            f.close()
+            raise UserError(f"{flag}: {out} is in use by another {holder}; wait for it or choose another folder")
+        if not said:
+            note(f"waiting for {holder} to finish with {out}")
+            said = True
+        time.sleep(0.2)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} {command}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        if made and [p.name for p in out.iterdir()] == [".lock"]:
+            f.close()
+            path.unlink()
+            out.rmdir()
+        f.close()
+
+
+def check_out_dir(out: Path, flag="--out") -> None:
+    """Before any work: `out` is a folder, or can be made one, and this user may write in it."""
+    out = Path(out)
+    if os.path.exists(out) and not out.is_dir():
+        raise UserError(f"{flag}: {out} exists and is not a folder")
+    have = Path(os.path.abspath(out))
+    while not os.path.exists(have):
+        have = have.parent
+    if not have.is_dir():
+        raise UserError(f"{flag}: {out} cannot be made: {have} is a file")
+    if not os.access(have, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: {out} cannot be written: no write permission in {have} (or a read-only disk)")
+
+
+# A rerun replaces a run's outputs as a whole: they are written into a hidden folder inside --out
+# and only then moved in together. An error or interrupt while writing leaves the previous run as it
+# was; one during the moves (renames, milliseconds) leaves OUT/INCOMPLETE naming what is missing.
+
+@contextlib.contextmanager
+def staged(out: Path, stale=()):
+    """A fresh folder in which to write the new outputs of `out` (files and folders named as in
+    `out`); when the block ends they replace their namesakes in `out`, and the outputs named in
+    `stale` (an earlier run's, this run does not write) are removed."""
+    tmp = out / ".staging"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        names = sorted(os.listdir(tmp))
+        write_text(out / "INCOMPLETE", f"an interrupted run was replacing {', '.join(names)} here; some may be missing\n")
+        trash = tmp / ".old"
+        trash.mkdir()
+        for name in [*names, *stale]:
+            if os.path.lexists(out / name):
+                os.replace(out / name, trash / name)
+        moved = []
+        try:
+            for name in names:
+                os.replace(tmp / name, out / name)
+                moved.append(name)
+        except BaseException:
+            write_text(out / "INCOMPLETE", f"missing: {', '.join(n for n in names if n not in moved)} "
+                                           f"(an interrupted run); run it again\n")
+            raise
+        (out / "INCOMPLETE").unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -1896,55 +1946,6 @@ def format_table(results: dict, html=False) -> str:
             cells = [f"{c} ({k}/{n})" if 0 < k < n else c for c, k in zip(cells, counts)]
         rows.append([name, *cells])
     return table(["category", *METRICS], rows, html)
-
-
-def check_out_dir(out: Path, flag="--out") -> None:
-    """Before any work: `out` is a folder, or can be made one, and this user may write in it."""
-    out = Path(out)
-    if os.path.exists(out) and not out.is_dir():
-        raise UserError(f"{flag}: {out} exists and is not a folder")
-    have = Path(os.path.abspath(out))
-    while not os.path.exists(have):
-        have = have.parent
-    if not have.is_dir():
-        raise UserError(f"{flag}: {out} cannot be made: {have} is a file")
-    if not os.access(have, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}: {out} cannot be written: no write permission in {have} (or a read-only disk)")
-
-
-# A rerun replaces a run's outputs as a whole: they are written into a hidden folder inside --out
-# and only then moved in together. An error or interrupt while writing leaves the previous run as it
-# was; one during the moves (renames, milliseconds) leaves OUT/INCOMPLETE naming what is missing.
-
-@contextlib.contextmanager
-def staged(out: Path, stale=()):
-    """A fresh folder in which to write the new outputs of `out` (files and folders named as in
-    `out`); when the block ends they replace their namesakes in `out`, and the outputs named in
-    `stale` (an earlier run's, this run does not write) are removed."""
-    tmp = out / ".staging"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        names = sorted(os.listdir(tmp))
-        write_text(out / "INCOMPLETE", f"an interrupted run was replacing {', '.join(names)} here; some may be missing\n")
-        trash = tmp / ".old"
-        trash.mkdir()
-        for name in [*names, *stale]:
-            if os.path.lexists(out / name):
-                os.replace(out / name, trash / name)
-        moved = []
-        try:
-            for name in names:
-                os.replace(tmp / name, out / name)
-                moved.append(name)
-        except BaseException:
-            write_text(out / "INCOMPLETE", f"missing: {', '.join(n for n in names if n not in moved)} "
-                                           f"(an interrupted run); run it again\n")
-            raise
-        (out / "INCOMPLETE").unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict, cfg: ScoreConfig,
