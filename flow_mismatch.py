@@ -82,31 +82,36 @@ class UserError(Exception):
         self.status = status
 
 
-def knob(default, help, choices=None, ge=None, gt=None, le=None, lt=None, check=None, flag=None):
-    """A config field with the help text, choices and bounds its values must keep; `check` is a
-    further rule (a function raising UserError); flag: the CLI name if not --field-name."""
+def knob(default, help, choices=None, ge=None, gt=None, le=None, lt=None, check=None, flag=None, kind=None):
+    """A config field with the help text, the type (kind, of each item of a tuple; by default the
+    default's), choices and bounds its values must keep; `check` is a further rule (a function raising
+    UserError); flag: the CLI name if not --field-name."""
+    kind = kind or type(default[0] if isinstance(default, tuple) else default)
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    return field(default=default, metadata=dict(help=help, choices=choices, bounds=bounds, check=check, flag=flag))
+    return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, bounds=bounds, check=check,
+                                                flag=flag))
 
 
 def flag_of(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "True or False"}
 BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
 
 
 def check_knob(f, value, flag=None):
-    """`value` if it keeps field f's type, choices and bounds (each item of a tuple), else UserError."""
-    flag = flag or flag_of(f)
+    """`value` if it keeps field f's kind, choices and bounds (each item of a tuple), else UserError."""
+    flag, m = flag or flag_of(f), f.metadata
     if value is None and f.default is None:  # not set
         return value
-    kind = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(f.type).split(" ")[0])
+    if isinstance(value, tuple) != isinstance(f.default, tuple):
+        raise UserError(f"{flag}: {value!r} is not {'a tuple' if isinstance(f.default, tuple) else 'one value'}")
     for v in value if isinstance(value, tuple) else (value,):
-        if kind is not None and (not isinstance(v, kind) or (kind is not bool and isinstance(v, bool))):
-            raise UserError(f"{flag}: {v!r} is not {'an integer' if kind is int else 'a ' + str(f.type)}")
-        m = f.metadata
+        ok = isinstance(v, (int, float) if m["kind"] is float else m["kind"])
+        if not ok or (isinstance(v, bool) and m["kind"] is not bool):
+            raise UserError(f"{flag}: {v!r} is not {KIND_NAMES[m['kind']]}")
         if m.get("choices") and v not in m["choices"]:
             raise UserError(f"{flag}: {v!r} is not one of {', '.join(m['choices'])}")
         if not all(ok(v, b) for op, b in m.get("bounds", {}).items() for _, ok in [BOUNDS[op]]):
@@ -646,7 +651,7 @@ class TrainConfig:
     image_size: int = knob(128, "square size images are resized to (Sec. 5.1)", ge=1, le=4096)
     batch_size: int = knob(32, "images per process and step", ge=1, le=4096)
     epochs: int = knob(2000, "epochs", ge=1, le=10**6)
-    steps: int = knob(None, "optimiser steps, overriding --epochs; None: by epochs", ge=1, le=10**9)
+    steps: int = knob(None, "optimiser steps, overriding --epochs; None: by epochs", ge=1, le=10**9, kind=int)
     lr: float = knob(1e-4, "learning rate", gt=0, le=1e3)  # 100 already diverges within 3 steps (tiny)
     weight_decay: float = knob(1e-4, "decoupled weight decay", ge=0, le=1e3)
     betas: tuple = knob((0.9, 0.99), "Adam's two moment decays", ge=0, lt=1)
@@ -654,7 +659,7 @@ class TrainConfig:
     update_rms_clip: float = knob(1.0, "StableAdamW's update-RMS clip", gt=0, le=1e3)
     seed: int = knob(0, "seed of the weights, batches, noise and dropout", **SEED)
     save_every: int = knob(1000, "steps between checkpoints", ge=1, le=10**9)
-    save_epochs: tuple = knob((), "also keep ckpt_epochE.pt at these epochs (Table 9)", ge=1, le=10**6)
+    save_epochs: tuple = knob((), "also keep ckpt_epochE.pt at these epochs (Table 9)", ge=1, le=10**6, kind=int)
     pooled: bool = knob(False, "one unconditional model for all categories (Table 8)")
     calib_fraction: float = knob(0.0, "share of each category's train/good held out, never trained on, and scored "
                                       "at the end (K = T = 10) as the calibration set of --alarm-rate; 0: the "
@@ -2944,22 +2949,13 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def number(text):
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
 def parse_knob(f, text, flag=None):
     """A flag's text as the value of config field f (a tuple: comma-separated numbers), checked by check_knob."""
-    flag = flag or flag_of(f)
+    flag, kind, many = flag or flag_of(f), f.metadata["kind"], isinstance(f.default, tuple)
     try:
-        value = (tuple(number(v) for v in text.split(",")) if f.type == "tuple" else
-                 {"int": int, "float": float}.get(f.type, str)(text))
+        value = tuple(map(kind, text.split(","))) if many else kind(text)
     except ValueError:
-        raise UserError(f"{flag}: {text!r} is not {'an integer' if f.type == 'int' else 'a number'}"
-                        f"{' list' * (f.type == 'tuple')}")
+        raise UserError(f"{flag}: {text!r} is not {KIND_NAMES[kind]}{' list' * many}")
     return check_knob(f, value, flag)
 
 
@@ -2973,7 +2969,7 @@ def knob_flags(p, cls, names=None, shown=None):
         m = f.metadata
         rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
         about = f"{m['help']} (default {(shown or {}).get(f.name, f.default)}{'; ' + rule if rule else ''})"
-        kind = dict(action="store_true") if f.type == "bool" else dict(
+        kind = dict(action="store_true") if m["kind"] is bool else dict(
             type=lambda text, f=f: parse_knob(f, text),
             metavar="{" + ",".join(m["choices"]) + "}" if m["choices"] else f.name.upper())
         p.add_argument(flag_of(f), dest=f.name, default=argparse.SUPPRESS, help=about, **kind)

@@ -136,6 +136,20 @@ def test_an_alarm_rate_outside_0_1_is_refused_alike_from_python_and_the_cli(bott
     assert "--alarm-rate" in str(e.value) and not (tmp_path / "s").exists()
 
 
+def test_knob_kinds_are_explicit_and_tuples_are_checked_item_by_item():
+    """Each knob's kind is explicit (the default's type, or `kind=`): a tuple knob's items keep it (a
+    TypeError traceback once: 'a' >= 0), a tuple knob refuses one value and a one-value knob a tuple."""
+    for bad, says in [(dict(betas=("a", 0.9)), "--betas: 'a' is not a number"), (dict(betas=0.9), "--betas: 0.9 is not a tuple"),
+                      (dict(save_epochs=(1.5,)), "--save-epochs: 1.5 is not an integer"),
+                      (dict(lr=True), "--lr: True is not a number"), (dict(steps="9"), "--steps: '9' is not an integer")]:
+        with pytest.raises(fm.UserError, match=re.escape(says)):
+            fm.TrainConfig(**bad)
+    with pytest.raises(fm.UserError, match=re.escape("-K: (2, 3) is not one value")):
+        fm.ScoreConfig(K=(2, 3))
+    args = fm.build_parser().parse_args(["train", "--data", "d", "--betas", "0.8,0.9", "--save-epochs", "5,10"])
+    assert args.betas == (0.8, 0.9) and args.save_epochs == (5, 10)
+
+
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
