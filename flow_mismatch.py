@@ -8,9 +8,7 @@ y - x0 (Eqs. 2-3). Where y holds something the normal flow would not produce, th
 disagree; the t^2-weighted, path-aggregated squared disagreement is the heatmap H and
 its peak the image score S (Eq. 4).
 
-    python flow_mismatch.py train --data mvtec --out runs/mvtec         # one class-conditional model
-    python flow_mismatch.py test  --ckpt runs/mvtec/ckpt.pt --data mvtec --out eval/mvtec
-    python flow_mismatch.py demo                                          # tiny CPU run on generated data
+    python flow_mismatch.py demo      # tiny CPU run on generated data; train, test, score ...: README.md
 
 Contents (tests/test_reference.py keeps it true). The method, in the paper's order:
     Config              knobs; ModelConfig, presets (App. C.1); WEIGHTS w(t), IMAGE_SCORES S; MethodConfig
@@ -83,9 +81,8 @@ class UserError(Exception):
 
 
 def knob(default, help, choices=None, ge=None, gt=None, le=None, lt=None, check=None, flag=None, kind=None):
-    """A config field with the help text, the type (kind, of each item of a tuple; by default the
-    default's), choices and bounds its values must keep; `check` is a further rule (a function raising
-    UserError); flag: the CLI name if not --field-name."""
+    """A config field with the help text, kind (the type of its value or of a tuple's items; by default the
+    default's), choices and bounds it must keep; `check`: a further rule raising UserError; flag: if not --name."""
     kind = kind or type(default[0] if isinstance(default, tuple) else default)
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, bounds=bounds, check=check,
