@@ -8,34 +8,29 @@ y - x0 (Eqs. 2-3). Where y holds something the normal flow would not produce, th
 disagree; the t^2-weighted, path-aggregated squared disagreement is the heatmap H and
 its peak the image score S (Eq. 4).
 
-    python flow_mismatch.py train --data mvtec --out runs/mvtec         # one class-conditional model
-    python flow_mismatch.py test  --ckpt runs/mvtec/ckpt.pt --data mvtec --out eval/mvtec
-    python flow_mismatch.py demo                                          # tiny CPU run on generated data
+    python flow_mismatch.py demo      # tiny CPU run on generated data; train, test, score ...: README.md
 
-Contents. The method, in the paper's order:
-    Config              one dataclass per concern; presets (App. C.1), CPU recipes
+Contents (tests/test_reference.py keeps it true). The method, in the paper's order:
+    Config              knobs; ModelConfig, presets (App. C.1); WEIGHTS w(t), IMAGE_SCORES S; MethodConfig
     U-Net               App. C.1: residual blocks, time modulation, attention
     CFM loss            Eq. (1)
-    Scorer              Eqs. (2)-(4): paths x_t, mismatch Z_t, min over paths, heatmap H, score S;
-                        beside it the same definition one path, one time, one forward at a time
+    Scorer              Eqs. (2)-(4): the definition one path, one time, one forward at a time; then batched
 The machinery:
-    Scorer machinery    forward batch, precision, the compiled U-Net, input checks, the naive reference loop
+    Scorer machinery    a run's forward batch and precision, the compiled U-Net
+    Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2); SCORERS
+    Run config          TrainConfig, the CPU presets' recipes; ScoreConfig: MethodConfig and a run's options; note
     Tiles               large images: tile grid, blending window, stitching, position labels
-    Training loop       StableAdamW (App. C.2), setup, one CFM step, the loop; resume, signals, log;
-                        one writer per folder
-    Checkpoints         atomic writes of every file, checkpoints read as plain data and checked
+    Training loop       StableAdamW (App. C.2), setup, one CFM step, the loop; resume, signals, log
+    Checkpoints and output files  atomic writes, a folder's lock, staged outputs; checkpoints read as plain data
     Devices and DDP     torchrun process groups, device choice, inference layout
-    Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
     Metrics             the seven numbers of Table 1
-    Data                benchmark layouts read in place (MVTec-AD, MPDD, VisA, MVTec AD 2, BTAD, LOCO,
-                        one's own), every mask encoding; native-size images and random tiles; the demo's data
-    Evaluation          scoring test sets, progress, overlays, maps at the original size (official TIFF
-                        layouts), tables, report.html; ablation sweeps (Tables 6-9)
+    Data                benchmark layouts read in place, every mask encoding; native-size images, tiles; demo data
+    Evaluation          test sets scored, overlays, maps at the original size, tables, report.html; sweeps
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
     Speed               bench: U-Net before/eager/compiled, bf16 weights, CUDA graphs, latency and throughput,
                         training, the naive loop
-    The paper's numbers Tables 1, 4, 5 for `compare`
+    The paper's numbers  Tables 1, 4, 5 for `compare`
     From Python         fm.load(ckpt).predict(images); train, evaluate, calibrate, score as functions
     CLI                 train, test, score, calibrate, explain, demo, compare, bench
 """
@@ -90,39 +85,35 @@ class UserError(Exception):
         return f"--{self.keyword.replace('_', '-')}: {self.message}" if self.keyword else str(self)
 
 
-def note(message: str, every_rank=False) -> None:
-    """The one channel of all a command says besides its result (warnings, progress, what a run does,
-    errors): a line on stderr after the program's name, from rank 0 only (every_rank: an error that
-    may strike one rank alone)."""
-    if every_rank or int(os.environ.get("RANK", 0)) == 0:
-        print(f"flow_mismatch.py: {message}", file=sys.stderr, flush=True)
-
-
-def knob(default, help, choices=None, ge=None, gt=None, le=None, lt=None, check=None, flag=None):
-    """A config field with the help text, choices and bounds its values must keep; `check` is a
-    further rule (a function raising UserError); flag: the CLI name if not --field-name."""
+def knob(default, help, choices=None, ge=None, gt=None, le=None, lt=None, check=None, flag=None, kind=None):
+    """A config field with the help text, kind (the type of its value or of a tuple's items; by default the
+    default's), choices and bounds it must keep; `check`: a further rule raising UserError; flag: if not --name."""
+    kind = kind or type(default[0] if isinstance(default, tuple) else default)
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    return field(default=default, metadata=dict(help=help, choices=choices, bounds=bounds, check=check, flag=flag))
+    return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, bounds=bounds, check=check,
+                                                flag=flag))
 
 
 def flag_of(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "True or False"}
 BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
 
 
 def check_knob(f, value, flag=None):
-    """`value` if it keeps field f's type, choices and bounds (each item of a tuple), else UserError."""
-    flag = flag or flag_of(f)
+    """`value` if it keeps field f's kind, choices and bounds (each item of a tuple), else UserError."""
+    flag, m = flag or flag_of(f), f.metadata
     if value is None and f.default is None:  # not set
         return value
-    kind = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(f.type).split(" ")[0])
+    if isinstance(value, tuple) != isinstance(f.default, tuple):
+        raise UserError(f"{flag}: {value!r} is not {'a tuple' if isinstance(f.default, tuple) else 'one value'}")
     for v in value if isinstance(value, tuple) else (value,):
-        if kind is not None and (not isinstance(v, kind) or (kind is not bool and isinstance(v, bool))):
-            raise UserError(f"{flag}: {v!r} is not {'an integer' if kind is int else 'a ' + str(f.type)}")
-        m = f.metadata
+        ok = isinstance(v, (int, float) if m["kind"] is float else m["kind"])
+        if not ok or (isinstance(v, bool) and m["kind"] is not bool):
+            raise UserError(f"{flag}: {v!r} is not {KIND_NAMES[m['kind']]}")
         if m.get("choices") and v not in m["choices"]:
             raise UserError(f"{flag}: {v!r} is not one of {', '.join(m['choices'])}")
         if not all(ok(v, b) for op, b in m.get("bounds", {}).items() for _, ok in [BOUNDS[op]]):
@@ -170,92 +161,31 @@ PRESETS = {
 }
 
 
-PRESET_HELP = {
-    "paper": "App. C.1, 45.3 M parameters, for GPUs (2000 epochs at 128^2)",
-    "small": "5.2 M parameters, for a machine with more cores (1000 steps at 64^2, about an hour on 2 cores)",
-    "tiny": "0.35 M parameters, the CPU preset, the demo and the tests (1000 steps at 64^2, ~12 min on 2 cores)",
+WEIGHTS = {  # w(t) of Eq. (4), the values of --weight; t2 is Prop. 4.4, snr the inverse-variance weight in y-space
+    "1": lambda t: torch.ones_like(t),
+    "t": lambda t: t,
+    "t2": lambda t: t**2,
+    "snr": lambda t: t**2 / (1 - t) ** 2,
+}
+
+IMAGE_SCORES = {  # S of Eq. (4) from the flattened heatmaps (B, H * W) -> (B,), the values of --image-score
+    "paper": lambda h: h.amax(1) + h.topk(max(1, math.ceil(0.01 * h.shape[1])), dim=1).values.mean(1),
+    "max": lambda h: h.amax(1),
 }
 
 
-# Image size, training length and learning rate of the CPU presets when --image-size, --epochs,
-# --steps and --lr are not given; `paper` uses TrainConfig's (the paper's) values. 1000 steps are
-# 10-30x fewer than the paper's 2000 epochs, and at lr 1e-4 the model is far from fitted then; 5e-4
-# did better on every metric of three held-out photo-derived sets (BENCHMARKS.md, "CPU recipe").
-# They also hold out a fifth of each category's train/good as the calibration set of --alarm-rate:
-# 1000 steps of batch 32 see each of a few hundred images ~100 times, so training is short of
-# steps, not images, while 20-80 held-out images allow alarm rates down to 1/(n+1) = 0.05-0.01.
-CPU_RECIPES = {"small": dict(image_size=64, steps=1000, lr=5e-4, calib_fraction=0.2),
-               "tiny": dict(image_size=64, steps=1000, lr=5e-4, calib_fraction=0.2)}
-
-
 @dataclass(frozen=True)
-class TrainConfig:
-    """Conditional flow matching (Eq. 1) with the optimiser of App. C.2."""
-
-    preset: str = knob("paper", "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()), choices=tuple(PRESETS))
-    image_size: int = knob(128, "square size images are resized to (Sec. 5.1)", ge=1, le=4096)
-    batch_size: int = knob(32, "images per process and step", ge=1, le=4096)
-    epochs: int = knob(2000, "epochs", ge=1, le=10**6)
-    steps: int = knob(None, "optimiser steps, overriding --epochs; None: by epochs", ge=1, le=10**9)
-    lr: float = knob(1e-4, "learning rate", gt=0, le=1e3)  # 100 already diverges within 3 steps (tiny)
-    weight_decay: float = knob(1e-4, "decoupled weight decay", ge=0, le=1e3)
-    betas: tuple = knob((0.9, 0.99), "Adam's two moment decays", ge=0, lt=1)
-    eps: float = knob(1e-6, "Adam's epsilon", gt=0, le=1)
-    update_rms_clip: float = knob(1.0, "StableAdamW's update-RMS clip", gt=0, le=1e3)
-    seed: int = knob(0, "seed of the weights, batches, noise and dropout", **SEED)
-    save_every: int = knob(1000, "steps between checkpoints", ge=1, le=10**9)
-    save_epochs: tuple = knob((), "also keep ckpt_epochE.pt at these epochs (Table 9)", ge=1, le=10**6)
-    pooled: bool = knob(False, "one unconditional model for all categories (Table 8)")
-    calib_fraction: float = knob(0.0, "share of each category's train/good held out, never trained on, and scored "
-                                      "at the end (K = T = 10) as the calibration set of --alarm-rate; 0: the "
-                                      "paper, all train", ge=0, lt=1)
-    tile: int = knob(0, "train on random N x N crops at native resolution instead of resizing whole images "
-                        "(large images, small defects; not with --image-size); test, score, calibrate "
-                        "and explain then cover each image with tiles; 0: resize", ge=0, le=4096)
-    tile_scale: float = knob(1.0, "with --tile: rescale the images by S before tiles are cut", gt=0, le=1e3)
-    tile_grid: int = knob(0, "with --tile: also tell the model where a tile lies, its cell in a G x G grid over "
-                             "the image (label embedding over category x cell); 0: not", ge=0, le=64)
-
-    def __post_init__(self):
-        check_knobs(self)
-        factor = 2 ** (len(PRESETS[self.preset].channel_mult) - 1)  # the U-Net's total downsampling
-        for flag, size in (("--image-size", self.image_size), ("--tile", self.tile or factor)):
-            if size % factor:
-                below = factor * max(1, size // factor)
-                raise UserError(f"{flag}: {size} is not a positive multiple of {factor}, the total "
-                                f"downsampling of preset {self.preset} ({below} or {below + factor} would work)")
-        for flag, value, default in (("--tile-scale", self.tile_scale, 1.0), ("--tile-grid", self.tile_grid, 0)):
-            if value != default and not self.tile:
-                raise UserError(f"{flag}: give it with --tile N")
-
-
-def train_config(preset="paper", **given) -> TrainConfig:
-    """The TrainConfig of `preset`: a CPU preset's recipe (CPU_RECIPES) wherever `given` is silent;
-    epochs given without steps train for those epochs."""
-    recipe = {k: v for k, v in CPU_RECIPES.get(preset, {}).items() if not (k == "steps" and "epochs" in given)}
-    return TrainConfig(preset=preset, **{**recipe, **given})
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Test-time knobs of Eqs. (3)-(4); defaults are Sec. 5.1."""
+class MethodConfig:
+    """The paper's test-time knobs of Eqs. (3)-(4), defaults Sec. 5.1; ScoreConfig (below the ruler) adds a run's."""
 
     K: int = knob(10, "paths per image (Eq. 3)", ge=1, le=1000, flag="-K")
     T: int = knob(10, "interior times j / (T + 1) (Eq. 4)", ge=1, le=1000, flag="-T")
     aggregator: str = knob("min", "over paths: min | mean | quantile:ALPHA (Eq. 3)",
                            check=lambda a: aggregator_rank(a, 1))
-    weight: str = knob("t2", "w(t) of Eq. (4), t2: t^2, snr: t^2 / (1 - t)^2", choices=("1", "t", "t2", "snr"))
-    max_batch: int = knob(0, "U-Net inputs per forward, the memory budget; 0: automatic (512 on CUDA, by image "
-                             "size on CPU: 32 for tiny at 64^2)", ge=0, le=2**20)
+    weight: str = knob("t2", "w(t) of Eq. (4); t2: t^2 (Prop. 4.4)", choices=tuple(WEIGHTS))
     seed: int = knob(0, "seed of the paths x0", **SEED)
-    score: str = knob("mismatch", "mismatch (Eqs. 2-4) | recon (ReconFlow, App. C.2) | onestep (RADAR-style)",
-                      choices=("mismatch", "recon", "onestep"))
-    t0: float = knob(0.5, "start time of the recon and onestep baselines", gt=0, lt=1)
-    ode_steps: int = knob(10, "Euler steps of the recon baseline from t0 to 1", ge=1, le=1000)
-    precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
-    image_score: str = knob("paper", "S: paper (max + mean of the top 1 %%, Eq. 4) | max (the map's maximum)",
-                            choices=("paper", "max"))
-    stride: int = knob(0, "tiled checkpoints: pixels between tiles, at most the tile; 0: half a tile", ge=0, le=4096)
+    image_score: str = knob("paper", "S of Eq. (4); paper: max + mean of the top 1 %% of H",
+                            choices=tuple(IMAGE_SCORES))
 
     def __post_init__(self):
         check_knobs(self)
@@ -418,23 +348,13 @@ def cfm_loss(model, y, labels=None, generator=None):
 
 
 # ----------------------------------------------------------------------------
-# Scorer (Eqs. 2-4): K paths x T times of velocity mismatch -> heatmap H, score S.
-
-WEIGHTS = {  # w(t) of Eq. (4); t2 is Prop. 4.4, snr the inverse-variance weight in y-space
-    "1": lambda t: torch.ones_like(t),
-    "t": lambda t: t,
-    "t2": lambda t: t**2,
-    "snr": lambda t: t**2 / (1 - t) ** 2,
-}
-
+# Scorer (Eqs. 2-4): K paths x T times of velocity mismatch -> heatmap H, score S. First the
+# definition, one path, one time, one forward at a time; then the same sums batched.
 
 def aggregator_rank(aggregator: str, K: int):
-    """Order statistic kept by Eq. (3)'s aggregator: 1 for min, ceil(alpha K) for quantile:alpha,
-    None for mean."""
-    if aggregator == "mean":
-        return None
-    if aggregator == "min":
-        return 1
+    """Order statistic kept by Eq. (3)'s aggregator: 1 for min, ceil(alpha K) for quantile:alpha, None for mean."""
+    if aggregator in ("min", "mean"):
+        return 1 if aggregator == "min" else None
     if aggregator.startswith("quantile:"):
         try:
             alpha = float(aggregator.split(":", 1)[1])
@@ -443,6 +363,20 @@ def aggregator_rank(aggregator: str, K: int):
         if 0 < alpha <= 1:
             return max(1, math.ceil(alpha * K))
     raise UserError(f"--aggregator: {aggregator!r} is not min, mean or quantile:ALPHA with 0 < ALPHA <= 1")
+
+
+def fold_path(acc, z: torch.Tensor, m):
+    """Eq. (3)'s aggregation over paths, one path at a time: path map z folded into `acc` (None at first),
+    the paths' sum (mean: m None) or their m smallest values on dim 0 (min: m = 1), so memory is not K maps."""
+    if m is None:
+        return z if acc is None else acc + z
+    acc = z[None] if acc is None else torch.cat([acc, z[None]])
+    return acc.topk(min(m, len(acc)), dim=0, largest=False).values
+
+
+def path_aggregate(acc, m, K: int) -> torch.Tensor:
+    """delta of Eq. (3) from fold_path's aggregate of all K paths: their mean, or their m-th smallest."""
+    return acc / K if m is None else acc.amax(0)
 
 
 def seed_mix(*ints) -> int:
@@ -474,6 +408,86 @@ def interior_times(T: int, device=None) -> torch.Tensor:
     return torch.arange(1, T + 1, device=device) / (T + 1)
 
 
+@torch.no_grad()
+def mismatch_heat_naive(model, y, labels=None, cfg: MethodConfig = MethodConfig(), ids=None,
+                        amp=contextlib.nullcontext) -> torch.Tensor:
+    """Heatmap H of Eqs. (2)-(4) as written, one path, one time, one forward at a time, for normalised images
+    y (B, C, H, W) -> (B, H, W) float32: the definition. amp: the context of each forward (fp32 unless given)."""
+    B, C, H, W = y.shape
+    ids = list(range(B)) if ids is None else ids
+    m = aggregator_rank(cfg.aggregator, cfg.K)
+    heat = torch.zeros(B, H, W, device=y.device)
+    for b in range(B):
+        for j in range(1, cfg.T + 1):
+            t = torch.tensor([j / (cfg.T + 1)], device=y.device)
+            acc = None
+            for k in range(cfg.K):
+                x0 = path_noise(cfg.seed, ids[b:b + 1], k, (C, H, W), y.device)
+                xt = (1 - t) * x0 + t * y[b:b + 1]  # Eq. (2): x_t = (1 - t) x0 + t y
+                with amp():
+                    v = model(xt, t, None if labels is None else labels[b:b + 1]).float()
+                z = (v - (y[b:b + 1] - x0)).square().sum(1)[0]  # Eq. (3): Z_t^(k) against the velocity y - x0
+                acc = fold_path(acc, z, m)
+            heat[b] += WEIGHTS[cfg.weight](t) * path_aggregate(acc, m, cfg.K) / cfg.T  # Eq. (4)
+    return heat
+
+
+@torch.no_grad()
+def mismatch_delta(model, y, labels=None, cfg: MethodConfig = MethodConfig(), ids=None, batch=64,
+                   amp=contextlib.nullcontext) -> torch.Tensor:
+    """delta_t of Eq. (3) at every interior time for normalised images y (B, C, H, W) -> (B, T, H, W) float32,
+    batched: the K*B*T inputs run as one flat (path, image, time) sequence cut into forwards of `batch`
+    inputs, and each path is folded in by fold_path once its B*T maps are done. It equals the sums of
+    mismatch_heat_naive: each input (k, b, t) is the same x_t of the same x0 (path_noise: a function of
+    seed, image id and k), the U-Net in eval mode computes each row of a batch on its own, and paths are
+    folded in the same order; only the float rounding of batched kernels differs (tests/test_scorer.py)."""
+    B, C, H, W = y.shape
+    K, T, device = cfg.K, cfg.T, y.device
+    ids = list(range(B)) if ids is None else ids
+    t = interior_times(T, device)
+    m = aggregator_rank(cfg.aggregator, K)
+    n = B * T  # inputs per path
+    acc, x0s, rows = None, {}, None  # x0 of the open paths; Z of the inputs not yet folded, in order
+    for s in range(0, K * n, batch):
+        e = min(K * n, s + batch)
+        ks = range(s // n, (e - 1) // n + 1)  # the paths inputs s..e-1 belong to
+        for k in ks:
+            if k not in x0s:
+                x0s[k] = path_noise(cfg.seed, ids, k, (C, H, W), device)
+        sl = torch.arange(s, e, device=device)
+        ki, bi, ji = sl // n - ks[0], sl // T % B, sl % T
+        x0 = torch.stack([x0s[k] for k in ks])[ki, bi]
+        tj = t[ji].view(-1, 1, 1, 1)
+        xt = (1 - tj) * x0 + tj * y[bi]  # Eq. (2)
+        with amp():
+            v = model(xt, t[ji], None if labels is None else labels[bi])
+        z = (v.float() - (y[bi] - x0)).square().sum(1)  # Eq. (3): Z_t^(k)
+        rows = z if rows is None else torch.cat([rows, z])
+        while len(rows) >= n:  # the oldest open path is done
+            acc, rows = fold_path(acc, rows[:n].view(B, T, H, W), m), rows[n:]
+            del x0s[min(x0s)]
+    return path_aggregate(acc, m, K)  # (B, T, H, W)
+
+
+def mismatch_heat(model, y, labels=None, cfg: MethodConfig = MethodConfig(), ids=None, batch=64,
+                  amp=contextlib.nullcontext) -> torch.Tensor:
+    """Heatmap H of Eq. (4) for normalised images y (B, C, H, W) -> (B, H, W) float32, batched."""
+    w = WEIGHTS[cfg.weight](interior_times(cfg.T, y.device)).view(1, -1, 1, 1)
+    return (w * mismatch_delta(model, y, labels, cfg, ids, batch, amp)).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
+
+
+def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
+    """S of Eq. (4) by IMAGE_SCORES[rule], (B, H, W) -> (B,)."""
+    return IMAGE_SCORES[rule](heat.flatten(1))
+
+
+# ----------------------------------------------------------------------------
+# End of the method: everything above uses only torch, the standard library and names defined
+# above (tests/test_reference.py). The machinery follows in the order of the contents block.
+# ----------------------------------------------------------------------------
+# Scorer machinery: how a run evaluates the scorer above: U-Net inputs per forward, precision and
+# the compiled U-Net, passed to mismatch_heat as its `batch` and `amp` arguments.
+
 def forward_batch(cfg: ScoreConfig, model, y) -> int:
     """U-Net inputs per forward for images y: 512 fill a GPU; on a CPU, as many as keep one
     full-resolution activation (base_channels x H x W per input) within 2^21 numbers, the
@@ -490,55 +504,6 @@ def autocast(device: torch.device, precision="auto"):
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-
-@torch.no_grad()
-def mismatch_delta(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """Path-aggregated mismatch delta_t of Eq. (3) at every interior time, for normalised
-    images y (B, C, H, W) -> (B, T, H, W) float32.
-
-    The K*B*T inputs run as one flat (path, image, time) sequence cut into forwards of
-    cfg.max_batch inputs, only the last one shorter; each path is folded into a running order
-    statistic (running min by default) once its B*T maps are done, so memory does not grow with K."""
-    B, C, H, W = y.shape
-    K, T, device = cfg.K, cfg.T, y.device
-    ids = list(range(B)) if ids is None else ids
-    t = interior_times(T, device)
-    m = aggregator_rank(cfg.aggregator, K)
-    n, max_batch = B * T, forward_batch(cfg, model, y)  # n: inputs per path
-    low, total, open_paths = None, torch.zeros(B, T, H, W, device=device), {}  # k -> (x0, Z of path k)
-    for s in range(0, K * n, max_batch):
-        e = min(K * n, s + max_batch)
-        ks = range(s // n, (e - 1) // n + 1)  # the paths inputs s..e-1 belong to
-        for k in ks:
-            if k not in open_paths:
-                x0 = path_noise(cfg.seed, ids, k, (C, H, W), device)
-                open_paths[k] = (x0, torch.empty(B, T, H, W, device=device))
-        sl = torch.arange(s, e, device=device)
-        ki, bi, ji = sl // n - ks[0], sl // T % B, sl % T
-        x0 = torch.stack([open_paths[k][0] for k in ks])[ki, bi]
-        tj = t[ji].view(-1, 1, 1, 1)
-        xt = (1 - tj) * x0 + tj * y[bi]  # Eq. (2): x_t = (1 - t) x0 + t y
-        with autocast(device, cfg.precision):
-            v = model(xt, t[ji], None if labels is None else labels[bi])
-        z = (v.float() - (y[bi] - x0)).square().sum(1)  # Eq. (3): Z_t^(k) against the geometric velocity y - x0
-        for k in ks:
-            lo, hi = max(s, k * n), min(e, (k + 1) * n)  # path k's inputs in this forward
-            open_paths[k][1].view(-1, H, W)[lo - k * n:hi - k * n] = z[lo - s:hi - s]
-            if hi < (k + 1) * n:
-                continue
-            zk = open_paths.pop(k)[1]  # path k is done
-            if m is None:
-                total += zk
-            else:  # Eq. (3): keep the m smallest over paths; the m-th is the min (m = 1) or quantile
-                low = zk[None] if low is None else torch.cat([low, zk[None]])
-                low = low.topk(min(m, len(low)), dim=0, largest=False).values
-    return total / K if m is None else low.amax(0)  # (B, T, H, W)
-
-
-def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """Heatmap H of Eq. (4) for normalised images y (B, C, H, W) -> (B, H, W) float32."""
-    w = WEIGHTS[cfg.weight](interior_times(cfg.T, y.device)).view(1, -1, 1, 1)
-    return (w * mismatch_delta(model, y, labels, cfg, ids)).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
 
 
 class Compiled(nn.Module):
@@ -570,43 +535,178 @@ class Compiled(nn.Module):
         return torch.cat(out)
 
 
-@torch.no_grad()
-def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """Eqs. (2)-(4) as written, one path, one time, one forward at a time: the readable definition
-    the batched mismatch_heat is checked against."""
-    B, C, H, W = y.shape
-    ids = list(range(B)) if ids is None else ids
-    m = aggregator_rank(cfg.aggregator, cfg.K)
-    heat = torch.zeros(B, H, W, device=y.device)
-    for b in range(B):
-        for j in range(1, cfg.T + 1):
-            t = torch.tensor([j / (cfg.T + 1)], device=y.device)
-            zs = []
-            for k in range(cfg.K):
-                x0 = path_noise(cfg.seed, ids[b:b + 1], k, (C, H, W), y.device)
-                xt = (1 - t) * x0 + t * y[b:b + 1]
-                with autocast(y.device, cfg.precision):
-                    v = model(xt, t, None if labels is None else labels[b:b + 1]).float()
-                zs.append((v - (y[b:b + 1] - x0)).square().sum(1)[0])
-            zs = torch.stack(zs)
-            delta = zs.mean(0) if m is None else zs.sort(0).values[m - 1]
-            heat[b] += WEIGHTS[cfg.weight](t) * delta / cfg.T
-    return heat
+def chunks(n: int, size: int):
+    """Slices of at most `size` rows covering range(n)."""
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
-    """Eq. (4): S = max H + mean of the top 1 % of H, (B, H, W) -> (B,); rule "max": S = max H."""
-    flat = heat.flatten(1)
-    if rule == "max":
-        return flat.amax(1)
-    top = flat.topk(max(1, math.ceil(0.01 * flat.shape[1])), dim=1).values
-    return top[:, 0] + top.mean(1)
+def run_options(cfg: ScoreConfig, model, y) -> dict:
+    """The `batch` and `amp` arguments of the method's scorers for a run of cfg on images y."""
+    return dict(batch=forward_batch(cfg, model, y), amp=lambda: autocast(y.device, cfg.precision))
+
+
+def run_mismatch_heat(model, y, labels, cfg: ScoreConfig, ids=None) -> torch.Tensor:
+    """mismatch_heat with the run's forward batch (--max-batch) and precision (--precision)."""
+    return mismatch_heat(model, y, labels, cfg, ids, **run_options(cfg, model, y))
 
 
 # ----------------------------------------------------------------------------
-# End of the method: everything above uses only torch, the standard library and names defined
-# above. The machinery follows: training loop, checkpoints, devices and DDP, baselines, metrics,
-# data, evaluation, calibration, explain, speed, the paper's numbers, the Python API, CLI.
+# Baselines (Table 2): on the same trained model only the test-time rule changes. Both start
+# from K noisy copies y_t0 = (1 - t0) x0 + t0 y of the image, with x0 = path_noise(seed, i, k),
+# and keep the order statistic of `aggregator` over the K per-path maps (min by default).
+
+
+def aggregate_paths(h: torch.Tensor, aggregator: str, K: int) -> torch.Tensor:
+    """Path-major maps (K*B, H, W) -> (B, H, W): mean, min or the ceil(alpha K)-th smallest over paths."""
+    m, acc = aggregator_rank(aggregator, K), None
+    for hk in h.view(K, -1, *h.shape[1:]):
+        acc = fold_path(acc, hk, m)
+    return path_aggregate(acc, m, K)
+
+
+def noisy_copies(y, cfg: ScoreConfig, ids):
+    """(K*B, C, H, W) path-major copies y_t0 = (1 - t0) x0 + t0 y (Eq. 28), and t0 per row."""
+    B, C, H, W = y.shape
+    ids = list(range(B)) if ids is None else ids
+    x0 = torch.cat([path_noise(cfg.seed, ids, k, (C, H, W), y.device) for k in range(cfg.K)])
+    return (1 - cfg.t0) * x0 + cfg.t0 * y.repeat(cfg.K, 1, 1, 1), torch.full((cfg.K * B,), cfg.t0, device=y.device)
+
+
+def velocity(model, x, t, labels, cfg: ScoreConfig, y) -> torch.Tensor:
+    """v(x, t) in fp32 for the path-major rows x of images y (labels: one per image), in forward batches."""
+    labels = None if labels is None else labels.repeat(cfg.K)
+    with autocast(x.device, cfg.precision):
+        return torch.cat([model(x[sl], t[sl], None if labels is None else labels[sl]).float()
+                          for sl in chunks(len(x), forward_batch(cfg, model, y))])
+
+
+@torch.no_grad()
+def recon_heat(model, y, labels, cfg: ScoreConfig, ids=None) -> torch.Tensor:
+    """ReconFlow (App. C.2): Euler-integrate the learned ODE from y_t0 to t = 1 for y_hat and map
+    the reconstruction error, (B, C, H, W) -> (B, H, W)."""
+    x, t = noisy_copies(y, cfg, ids)
+    dt = (1 - cfg.t0) / cfg.ode_steps
+    for _ in range(cfg.ode_steps):
+        x, t = x + dt * velocity(model, x, t, labels, cfg, y), t + dt
+    h = (y.repeat(cfg.K, 1, 1, 1) - x).square().sum(1).sqrt()  # Eq. (29): ||y - y_hat||_2 over channels
+    return aggregate_paths(h, cfg.aggregator, cfg.K)
+
+
+@torch.no_grad()
+def onestep_heat(model, y, labels, cfg: ScoreConfig, ids=None) -> torch.Tensor:
+    """RADAR-style, reconstruction-free: one velocity at t0 gives the clean-image estimate
+    y_hat = x_t + (1 - t) v (on a straight path y = x_t + (1 - t)(y - x0), with v in place of
+    y - x0); the map is ||y - y_hat||_2 plus the same norm of the difference of Sobel gradients,
+    (B, C, H, W) -> (B, H, W)."""
+    xt, t = noisy_copies(y, cfg, ids)
+    d = y.repeat(cfg.K, 1, 1, 1) - (xt + (1 - cfg.t0) * velocity(model, xt, t, labels, cfg, y))  # y - y_hat
+    h = d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt()
+    return aggregate_paths(h, cfg.aggregator, cfg.K)
+
+
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    """Horizontal and vertical Sobel derivatives per channel, (N, C, H, W) -> (N, 2C, H, W)."""
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device) / 8
+    C = x.shape[1]
+    w = torch.stack([k, k.T])[:, None].repeat(C, 1, 1, 1)  # (2C, 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), w, groups=C)
+
+
+SCORERS = {"mismatch": run_mismatch_heat, "recon": recon_heat, "onestep": onestep_heat}
+
+
+# ----------------------------------------------------------------------------
+# Run config: a run's settings besides the paper's test-time knobs: TrainConfig with the CPU presets'
+# recipes, ScoreConfig (MethodConfig with a run's options), and `note`, the one channel a run speaks on.
+
+def note(message: str, every_rank=False) -> None:
+    """The one channel of all a command says besides its result (warnings, progress, what a run does,
+    errors): a line on stderr after the program's name, from rank 0 only (every_rank: an error that
+    may strike one rank alone)."""
+    if every_rank or int(os.environ.get("RANK", 0)) == 0:
+        print(f"flow_mismatch.py: {message}", file=sys.stderr, flush=True)
+
+
+PRESET_HELP = {
+    "paper": "App. C.1, 45.3 M parameters, for GPUs (2000 epochs at 128^2)",
+    "small": "5.2 M parameters, for a machine with more cores (1000 steps at 64^2, about an hour on 2 cores)",
+    "tiny": "0.35 M parameters, the CPU preset, the demo and the tests (1000 steps at 64^2, ~12 min on 2 cores)",
+}
+
+
+# Image size, training length and learning rate of the CPU presets when --image-size, --epochs,
+# --steps and --lr are not given; `paper` uses TrainConfig's (the paper's) values. 1000 steps are
+# 10-30x fewer than the paper's 2000 epochs, and at lr 1e-4 the model is far from fitted then; 5e-4
+# did better on every metric of three held-out photo-derived sets (BENCHMARKS.md, "CPU recipe").
+# They also hold out a fifth of each category's train/good as the calibration set of --alarm-rate:
+# 1000 steps of batch 32 see each of a few hundred images ~100 times, so training is short of
+# steps, not images, while 20-80 held-out images allow alarm rates down to 1/(n+1) = 0.05-0.01.
+CPU_RECIPES = {"small": dict(image_size=64, steps=1000, lr=5e-4, calib_fraction=0.2),
+               "tiny": dict(image_size=64, steps=1000, lr=5e-4, calib_fraction=0.2)}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Conditional flow matching (Eq. 1) with the optimiser of App. C.2."""
+
+    preset: str = knob("paper", "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()), choices=tuple(PRESETS))
+    image_size: int = knob(128, "square size images are resized to (Sec. 5.1)", ge=1, le=4096)
+    batch_size: int = knob(32, "images per process and step", ge=1, le=4096)
+    epochs: int = knob(2000, "epochs", ge=1, le=10**6)
+    steps: int = knob(None, "optimiser steps, overriding --epochs; None: by epochs", ge=1, le=10**9, kind=int)
+    lr: float = knob(1e-4, "learning rate", gt=0, le=1e3)  # 100 already diverges within 3 steps (tiny)
+    weight_decay: float = knob(1e-4, "decoupled weight decay", ge=0, le=1e3)
+    betas: tuple = knob((0.9, 0.99), "Adam's two moment decays", ge=0, lt=1)
+    eps: float = knob(1e-6, "Adam's epsilon", gt=0, le=1)
+    update_rms_clip: float = knob(1.0, "StableAdamW's update-RMS clip", gt=0, le=1e3)
+    seed: int = knob(0, "seed of the weights, batches, noise and dropout", **SEED)
+    save_every: int = knob(1000, "steps between checkpoints", ge=1, le=10**9)
+    save_epochs: tuple = knob((), "also keep ckpt_epochE.pt at these epochs (Table 9)", ge=1, le=10**6, kind=int)
+    pooled: bool = knob(False, "one unconditional model for all categories (Table 8)")
+    calib_fraction: float = knob(0.0, "share of each category's train/good held out, never trained on, and scored "
+                                      "at the end (K = T = 10) as the calibration set of --alarm-rate; 0: the "
+                                      "paper, all train", ge=0, lt=1)
+    tile: int = knob(0, "train on random N x N crops at native resolution instead of resizing whole images "
+                        "(large images, small defects; not with --image-size); test, score, calibrate "
+                        "and explain then cover each image with tiles; 0: resize", ge=0, le=4096)
+    tile_scale: float = knob(1.0, "with --tile: rescale the images by S before tiles are cut", gt=0, le=1e3)
+    tile_grid: int = knob(0, "with --tile: also tell the model where a tile lies, its cell in a G x G grid over "
+                             "the image (label embedding over category x cell); 0: not", ge=0, le=64)
+
+    def __post_init__(self):
+        check_knobs(self)
+        factor = 2 ** (len(PRESETS[self.preset].channel_mult) - 1)  # the U-Net's total downsampling
+        for flag, size in (("--image-size", self.image_size), ("--tile", self.tile or factor)):
+            if size % factor:
+                below = factor * max(1, size // factor)
+                raise UserError(f"{flag}: {size} is not a positive multiple of {factor}, the total "
+                                f"downsampling of preset {self.preset} ({below} or {below + factor} would work)")
+        for flag, value, default in (("--tile-scale", self.tile_scale, 1.0), ("--tile-grid", self.tile_grid, 0)):
+            if value != default and not self.tile:
+                raise UserError(f"{flag}: give it with --tile N")
+
+
+def train_config(preset="paper", **given) -> TrainConfig:
+    """The TrainConfig of `preset`: a CPU preset's recipe (CPU_RECIPES) wherever `given` is silent;
+    epochs given without steps train for those epochs."""
+    recipe = {k: v for k, v in CPU_RECIPES.get(preset, {}).items() if not (k == "steps" and "epochs" in given)}
+    return TrainConfig(preset=preset, **{**recipe, **given})
+
+
+@dataclass(frozen=True)
+class ScoreConfig(MethodConfig):
+    """MethodConfig and the options of a run: the test-time rule, forward batch, precision, tile stride."""
+
+    max_batch: int = knob(0, "U-Net inputs per forward, the memory budget; 0: automatic (512 on CUDA, by image "
+                             "size on CPU: 32 for tiny at 64^2)", ge=0, le=2**20)
+    score: str = knob("mismatch", "the test-time rule (SCORERS): mismatch is Eqs. 2-4, recon (ReconFlow, App. C.2) "
+                                  "and onestep (RADAR-style) the baselines of Table 2", choices=tuple(SCORERS))
+    t0: float = knob(0.5, "start time of the recon and onestep baselines", gt=0, lt=1)
+    ode_steps: int = knob(10, "Euler steps of the recon baseline from t0 to 1", ge=1, le=1000)
+    precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
+    stride: int = knob(0, "tiled checkpoints: pixels between tiles, at most the tile; 0: half a tile", ge=0, le=4096)
+
+
 # ----------------------------------------------------------------------------
 # Tiles (train --tile N): an image larger than the model's input is covered by overlapping N x N
 # tiles, the last of each row and column aligned to the border; every tile is scored as an image of
@@ -720,72 +820,6 @@ class StableAdamW(torch.optim.Optimizer):
             torch._foreach_div_(update, denom)
             torch._foreach_mul_(update, list((-lr).unbind()))
             torch._foreach_add_(ps, update)
-
-
-def try_lock(f) -> bool:
-    """An exclusive OS lock on the open file f, without waiting: False if another process holds it.
-    fcntl.flock where it exists (POSIX), msvcrt.locking of the first byte on Windows; the OS drops
-    it when the process dies, kill -9 included."""
-    try:
-        import fcntl
-    except ImportError:
-        import msvcrt
-
-        f.seek(0)
-        try:
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def run_lock(out: Path, flag="--out", command="train", wait=False):
-    """One writer per folder (`train` and `calibrate` of a run folder, `test` or `score` of an output
-    folder): an exclusive OS lock (try_lock) on OUT/.lock, which names the holder's pid and command,
-    for as long as the block runs. Busy: an error naming the folder and the holder, or with wait,
-    one line saying so and a wait. The folder is checked first (check_out_dir); one made here and
-    left empty is removed again."""
-    check_out_dir(out, flag)
-    if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
-        yield
-        return
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ".lock"
-    f = open(path, "a+")
-    said = False
-    while not try_lock(f):
-        f.seek(0)
-        try:
-            pid, *what = f.read().split() or ["unknown"]
-        except OSError:  # Windows: the holder's locked byte cannot be read
-            pid, what = "unknown", []
-        holder = f"{what[0] if what else 'run'} (pid {pid})"
-        if not wait:
-            f.close()
-            raise UserError(f"{flag}: {out} is in use by another {holder}; wait for it or choose another folder")
-        if not said:
-            note(f"waiting for {holder} to finish with {out}")
-            said = True
-        time.sleep(0.2)
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()} {command}\n")
-    f.flush()
-    try:
-        yield
-    finally:
-        if made and [p.name for p in out.iterdir()] == [".lock"]:
-            f.close()
-            path.unlink()
-            out.rmdir()
-        f.close()
 
 
 RESUMABLE = ("epochs", "steps", "save_every", "save_epochs")  # how long and what to keep; not what is learnt
@@ -1093,7 +1127,8 @@ def plot_loss(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints and output files: every file written atomically, checkpoints read as plain data.
+# Checkpoints and output files: every file written atomically, one writer per folder (its lock), a
+# command's outputs staged and swapped in together, checkpoints read as plain data.
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **kw):
@@ -1133,6 +1168,121 @@ def save_image(path: Path, im) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as f:
         (im if isinstance(im, Image.Image) else Image.fromarray(im)).save(f, format=path.suffix[1:].upper())
+
+
+def try_lock(f) -> bool:
+    """An exclusive OS lock on the open file f, without waiting: False if another process holds it.
+    fcntl.flock where it exists (POSIX), msvcrt.locking of the first byte on Windows; the OS drops
+    it when the process dies, kill -9 included."""
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        f.seek(0)
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, flag="--out", command="train", wait=False):
+    """One writer per folder (`train` and `calibrate` of a run folder, `test` or `score` of an output
+    folder): an exclusive OS lock (try_lock) on OUT/.lock, which names the holder's pid and command,
+    for as long as the block runs. Busy: an error naming the folder and the holder, or with wait,
+    one line saying so and a wait. The folder is checked first (check_out_dir); one made here and
+    left empty is removed again."""
+    check_out_dir(out, flag)
+    if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
+        yield
+        return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".lock"
+    f = open(path, "a+")
+    said = False
+    while not try_lock(f):
+        f.seek(0)
+        try:
+            pid, *what = f.read().split() or ["unknown"]
+        except OSError:  # Windows: the holder's locked byte cannot be read
+            pid, what = "unknown", []
+        holder = f"{what[0] if what else 'run'} (pid {pid})"
+        if not wait:
+            f.close()
+            raise UserError(f"{flag}: {out} is in use by another {holder}; wait for it or choose another folder")
+        if not said:
+            note(f"waiting for {holder} to finish with {out}")
+            said = True
+        time.sleep(0.2)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} {command}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        if made and [p.name for p in out.iterdir()] == [".lock"]:
+            f.close()
+            path.unlink()
+            out.rmdir()
+        f.close()
+
+
+def check_out_dir(out: Path, flag="--out") -> None:
+    """Before any work: `out` is a folder, or can be made one, and this user may write in it."""
+    out = Path(out)
+    if os.path.exists(out) and not out.is_dir():
+        raise UserError(f"{flag}: {out} exists and is not a folder")
+    have = Path(os.path.abspath(out))
+    while not os.path.exists(have):
+        have = have.parent
+    if not have.is_dir():
+        raise UserError(f"{flag}: {out} cannot be made: {have} is a file")
+    if not os.access(have, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: {out} cannot be written: no write permission in {have} (or a read-only disk)")
+
+
+# A rerun replaces a run's outputs as a whole: they are written into a hidden folder inside --out
+# and only then moved in together. An error or interrupt while writing leaves the previous run as it
+# was; one during the moves (renames, milliseconds) leaves OUT/INCOMPLETE naming what is missing.
+
+@contextlib.contextmanager
+def staged(out: Path, stale=()):
+    """A fresh folder in which to write the new outputs of `out` (files and folders named as in
+    `out`); when the block ends they replace their namesakes in `out`, and the outputs named in
+    `stale` (an earlier run's, this run does not write) are removed."""
+    tmp = out / ".staging"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        names = sorted(os.listdir(tmp))
+        write_text(out / "INCOMPLETE", f"an interrupted run was replacing {', '.join(names)} here; some may be missing\n")
+        trash = tmp / ".old"
+        trash.mkdir()
+        for name in [*names, *stale]:
+            if os.path.lexists(out / name):
+                os.replace(out / name, trash / name)
+        moved = []
+        try:
+            for name in names:
+                os.replace(tmp / name, out / name)
+                moved.append(name)
+        except BaseException:
+            write_text(out / "INCOMPLETE", f"missing: {', '.join(n for n in names if n not in moved)} "
+                                           f"(an interrupted run); run it again\n")
+            raise
+        (out / "INCOMPLETE").unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -1232,75 +1382,6 @@ def inference_model(model: UNet, device, compile=False, channels_last=None):
         channels_last = torch.device(device).type == "cpu"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     return Compiled(model) if compile else model
-
-
-# ----------------------------------------------------------------------------
-# Baselines on the same trained model (Table 2): only the test-time rule changes. Both start
-# from K noisy copies y_t0 = (1 - t0) x0 + t0 y of the image, with x0 = path_noise(seed, i, k),
-# and keep the order statistic of `aggregator` over the K per-path maps (min by default).
-
-
-def aggregate_paths(h: torch.Tensor, aggregator: str, K: int) -> torch.Tensor:
-    """Path-major maps (K*B, H, W) -> (B, H, W): mean, min or the ceil(alpha K)-th smallest over paths."""
-    h = h.view(K, -1, *h.shape[1:])
-    m = aggregator_rank(aggregator, K)
-    return h.mean(0) if m is None else h.sort(0).values[m - 1]
-
-
-def noisy_copies(y, cfg: ScoreConfig, ids):
-    """(K*B, C, H, W) path-major copies y_t0 = (1 - t0) x0 + t0 y (Eq. 28), and t0 per row."""
-    B, C, H, W = y.shape
-    ids = list(range(B)) if ids is None else ids
-    x0 = torch.cat([path_noise(cfg.seed, ids, k, (C, H, W), y.device) for k in range(cfg.K)])
-    return (1 - cfg.t0) * x0 + cfg.t0 * y.repeat(cfg.K, 1, 1, 1), torch.full((cfg.K * B,), cfg.t0, device=y.device)
-
-
-def velocity(model, x, t, labels, cfg: ScoreConfig, y) -> torch.Tensor:
-    """v(x, t) in fp32 for the path-major rows x of images y (labels: one per image), in forward batches."""
-    labels = None if labels is None else labels.repeat(cfg.K)
-    with autocast(x.device, cfg.precision):
-        return torch.cat([model(x[sl], t[sl], None if labels is None else labels[sl]).float()
-                          for sl in chunks(len(x), forward_batch(cfg, model, y))])
-
-
-@torch.no_grad()
-def recon_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """ReconFlow (App. C.2): Euler-integrate the learned ODE from y_t0 to t = 1 for y_hat and map
-    the reconstruction error, (B, C, H, W) -> (B, H, W)."""
-    x, t = noisy_copies(y, cfg, ids)
-    dt = (1 - cfg.t0) / cfg.ode_steps
-    for _ in range(cfg.ode_steps):
-        x, t = x + dt * velocity(model, x, t, labels, cfg, y), t + dt
-    h = (y.repeat(cfg.K, 1, 1, 1) - x).square().sum(1).sqrt()  # Eq. (29): ||y - y_hat||_2 over channels
-    return aggregate_paths(h, cfg.aggregator, cfg.K)
-
-
-@torch.no_grad()
-def onestep_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
-    """RADAR-style, reconstruction-free: one velocity at t0 gives the clean-image estimate
-    y_hat = x_t + (1 - t) v (on a straight path y = x_t + (1 - t)(y - x0), with v in place of
-    y - x0); the map is ||y - y_hat||_2 plus the same norm of the difference of Sobel gradients,
-    (B, C, H, W) -> (B, H, W)."""
-    xt, t = noisy_copies(y, cfg, ids)
-    d = y.repeat(cfg.K, 1, 1, 1) - (xt + (1 - cfg.t0) * velocity(model, xt, t, labels, cfg, y))  # y - y_hat
-    h = d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt()
-    return aggregate_paths(h, cfg.aggregator, cfg.K)
-
-
-def chunks(n: int, size: int):
-    """Slices of at most `size` rows covering range(n)."""
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
-
-
-def sobel(x: torch.Tensor) -> torch.Tensor:
-    """Horizontal and vertical Sobel derivatives per channel, (N, C, H, W) -> (N, 2C, H, W)."""
-    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device) / 8
-    C = x.shape[1]
-    w = torch.stack([k, k.T])[:, None].repeat(C, 1, 1, 1)  # (2C, 1, 3, 3)
-    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), w, groups=C)
-
-
-SCORERS = {"mismatch": mismatch_heat, "recon": recon_heat, "onestep": onestep_heat}
 
 
 # ----------------------------------------------------------------------------
@@ -1947,55 +2028,6 @@ def format_table(results: dict, html=False) -> str:
     return table(["category", *METRICS], rows, html)
 
 
-def check_out_dir(out: Path, flag="--out") -> None:
-    """Before any work: `out` is a folder, or can be made one, and this user may write in it."""
-    out = Path(out)
-    if os.path.exists(out) and not out.is_dir():
-        raise UserError(f"{flag}: {out} exists and is not a folder")
-    have = Path(os.path.abspath(out))
-    while not os.path.exists(have):
-        have = have.parent
-    if not have.is_dir():
-        raise UserError(f"{flag}: {out} cannot be made: {have} is a file")
-    if not os.access(have, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}: {out} cannot be written: no write permission in {have} (or a read-only disk)")
-
-
-# A rerun replaces a run's outputs as a whole: they are written into a hidden folder inside --out
-# and only then moved in together. An error or interrupt while writing leaves the previous run as it
-# was; one during the moves (renames, milliseconds) leaves OUT/INCOMPLETE naming what is missing.
-
-@contextlib.contextmanager
-def staged(out: Path, stale=()):
-    """A fresh folder in which to write the new outputs of `out` (files and folders named as in
-    `out`); when the block ends they replace their namesakes in `out`, and the outputs named in
-    `stale` (an earlier run's, this run does not write) are removed."""
-    tmp = out / ".staging"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        names = sorted(os.listdir(tmp))
-        write_text(out / "INCOMPLETE", f"an interrupted run was replacing {', '.join(names)} here; some may be missing\n")
-        trash = tmp / ".old"
-        trash.mkdir()
-        for name in [*names, *stale]:
-            if os.path.lexists(out / name):
-                os.replace(out / name, trash / name)
-        moved = []
-        try:
-            for name in names:
-                os.replace(tmp / name, out / name)
-                moved.append(name)
-        except BaseException:
-            write_text(out / "INCOMPLETE", f"missing: {', '.join(n for n in names if n not in moved)} "
-                                           f"(an interrupted run); run it again\n")
-            raise
-        (out / "INCOMPLETE").unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict, cfg: ScoreConfig,
                  overlays=True) -> None:
     """out/report.html, headed `title`, a static page to read the evaluation by eye: the metrics table, each
@@ -2383,7 +2415,8 @@ def explain_maps(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0,
     def delta_of(c):  # (1, T, H, W)
         def fn(x, ids, cells=None):
             labels = position_labels(None if label is None else torch.full((len(x),), label), cells, grid)
-            return mismatch_delta(model, x, None if labels is None else labels.to(y.device), c, ids)
+            return mismatch_delta(model, x, None if labels is None else labels.to(y.device), c, ids,
+                                  **run_options(c, model, x))
 
         if not tile:
             return fn(y, [0])
@@ -2399,7 +2432,7 @@ def explain_maps(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0,
     xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * y  # Eq. (2) along path 0, (T, C, H, W)
     mean = delta_of(replace(cfg, aggregator="mean"))[0, j]
     return dict(t=t.cpu(), w=w.flatten().cpu(), maps=maps[0].cpu(), heat=heat[0].cpu(),
-                score=float(image_score(heat)[0]), peak=peak, t_star=j, xt=xt.cpu(),
+                score=float(image_score(heat, cfg.image_score)[0]), peak=peak, t_star=j, xt=xt.cpu(),
                 spread={cfg.aggregator: delta[0, j].cpu(), "mean": mean.cpu()})
 
 
@@ -2487,6 +2520,8 @@ def explain(ckpt, image, out, cfg: ScoreConfig = ScoreConfig(), mask=None, categ
     """Explain one image file: the figure `out` (.png, .pdf or .svg), out.json and out.npz of
     write_explain; mask: its ground-truth mask file, drawn as a contour. Returns out.json's numbers."""
     out, image = Path(out), Path(image)
+    if cfg.score != "mismatch":
+        raise UserError(f"--score: explain shows the scorer of Eqs. 2-4 (mismatch), not {cfg.score}")
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise UserError(f"--out: {out} must end in .png, .pdf or .svg")
     if out.is_dir():
@@ -2510,7 +2545,7 @@ def explain(ckpt, image, out, cfg: ScoreConfig = ScoreConfig(), mask=None, categ
     e = explain_maps(detector.model, y, label, cfg, tile, detector.grid)
     about = dict(image=str(image), mask=None if mask is None else str(mask), ckpt=str(ckpt), category=category,
                  image_size=size, tile=tile, tile_scale=scale, K=cfg.K, T=cfg.T, aggregator=cfg.aggregator,
-                 weight=cfg.weight, seed=cfg.seed)
+                 weight=cfg.weight, seed=cfg.seed, image_score=cfg.image_score)
     return write_explain(out, e, arr, truth, detector.mean, detector.std, about)
 
 
@@ -2664,8 +2699,8 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, faste
         with autocast(device, precision):
             return m(x, t)
 
-    tasks = {"forward": forward, "scorer": lambda m, p: mismatch_heat(m, y, cfg=replace(cfg, precision=p)),
-             "latency": lambda m, p: mismatch_heat(m, y[:1], cfg=replace(cfg, precision=p))}
+    tasks = {"forward": forward, "scorer": lambda m, p: run_mismatch_heat(m, y, None, replace(cfg, precision=p)),
+             "latency": lambda m, p: run_mismatch_heat(m, y[:1], None, replace(cfg, precision=p))}
     heats = {}
     with torch.no_grad():
         for v, m in variants.items():  # warm-up (compiles)
@@ -2703,8 +2738,8 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, faste
                    bf16w_score_max_rel_diff=float(((s16 - s32).abs() / s32.abs()).max()),
                    bf16w_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
     if not bc.no_naive:
-        ref = mismatch_heat_naive(model, y, cfg=cfg)  # also the warm-up
-        seconds_naive = fastest({"naive": lambda: mismatch_heat_naive(model, y, cfg=cfg)})["naive"]
+        ref = mismatch_heat_naive(model, y, None, cfg, amp=run_options(cfg, model, y)["amp"])  # also the warm-up
+        seconds_naive = fastest({"naive": lambda: mismatch_heat_naive(model, y, None, cfg, amp=run_options(cfg, model, y)["amp"])})["naive"]
         out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / sec,
                    max_abs_diff=float((heat - ref).abs().max()))
     return out
@@ -3056,22 +3091,13 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def number(text):
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
 def parse_knob(f, text, flag=None):
     """A flag's text as the value of config field f (a tuple: comma-separated numbers), checked by check_knob."""
-    flag = flag or flag_of(f)
+    flag, kind, many = flag or flag_of(f), f.metadata["kind"], isinstance(f.default, tuple)
     try:
-        value = (tuple(number(v) for v in text.split(",")) if f.type == "tuple" else
-                 {"int": int, "float": float}.get(f.type, str)(text))
+        value = tuple(map(kind, text.split(","))) if many else kind(text)
     except ValueError:
-        raise UserError(f"{flag}: {text!r} is not {'an integer' if f.type == 'int' else 'a number'}"
-                        f"{' list' * (f.type == 'tuple')}")
+        raise UserError(f"{flag}: {text!r} is not {KIND_NAMES[kind]}{' list' * many}")
     return check_knob(f, value, flag)
 
 
@@ -3085,7 +3111,7 @@ def knob_flags(p, cls, names=None, shown=None, helps=None):
         m = f.metadata
         rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
         about = f"{(helps or {}).get(f.name, m['help'])} (default {(shown or {}).get(f.name, f.default)}{'; ' + rule if rule else ''})"
-        kind = dict(action="store_true") if f.type == "bool" else dict(
+        kind = dict(action="store_true") if m["kind"] is bool else dict(
             type=lambda text, f=f: parse_knob(f, text),
             metavar="{" + ",".join(m["choices"]) + "}" if m["choices"] else f.name.upper())
         p.add_argument(flag_of(f), dest=f.name, default=argparse.SUPPRESS, help=about, **kind)
@@ -3245,7 +3271,7 @@ def build_parser() -> Parser:
     for flag, name, about in (("--scores", "score", "scorers to compare (Table 2)"),
                               ("--grid-K", "K", "values of K (Table 6)"), ("--grid-T", "T", "values of T (Table 6)"),
                               ("--aggregators", "aggregator", "e.g. min,mean,quantile:0.1 (Table 7)"),
-                              ("--weights", "weight", "e.g. 1,t,t2,snr")):
+                              ("--weights", "weight", f"e.g. {','.join(WEIGHTS)}")):
         p.add_argument(flag, dest="grid_" + name, help=about, type=lambda text, f=score_fields[name], flag=flag:
                        tuple(parse_knob(f, v, flag) for v in text.split(",")))
     p.add_argument("--save-maps", metavar="DIR",
@@ -3283,7 +3309,7 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="FIG.png (or .pdf, .svg); also writes FIG.json and FIG.npz")
     p.add_argument("--mask", help="its ground-truth mask, drawn as a contour")
     p.add_argument("--category", help="category label for a class-conditional model")
-    knob_flags(p, ScoreConfig, ("K", "T", "weight", "seed", "stride"))
+    knob_flags(p, ScoreConfig, [f.name for f in fields(MethodConfig)] + ["max_batch", "precision", "stride"])
 
     p = command("compare", cmd_compare, "our metrics.json beside the paper's Tables 1, 4 and 5", device=False)
     p.add_argument("metrics", help="EVAL_DIR/metrics.json written by `test`; writes EVAL_DIR/compare_DATASET.md")

@@ -16,6 +16,7 @@ cd "$(dirname "$0")"
 OUT=${OUT:-repro}
 PY=${PYTHON:-python3}  # the interpreter that runs every step (the tests pass their own)
 FM=("$PY" flow_mismatch.py)
+names() { "$PY" -c "import flow_mismatch as fm; print(','.join(fm.$1))"; }  # a choice's values as the file names them
 
 if [[ "${1:-}" == "--quick" ]]; then
   # Generated data: two textures (weave, grid) with scratches and stains, 32^2, 32 normal
@@ -60,7 +61,7 @@ done
 # Table 2 (inference-only rows): Flow Mismatching vs ReconFlow (App. C.2, t0 = 0.5, 10 Euler
 # steps) vs a RADAR-style one-step scorer, on the same model. quick: ~7 s.
 "${FM[@]}" test --ckpt "$RUNS/${NAMES[0]}/ckpt.pt" --data "$MVTEC" --out "$OUT/table2" "${SCORE[@]}" \
-  --scores mismatch,recon,onestep
+  --scores "$(names SCORERS)"
 
 # Table 6: test-time compute, K x T. quick: the full 3 x 3 grid, ~9 s. paper: the three slices
 # of the table (K = 5 with T = 2..20, T = 5 with K = 2..20, K = T = 2..20), hours in all.
@@ -94,8 +95,8 @@ CKPTS=()
 for e in ${EPOCHS//,/ }; do CKPTS+=(--ckpt "$RUNS/${NAMES[0]}/ckpt_epoch$e.pt"); done
 "${FM[@]}" test "${CKPTS[@]}" --data "$MVTEC" --out "$OUT/table9" "${SCORE[@]}"
 
-# Time weighting w(t) of Eq. (4): 1, t, t^2 (default, Prop. 4.4), t^2 / (1 - t)^2. quick: ~9 s.
+# Time weighting w(t) of Eq. (4), every one in WEIGHTS: 1, t, t^2 (default, Prop. 4.4), t^2 / (1 - t)^2. quick: ~9 s.
 "${FM[@]}" test --ckpt "$RUNS/${NAMES[0]}/ckpt.pt" --data "$MVTEC" --out "$OUT/weights" "${SCORE[@]}" \
-  --weights 1,t,t2,snr
+  --weights "$(names WEIGHTS)"
 
 echo "reproduce.sh: tables under $OUT/"

@@ -80,3 +80,20 @@ def test_cli_errors_name_the_flag(trained, mvtec, tmp_path, capsys, args, flag):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"flow_mismatch.py: error: {flag}") and "\n" not in err
     assert not any(tmp_path.iterdir())
+
+
+def test_explain_and_score_agree_under_non_default_rules(trained, mvtec, tmp_path):
+    """explain computes score's H and S from the same ScoreConfig: under --image-score max --aggregator
+    mean --weight snr its S is score's printed S and its H is score's map (maps/*.tiff)."""
+    image = mvtec / "weave" / "test" / "stain" / "000.png"
+    rules = ["--image-score", "max", "--aggregator", "mean", "--weight", "snr", "-K", "2", "-T", "3", "--seed", "4"]
+    out = tmp_path / "fig.png"
+    assert fm.main(["explain", "--ckpt", str(trained), str(image), "--category", "weave", "--device", "cpu",
+                    "--out", str(out), *rules]) == 0
+    numbers, heat = json.loads(out.with_suffix(".json").read_text()), np.load(out.with_suffix(".npz"))["heat"]
+    assert fm.main(["score", "--ckpt", str(trained), str(image), "--category", "weave", "--device", "cpu",
+                    "--out", str(tmp_path / "score"), *rules]) == 0
+    s = float((tmp_path / "score" / "scores.csv").read_text().splitlines()[1].split(",")[1])
+    assert numbers["score"] == pytest.approx(s, rel=1e-6) and numbers["score"] == pytest.approx(heat.max(), rel=1e-6)
+    with Image.open(next((tmp_path / "score" / "maps").rglob("*.tif*"))) as im:
+        np.testing.assert_allclose(np.asarray(im), heat, rtol=1e-5, atol=1e-7)

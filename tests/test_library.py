@@ -1,4 +1,4 @@
-"""The library under the CLI: the method part runs alone, the configs are the one source of
+"""The library under the CLI: the configs are the one source of
 defaults and ranges, fm.load(...).predict(...) gives the commands' numbers for any kind of input,
 train's default folder and log, and a README whose commands, example and teaching map are true."""
 
@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -19,24 +18,6 @@ import flow_mismatch as fm
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-
-
-def test_the_method_part_runs_alone(monkeypatch):
-    text = (ROOT / "flow_mismatch.py").read_text()
-    alone = types.ModuleType("method_alone")  # a fresh namespace; dataclasses look their module up by name
-    monkeypatch.setitem(sys.modules, "method_alone", alone)
-    exec(compile(text[:text.index("# End of the method")], "method part", "exec"), alone.__dict__)
-    ns = alone.__dict__
-    torch.manual_seed(0)
-    model = ns["build_model"]("tiny").eval()
-    for p in model.parameters():
-        if not p.any():  # undo the zero initialisations: a non-trivial velocity
-            torch.nn.init.normal_(p, std=0.02)
-    y, cfg = torch.randn(2, 3, 8, 8), ns["ScoreConfig"](K=2, T=3)
-    heat = ns["mismatch_heat"](model, y, cfg=cfg)
-    assert heat.shape == (2, 8, 8) and heat.min() > 0
-    assert torch.allclose(heat, ns["mismatch_heat_naive"](model, y, cfg=cfg), rtol=1e-5, atol=1e-7)
-    assert torch.equal(heat, fm.mismatch_heat(model, y, cfg=fm.ScoreConfig(K=2, T=3)))
 
 
 @pytest.mark.parametrize("make, argv", [
@@ -188,17 +169,37 @@ def test_an_alarm_rate_outside_0_1_is_refused_alike_from_python_and_the_cli(bott
     assert "--alarm-rate" in str(e.value) and not (tmp_path / "s").exists()
 
 
-def test_every_file_and_test_the_readme_names_exists():
-    named, last = [], None
+def test_knob_kinds_are_explicit_and_tuples_are_checked_item_by_item():
+    """Each knob's kind is explicit (the default's type, or `kind=`): a tuple knob's items keep it (a
+    TypeError traceback once: 'a' >= 0), a tuple knob refuses one value and a one-value knob a tuple."""
+    for bad, says in [(dict(betas=("a", 0.9)), "--betas: 'a' is not a number"), (dict(betas=0.9), "--betas: 0.9 is not a tuple"),
+                      (dict(save_epochs=(1.5,)), "--save-epochs: 1.5 is not an integer"),
+                      (dict(lr=True), "--lr: True is not a number"), (dict(steps="9"), "--steps: '9' is not an integer")]:
+        with pytest.raises(fm.UserError, match=re.escape(says)):
+            fm.TrainConfig(**bad)
+    with pytest.raises(fm.UserError, match=re.escape("-K: (2, 3) is not one value")):
+        fm.ScoreConfig(K=(2, 3))
+    args = fm.build_parser().parse_args(["train", "--data", "d", "--betas", "0.8,0.9", "--save-epochs", "5,10"])
+    assert args.betas == (0.8, 0.9) and args.save_epochs == (5, 10)
+
+
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("doc", [ROOT / "README.md", *DOCS], ids=lambda p: p.name)
+def test_every_file_and_test_the_docs_name_exists(doc):
+    """README.md and every docs/*.md (each linked from the README): each file and `file::test` they name
+    exists, and no line numbers."""
+    text, named, last = doc.read_text(), [], None
     source = r"[\w./-]+\.(?:py|sh|txt)|[\w/]*(?:README|BENCHMARKS)\.md"  # not the .md tables commands write
-    for path, test, bare in re.findall(rf"`({source})(?:::(\w+))?`|`::(\w+)`", README):
+    for path, test, bare in re.findall(rf"`({source})(?:::(\w+))?`|`::(\w+)`", text):
         last = path or last
         named.append((last, test or bare))
-    assert len({p for p, _ in named}) > 20
+    assert doc.name == "README.md" and len({p for p, _ in named}) > 20 or f"](docs/{doc.name})" in README
     for path, test in named:
         candidates = [ROOT / path] + [ROOT / d / path for d in ("tests", "theory", "toys")]
         found = [c for c in candidates if c.is_file()]
         assert found, path
         if test:
             assert re.search(rf"^def {test}\(", found[0].read_text(), re.M), f"{path}::{test}"
-    assert not re.search(r"\bfirst \d+ lines|\blines? \d+", README)  # no line numbers to go stale
+    assert not re.search(r"\bfirst \d+ lines|\blines? \d+", text)  # no line numbers to go stale

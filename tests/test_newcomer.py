@@ -78,13 +78,13 @@ def test_score_without_an_alarm_rate_says_how_to_get_decisions(trained, mvtec, t
 
 
 def test_the_explain_narrative_quotes_the_committed_figures_numbers():
-    """Every number the README's text on docs/explain.png quotes is that of docs/explain.json, as
-    rounded in the text; and the README's explain command writes outside the repository's files."""
+    """Every number docs/outputs.md quotes on docs/explain.png is that of docs/explain.json, as
+    rounded in the text; and its explain command writes outside the repository's files."""
     import json
 
     from conftest import ROOT
 
-    text = " ".join((ROOT / "README.md").read_text().split())
+    text = " ".join((ROOT / "docs" / "outputs.md").read_text().split())
     command = re.search(r"python flow_mismatch\.py explain [^`]*?--out (\S+)", text)[1]
     ignored = (ROOT / ".gitignore").read_text().split()
     assert not command.startswith("docs/") and command.split("/")[0] + "/" in ignored

@@ -22,7 +22,7 @@ def model():
 @pytest.mark.parametrize("weight", ["t2", "snr"])
 def test_batched_scorer_equals_naive_loop(model, aggregator, weight):
     y, labels = torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 1])
-    cfg = fm.ScoreConfig(K=4, T=3, aggregator=aggregator, weight=weight, max_batch=64)
+    cfg = fm.ScoreConfig(K=4, T=3, aggregator=aggregator, weight=weight)
     fast = fm.mismatch_heat(model, y, labels, cfg)
     slow = fm.mismatch_heat_naive(model, y, labels, cfg)
     assert fast.shape == (3, 16, 16)
@@ -32,8 +32,8 @@ def test_batched_scorer_equals_naive_loop(model, aggregator, weight):
 @pytest.mark.parametrize("max_batch", [1, 5, 12, 1000])
 def test_chunk_size_does_not_change_the_heatmap(model, max_batch):
     y = torch.randn(2, 3, 16, 16)
-    ref = fm.mismatch_heat(model, y, torch.tensor([0, 1]), fm.ScoreConfig(K=5, T=4, max_batch=48))
-    out = fm.mismatch_heat(model, y, torch.tensor([0, 1]), fm.ScoreConfig(K=5, T=4, max_batch=max_batch))
+    ref = fm.mismatch_heat(model, y, torch.tensor([0, 1]), fm.ScoreConfig(K=5, T=4), batch=48)
+    out = fm.mismatch_heat(model, y, torch.tensor([0, 1]), fm.ScoreConfig(K=5, T=4), batch=max_batch)
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -75,7 +75,7 @@ def test_forwards_are_chunked_to_max_batch(model):
         seen.append(inputs[0].shape[0])
 
     h = model.register_forward_hook(spy)
-    fm.mismatch_heat(model, y, torch.tensor([1]), fm.ScoreConfig(K=50, T=2, max_batch=8))
+    fm.mismatch_heat(model, y, torch.tensor([1]), fm.ScoreConfig(K=50, T=2), batch=8)
     h.remove()
     assert max(seen) <= 8 and sum(seen) == 50 * 2
 
@@ -85,8 +85,8 @@ def test_time_grid_and_weight_follow_eq_4():
     mean over the T times of the same Z, with w = t2 it is scaled by mean_j (j/(T+1))^2."""
     zero = lambda xt, t, labels=None: torch.zeros_like(xt)  # noqa: E731
     y = torch.randn(1, 3, 8, 8)
-    flat = fm.mismatch_heat(zero, y, cfg=fm.ScoreConfig(K=1, T=4, weight="1", max_batch=8))
-    t2 = fm.mismatch_heat(zero, y, cfg=fm.ScoreConfig(K=1, T=4, weight="t2", max_batch=8))
+    flat = fm.mismatch_heat(zero, y, cfg=fm.ScoreConfig(K=1, T=4, weight="1"), batch=8)
+    t2 = fm.mismatch_heat(zero, y, cfg=fm.ScoreConfig(K=1, T=4, weight="t2"), batch=8)
     x0 = fm.path_noise(0, [0], 0, (3, 8, 8), "cpu")
     assert torch.allclose(flat, (y - x0).square().sum(1), rtol=1e-6)
     scale = sum((j / 5) ** 2 for j in range(1, 5)) / 4
@@ -133,7 +133,7 @@ def test_bf16_autocast_moves_the_heatmap_by_under_two_percent(model):
     does differ, so the bf16 path is really taken."""
     y = torch.randn(3, 3, 16, 16)
     labels = torch.tensor([0, 1, 1])
-    h32 = fm.mismatch_heat(model, y, labels, fm.ScoreConfig(K=3, T=3, precision="fp32"))
-    h16 = fm.mismatch_heat(model, y, labels, fm.ScoreConfig(K=3, T=3, precision="bf16"))
+    h32 = fm.run_mismatch_heat(model, y, labels, fm.ScoreConfig(K=3, T=3, precision="fp32"))
+    h16 = fm.run_mismatch_heat(model, y, labels, fm.ScoreConfig(K=3, T=3, precision="bf16"))
     rel = ((h16 - h32).abs().max() / h32.abs().max()).item()
     assert 0 < rel < 0.02

@@ -85,8 +85,8 @@ def check_compiled_scorer(capsys):
             assert torch.allclose(v, eager(x[:n], t[:n], labels[:n]), atol=1e-5, rtol=0)
         y = torch.randn(2, 3, 16, 16)
         cfg = fm.ScoreConfig(K=3, T=2, max_batch=4)
-        assert torch.allclose(fm.mismatch_heat(compiled, y, labels[:2], cfg), fm.mismatch_heat(eager, y, labels[:2], cfg),
-                              atol=1e-5, rtol=0)
+        assert torch.allclose(fm.run_mismatch_heat(compiled, y, labels[:2], cfg),
+                              fm.run_mismatch_heat(eager, y, labels[:2], cfg), atol=1e-5, rtol=0)
     err = capsys.readouterr().err
     assert err.count("compiled in") == err.count("flow_mismatch.py: torch.compile:") == 1  # the compile time, once
 
@@ -102,7 +102,7 @@ def test_scorer_forwards_are_full_but_the_last():
         return model(x, t, labels)
 
     y, labels, cfg = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 1, 0]), fm.ScoreConfig(K=10, T=10, max_batch=32)
-    heat = fm.mismatch_heat(counting, y, labels, cfg)
+    heat = fm.run_mismatch_heat(counting, y, labels, cfg)
     assert sizes == [32] * 12 + [16]
     assert torch.allclose(heat, fm.mismatch_heat_naive(model, y, labels, cfg), atol=1e-5, rtol=1e-5)
 

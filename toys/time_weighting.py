@@ -16,7 +16,7 @@ import torch
 from scipy.stats import spearmanr
 
 import toy_flow as tf
-from flow_mismatch import ScoreConfig
+from flow_mismatch import WEIGHTS, ScoreConfig
 
 SHOWN = (1, 3, 5, 7, 10)  # j of the per-time panels, t = j / 11
 
@@ -124,7 +124,7 @@ def main():
           f"seeds 1-5 on {len(coarse)} points; share: fraction of the aggregate from each time")
     d = tf.distance_to_arc(coarse.numpy())
     print("time weight w(t) of Eq. (4), mean over seeds 1-5:")
-    for w in ("1", "t", "t2", "snr"):
+    for w in WEIGHTS:
         hs = [tf.score(model, coarse, ScoreConfig(weight=w, seed=s)).numpy() for s in range(1, 6)]
         print(f"  w = {w:>3}: AUC(d>1) {np.mean([tf.roc_auc(d > 1, h) for h in hs]):.4f}, far/near "
               f"{np.mean([h[d > 2].mean() / h[d < 0.3].mean() for h in hs]):6.1f}, seed std "

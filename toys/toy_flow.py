@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +112,7 @@ def train_flow(sample, steps: int = 3000, batch: int = 256, lr: float = 2e-3, se
 
 def score(model, y: torch.Tensor, cfg: ScoreConfig = ScoreConfig()) -> torch.Tensor:
     """H of Eq. (4) for points y (B, 2) -> (B,), with the core's mismatch_heat."""
-    cfg = replace(cfg, max_batch=max(cfg.max_batch, 1 << 16))  # MLP forwards are cheap; batch them
-    return mismatch_heat(model, y.reshape(-1, 2, 1, 1), cfg=cfg)[:, 0, 0]
+    return mismatch_heat(model, y.reshape(-1, 2, 1, 1), cfg=cfg, batch=max(cfg.max_batch, 1 << 16))[:, 0, 0]  # MLP forwards are cheap
 
 
 @torch.no_grad()
