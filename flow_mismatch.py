@@ -771,7 +771,7 @@ def run_lock(out: Path, flag="--out", command="train", wait=False):
     folder): an exclusive OS lock (try_lock) on OUT/.lock, which names the holder's pid and command,
     for as long as the block runs. Busy: an error naming the folder and the holder, or with wait,
     one line saying so and a wait. The folder is checked first (check_out_dir); one made here and
-    left empty is removed again."""
+    left without an output is removed again."""
     check_out_dir(out, flag)
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
         yield
@@ -806,11 +806,11 @@ def run_lock(out: Path, flag="--out", command="train", wait=False):
     try:
         yield
     finally:
-        if made and [p.name for p in out.iterdir()] == [".lock"]:
-            f.close()
-            path.unlink()
-            out.rmdir()
         f.close()
+        if made and set(os.listdir(out)) <= {".lock", MANIFEST}:  # nothing was written
+            for name in (".lock", MANIFEST):
+                (out / name).unlink(missing_ok=True)
+            out.rmdir()
 
 
 RESUMABLE = ("epochs", "steps", "save_every", "save_epochs")  # how long and what to keep; not what is learnt
