@@ -23,7 +23,7 @@ The machinery:
     Tiles               large images: tile grid, blending window, stitching, position labels
     Training loop       StableAdamW (App. C.2), setup, one CFM step, the loop; resume, signals, log;
                         one writer per folder
-    Checkpoints         atomic writes of every file, checkpoints read as plain data and checked
+    Checkpoints         atomic writes of every file, only where we own it; checkpoints read as plain data and checked
     Devices and DDP     torchrun process groups, device choice, inference layout
     Baselines           ReconFlow (Eqs. 28-29) and a one-step velocity baseline (Table 2)
     Metrics             the seven numbers of Table 1
@@ -972,7 +972,8 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
             f"{len(data)} images{f' ({len(held)} more held out for calibration)' * (len(held) > 0)}"
             f"{f', random {cfg.tile}x{cfg.tile} tiles at scale {cfg.tile_scale}' * (cfg.tile > 0)}, "
             f"{steps_per_epoch} steps/epoch, {total} steps on {device} x{world}")
-    path, names = out / "train_log.csv", ["train_log.csv", "loss.png", *(f"ckpt_epoch{e}.pt" for e in cfg.save_epochs)]
+    path = out / "train_log.csv"
+    names = ["train_log.csv", "loss.png", *(f"ckpt_epoch{e}.pt" for e in cfg.save_epochs)]
     check_ours(out, names + ["ckpt.pt"] * (ckpt is None), flag="--resume" if resume else "--out")
     check_target(out / "ckpt.pt", "--resume" if resume else "--out")  # resumed: replaced by design, never a link
     if rank == 0:  # the log up to the checkpoint's step, replaced atomically; then appended to
@@ -1174,7 +1175,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_write(path, "wb") as f:
         try:
             torch.save(state, f)
-        except RuntimeError as e:  # torch's zip writer reports a refused write (a full disk) so
+        except RuntimeError as e:  # how torch's zip writer reports a write the disk refused (full)
             raise OSError(str(e).split("] . ")[-1][:100]) from None
 
 
@@ -1190,7 +1191,8 @@ def written_here(folder: Path) -> set:
         raise UserError(f"{path}: not a readable record of what flow_mismatch.py wrote here ({type(e).__name__}); "
                         f"remove it if the folder is not ours")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise UserError(f"{path}: not a record of what flow_mismatch.py wrote here; remove it if the folder is not ours")
+        raise UserError(f"{path}: not a record of what flow_mismatch.py wrote here; remove it if the folder is "
+                        f"not ours")
     return set(names)
 
 
@@ -2031,7 +2033,7 @@ def format_table(results: dict, html=False) -> str:
 def check_out_dir(out: Path, flag="--out") -> None:
     """Before any work: `out` is a folder, or can be made one, and this user may write in it."""
     out = Path(out)
-    if os.path.exists(out) and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():
         raise UserError(f"{flag}: {out} exists and is not a folder")
     have = Path(os.path.abspath(out))
     while not os.path.exists(have):
@@ -3022,6 +3024,8 @@ def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, al
         detector = load(ckpt, device, compile)
         files = [p for _, p in image_inputs(images)]
         check_ours(out, ["heatmaps", "maps", "scores.csv", *["masks"] * bool(alarm_rate), *STAGING])
+        if alarm_rate is not None:  # its checks too before anything is written
+            calibration_of(detector.ckpt, category, cfg, detector.path, alarm_rate)
         rows, span = {}, None
         with staged(out, stale=() if alarm_rate else ("masks",)) as new:
             for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,

@@ -429,3 +429,82 @@ def test_a_long_input_name_scores_and_its_temp_names_stay_within_the_limit(train
     rc, err = cli(["score", "--ckpt", trained, line, "--out", tmp_path / "out", "--category", "grid", *K1], capsys)
     assert rc == 0, err
     assert (tmp_path / "out" / "maps" / "line" / (long.name + ".tiff")).is_file()
+
+
+# Further cases of the same principles -------------------------------------------------------------
+
+def test_an_output_hard_linked_to_the_users_file_is_replaced_without_touching_it(trained, tmp_path, mvtec, victim,
+                                                                                  capsys):
+    out = tmp_path / "out"
+    argv = ["score", "--ckpt", trained, mvtec / "grid" / "test" / "good", "--out", out, "--category", "grid", *K1]
+    assert cli(argv, capsys)[0] == 0
+    (out / "scores.csv").unlink()
+    os.link(victim, out / "scores.csv")
+    assert cli(argv, capsys)[0] == 0
+    assert victim.read_text() == "the user's own bytes\n" and (out / "scores.csv").read_text().startswith("path,")
+
+
+def test_a_record_that_is_a_link_is_refused_and_its_target_kept(tmp_path, victim):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".flow-mismatch").symlink_to(victim)
+    with pytest.raises(fm.UserError, match="symbolic link"):
+        with fm.staged(out) as new:
+            (new / "metrics.json").write_text("{}")
+    assert victim.read_text() == "the user's own bytes\n" and not (out / "metrics.json").exists()
+
+
+def test_a_dangling_link_as_out_is_refused_as_not_a_folder(trained, tmp_path, mvtec, capsys):
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    rc, err = cli(["score", "--ckpt", trained, mvtec / "grid" / "test" / "good", "--out", tmp_path / "out",
+                   "--category", "grid", *K1], capsys)
+    refused(rc, err, "--out", "not a folder")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_commands_that_only_read_a_checkpoint_write_nothing_beside_it(trained, tmp_path, mvtec, capsys):
+    run = shutil.copytree(trained.parent, tmp_path / "run")
+    before = snapshot(run)
+    image = mvtec / "grid" / "test" / "good" / "000.png"
+    for argv in (["score", "--ckpt", run / "ckpt.pt", image, "--out", tmp_path / "s", "--category", "grid", *K1],
+                 ["test", "--ckpt", run / "ckpt.pt", "--data", mvtec, "--out", tmp_path / "t", "--no-overlays", *K1],
+                 ["explain", "--ckpt", run / "ckpt.pt", image, "--out", tmp_path / "e" / "f.png", "--category", "grid",
+                  *K1]):
+        assert cli(argv, capsys)[0] == 0
+    assert snapshot(run) == before
+
+
+def test_compare_never_writes_over_the_users_file_beside_a_metrics_json(tmp_path, capsys):
+    m = dict.fromkeys(fm.METRICS, 0.9)
+    (tmp_path / "metrics.json").write_text(fm.json.dumps({"bottle": m, "mean": m}))
+    (tmp_path / "compare_mvtec.md").write_text("the user's notes")
+    rc, err = cli(["compare", tmp_path / "metrics.json", "--dataset", "mvtec"], capsys)
+    refused(rc, err, tmp_path / "compare_mvtec.md")
+    assert (tmp_path / "compare_mvtec.md").read_text() == "the user's notes"
+    (tmp_path / "compare_mvtec.md").unlink()
+    assert cli(["compare", tmp_path / "metrics.json", "--dataset", "mvtec"], capsys)[0] == 0
+    assert cli(["compare", tmp_path / "metrics.json", "--dataset", "mvtec"], capsys)[0] == 0  # its own: replaced
+
+
+def test_bench_json_over_the_users_file_is_refused_before_the_bench(tmp_path, monkeypatch, capsys):
+    (tmp_path / "b.json").write_text("the user's")
+    monkeypatch.setattr(fm, "bench", lambda *a, **k: pytest.fail("benched before the check"))
+    rc, err = cli(["bench", "--preset", "tiny", "--device", "cpu", "--json", tmp_path / "b.json"], capsys)
+    refused(rc, err, "--json", tmp_path / "b.json")
+    assert (tmp_path / "b.json").read_text() == "the user's"
+
+
+def test_an_interrupted_score_leaves_nothing_a_rerun_trips_on(trained, tmp_path, mvtec, monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = ["score", "--ckpt", trained, mvtec / "grid" / "test" / "good", "--out", out, "--category", "grid", *K1]
+    write_overlays = fm.write_overlays
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fm, "write_overlays", interrupted)
+    assert cli(argv, capsys)[0] == 130
+    monkeypatch.setattr(fm, "write_overlays", write_overlays)
+    rc, err = cli(argv, capsys)
+    assert rc == 0, err
+    assert sorted(n for n in os.listdir(out) if n[0] != ".") == ["heatmaps", "maps", "scores.csv"]
