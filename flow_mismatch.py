@@ -1117,7 +1117,7 @@ def check_target(path, flag=None) -> None:
 def disk_error(path: Path, e: Exception) -> UserError:
     """A write the disk refused (full, read-only, no permission, name too long) as one line naming
     the file and what was kept; exit status 1."""
-    why = getattr(e, "strerror", None) or str(e).split("] . ")[-1][:100]
+    why = getattr(e, "strerror", None) or str(e)
     kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written there"
     return UserError(f"{path}: could not be written ({why}); {kept}", status=1)
 
@@ -1175,8 +1175,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_write(path, "wb") as f:
         try:
             torch.save(state, f)
-        except RuntimeError as e:  # how torch's zip writer reports a write the disk refused (full)
-            raise OSError(str(e).split("] . ")[-1][:100]) from None
+        except RuntimeError as e:  # how torch's zip writer reports a write the disk refused
+            raise OSError(f"torch.save failed: {str(e).split('] . ')[-1][:60]}; is the disk full?") from None
 
 
 def written_here(folder: Path) -> set:

@@ -8,6 +8,7 @@ import csv
 import os
 import shutil
 import socket
+import subprocess
 
 import numpy as np
 import pytest
@@ -353,6 +354,31 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_old_one
     assert not [n for n in os.listdir(run) if n.endswith(".tmp")]
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 8 MiB that fills up (tmpfs), where this machine lets the test mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; the injected faults above stand in for it")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_really_full_disk_under_a_checkpoint_is_one_line_and_keeps_the_old_one(trained, small_disk, mvtec, capsys):
+    run = small_disk / "run"
+    run.mkdir()
+    shutil.copy(trained, run / "ckpt.pt")  # most of the 8 MiB: no room for a second copy beside it
+    before = (run / "ckpt.pt").read_bytes()
+    rc, err = cli(["calibrate", "--ckpt", run / "ckpt.pt", "--data", mvtec / "grid" / "test" / "good",
+                   "--category", "grid", *K1], capsys)
+    assert rc == 1 and len(err) == 1, err
+    assert str(run / "ckpt.pt") in err[0] and "previous ckpt.pt is kept" in err[0], err
+    assert (run / "ckpt.pt").read_bytes() == before
+    assert sorted(os.listdir(run)) == [".lock", "ckpt.pt"]  # no temp file left
+
+
 @pytest.mark.parametrize("errno_, words", [(28, "No space left"), (30, "Read-only"), (13, "Permission denied"),
                                             (36, "name too long")])
 def test_a_refused_write_of_any_output_is_one_line_and_keeps_the_previous_run(trained, tmp_path, mvtec, monkeypatch,
@@ -494,17 +520,34 @@ def test_bench_json_over_the_users_file_is_refused_before_the_bench(tmp_path, mo
     assert (tmp_path / "b.json").read_text() == "the user's"
 
 
-def test_an_interrupted_score_leaves_nothing_a_rerun_trips_on(trained, tmp_path, mvtec, monkeypatch, capsys):
+def test_a_run_killed_while_staging_leaves_nothing_a_rerun_trips_on(trained, tmp_path, mvtec, monkeypatch, capsys):
+    """Killed (kill -9: no cleanup) while its outputs were being written aside: the next run finds a
+    .staging of its own and carries on."""
     out = tmp_path / "out"
     argv = ["score", "--ckpt", trained, mvtec / "grid" / "test" / "good", "--out", out, "--category", "grid", *K1]
-    write_overlays = fm.write_overlays
 
-    def interrupted(*args, **kwargs):
+    def killed(*args, **kwargs):
+        (out / ".staging" / "heatmaps").mkdir()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fm, "write_overlays", interrupted)
-    assert cli(argv, capsys)[0] == 130
-    monkeypatch.setattr(fm, "write_overlays", write_overlays)
+    with monkeypatch.context() as m:
+        m.setattr(fm, "write_overlays", killed)
+        m.setattr(fm.shutil, "rmtree", lambda *a, **k: None)  # as if killed before any cleanup
+        assert cli(argv, capsys)[0] == 130
+    assert (out / ".staging" / "heatmaps").is_dir()
     rc, err = cli(argv, capsys)
     assert rc == 0, err
     assert sorted(n for n in os.listdir(out) if n[0] != ".") == ["heatmaps", "maps", "scores.csv"]
+    assert not (out / ".staging").exists()
+def test_a_really_full_disk_under_score_is_one_line_and_keeps_the_previous_run(trained, small_disk, mvtec, capsys):
+    out = small_disk / "out"
+    argv = ["score", "--ckpt", trained, mvtec / "grid" / "test" / "good", "--out", out, "--category", "grid", *K1]
+    assert cli(argv, capsys)[0] == 0
+    before = snapshot(out)
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # the rest of the disk taken by another program
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(b"\0" * 4096)
+    rc, err = cli(argv, capsys)
+    assert rc == 1 and len(err) == 1 and "No space left" in err[0] and str(out) in err[0], err
+    assert snapshot(out) == before
