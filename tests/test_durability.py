@@ -406,11 +406,22 @@ def test_a_refused_write_of_any_output_is_one_line_and_keeps_the_previous_run(tr
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    monkeypatch.setattr(fm.os, "fdopen", lambda fd, *a, **k: Refusing(fdopen(fd, *a, **k)))
+    def refusing_writes(fd, mode="r", *args, **kwargs):  # every file opened to be written (the lock aside)
+        f = fdopen(fd, mode, *args, **kwargs)
+        return Refusing(f) if mode.startswith("w") else f
+
+    monkeypatch.setattr(fm.os, "fdopen", refusing_writes)
     rc, err = cli(argv, capsys)
     assert rc == 1 and len(err) == 1 and words.lower() in err[0].lower() and str(out) in err[0], err
     monkeypatch.undo()
     assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_a_hard_linked_target_is_replaced_not_written_through(tmp_path, victim):
+    link = tmp_path / "metrics.json"
+    os.link(victim, link)
+    fm.write_text(link, "new")
+    assert victim.read_text() == "the user's own bytes\n" and link.read_text() == "new"
 
 
 def test_a_long_output_name_gets_a_short_temp_name(tmp_path):
