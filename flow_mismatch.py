@@ -21,7 +21,8 @@ The machinery:
     Run config          TrainConfig, the CPU presets' recipes; ScoreConfig: MethodConfig and a run's options; note
     Tiles               large images: tile grid, blending window, stitching, position labels
     Training loop       StableAdamW (App. C.2), setup, one CFM step, the loop; resume, signals, log
-    Checkpoints and output files  atomic writes, a folder's lock, staged outputs; checkpoints read as plain data
+    Checkpoints and output files  atomic writes only where we own it, a folder's lock, staged outputs;
+                        checkpoints read as plain data
     Devices and DDP     torchrun process groups, device choice, inference layout
     Metrics             the seven numbers of Table 1
     Data                benchmark layouts read in place, every mask encoding; native-size images, tiles; demo data
@@ -49,6 +50,7 @@ import os
 import pickle
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -861,6 +863,7 @@ def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resum
     loss, learning rate and speed go to out/train_log.csv, drawn at the end as out/loss.png."""
     out = Path(out or Path("runs") / Path(data.root if isinstance(data, Dataset) else data).resolve().name)
     flag = "--resume" if resume else "--out"
+    check_paths({flag: out}, {"--data": None if isinstance(data, Dataset) else data})
     with run_lock(out, flag):  # held until training ends
         run = train_setup(data, cfg, out, pick_device(device, distributed()[2]), resume, log, compile, given)
         cpu_estimate(run, data, given, log)
@@ -1016,7 +1019,11 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
             f"{f', random {cfg.tile}x{cfg.tile} tiles at scale {cfg.tile_scale}' * (cfg.tile > 0)}, "
             f"{steps_per_epoch} step{'s' * (steps_per_epoch != 1)}/epoch, {total} steps on {device} x{world}")
     path = out / "train_log.csv"
+    names = ["train_log.csv", "loss.png", *(f"ckpt_epoch{e}.pt" for e in cfg.save_epochs)]
+    check_ours(out, names + ["ckpt.pt"] * (ckpt is None), flag="--resume" if resume else "--out")
+    check_target(out / "ckpt.pt", "--resume" if resume else "--out")  # resumed: replaced by design, never a link
     if rank == 0:  # the log up to the checkpoint's step, replaced atomically; then appended to
+        record(out, names + ["ckpt.pt"])
         rows = []
         if resume and path.is_file():
             with open(path, newline="") as f:
@@ -1130,12 +1137,50 @@ def plot_loss(out: Path) -> None:
 # Checkpoints and output files: every file written atomically, one writer per folder (its lock), a
 # command's outputs staged and swapped in together, checkpoints read as plain data.
 
+MANIFEST = ".flow-mismatch"  # in each output folder: the names of the entries this program wrote there
+
+
+def special(path):
+    """What `path` is if a write must never go through or over it (a symbolic link, FIFO, socket or
+    device, named in words); None for a regular file, a folder or nothing."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return what
+    return None
+
+
+def check_target(path, flag=None) -> None:
+    """A file we are about to write: nothing yet, or a regular file (never followed if a link)."""
+    what = special(path) or ("a folder" if os.path.isdir(path) else None)
+    if what:
+        raise UserError(f"{flag + ': ' if flag else ''}{path} is {what}; refusing to write through or over it")
+
+
+def disk_error(path: Path, e: Exception) -> UserError:
+    """A write the disk refused (full, read-only, no permission, name too long) as one line naming
+    the file and what was kept; exit status 1."""
+    why = getattr(e, "strerror", None) or str(e)
+    kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written there"
+    return UserError(f"{path}: could not be written ({why}); {kept}", status=1)
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **kw):
     """Open a temp file beside `path` for writing; when the block ends, fsync it and rename it over
-    `path`. An error, Ctrl-C or kill at any moment leaves the old file (or none) intact, never a part."""
+    `path`. An error, Ctrl-C or kill at any moment leaves the old file (or none) intact, never a part.
+    Only a regular file is replaced (check_target); the temp name stays short whatever path's name;
+    a write the disk refuses is one line (disk_error)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    check_target(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=".tmp")
+    except OSError as e:
+        raise disk_error(path, e) from None
     try:
         with os.fdopen(fd, mode, **kw) as f:
             yield f
@@ -1144,9 +1189,12 @@ def atomic_write(path, mode="w", **kw):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the mode any new file of the user gets
+        check_target(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise disk_error(path, e) from None
         raise
     if hasattr(os, "O_DIRECTORY"):  # POSIX: the rename itself survives a crash
         dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -1192,13 +1240,38 @@ def try_lock(f) -> bool:
     return True
 
 
+def open_lock(path: Path, flag):
+    """The lock file, opened for reading and writing without following a link (O_NOFOLLOW): only a
+    regular file of one name (no hard link to another file) that is empty or names a holder as
+    run_lock writes it; anything else is refused by name, untouched."""
+    what, f = special(path) or ("a folder" if os.path.isdir(path) else None), None
+    if not what:
+        nofollow = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO opens without waiting
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | nofollow, 0o666), "r+")
+        st = os.fstat(f.fileno())
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else "a hard link" if st.st_nlink > 1 else None
+    if not what:
+        try:
+            words = f.read(200).split()
+            what = None if not words or (len(words) == 2 and words[0].isdigit()) else "not a lock of ours"
+        except ValueError:  # not text
+            what = "not a lock of ours"
+        except OSError:  # Windows: a holder's locked byte cannot be read
+            pass
+    if what:
+        if f is not None:
+            f.close()
+        raise UserError(f"{flag}: {path} is {what}; refusing to lock through it (remove it if it is not yours)")
+    return f
+
+
 @contextlib.contextmanager
 def run_lock(out: Path, flag="--out", command="train", wait=False):
     """One writer per folder (`train` and `calibrate` of a run folder, `test` or `score` of an output
     folder): an exclusive OS lock (try_lock) on OUT/.lock, which names the holder's pid and command,
     for as long as the block runs. Busy: an error naming the folder and the holder, or with wait,
     one line saying so and a wait. The folder is checked first (check_out_dir); one made here and
-    left empty is removed again."""
+    left without an output is removed again."""
     check_out_dir(out, flag)
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
         yield
@@ -1206,7 +1279,7 @@ def run_lock(out: Path, flag="--out", command="train", wait=False):
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / ".lock"
-    f = open(path, "a+")
+    f = open_lock(path, flag)
     said = False
     while not try_lock(f):
         f.seek(0)
@@ -1222,24 +1295,28 @@ def run_lock(out: Path, flag="--out", command="train", wait=False):
             note(f"waiting for {holder} to finish with {out}")
             said = True
         time.sleep(0.2)
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()} {command}\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()} {command}\n")
+        f.flush()
+    except OSError as e:
+        f.close()
+        raise disk_error(path, e) from None
     try:
         yield
     finally:
-        if made and [p.name for p in out.iterdir()] == [".lock"]:
-            f.close()
-            path.unlink()
-            out.rmdir()
         f.close()
+        if made and set(os.listdir(out)) <= {".lock", MANIFEST}:  # nothing was written
+            for name in (".lock", MANIFEST):
+                (out / name).unlink(missing_ok=True)
+            out.rmdir()
 
 
 def check_out_dir(out: Path, flag="--out") -> None:
     """Before any work: `out` is a folder, or can be made one, and this user may write in it."""
     out = Path(out)
-    if os.path.exists(out) and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():
         raise UserError(f"{flag}: {out} exists and is not a folder")
     have = Path(os.path.abspath(out))
     while not os.path.exists(have):
@@ -1253,18 +1330,29 @@ def check_out_dir(out: Path, flag="--out") -> None:
 # A rerun replaces a run's outputs as a whole: they are written into a hidden folder inside --out
 # and only then moved in together. An error or interrupt while writing leaves the previous run as it
 # was; one during the moves (renames, milliseconds) leaves OUT/INCOMPLETE naming what is missing.
+# Only entries listed in OUT's MANIFEST are ever replaced or removed; callers check the names they
+# will write (check_ours) before they compute anything.
+STAGING = (".staging", "INCOMPLETE")
+
 
 @contextlib.contextmanager
 def staged(out: Path, stale=()):
     """A fresh folder in which to write the new outputs of `out` (files and folders named as in
     `out`); when the block ends they replace their namesakes in `out`, and the outputs named in
-    `stale` (an earlier run's, this run does not write) are removed."""
+    `stale` (an earlier run's, this run does not write) are removed if this program wrote them.
+    The names are recorded in out's MANIFEST before they are moved in."""
+    check_ours(out, STAGING)
+    record(out, STAGING)
     tmp = out / ".staging"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
     tmp.mkdir(parents=True)
     try:
         yield tmp
         names = sorted(os.listdir(tmp))
+        check_ours(out, names)
+        ours = written_here(out)
+        stale = [n for n in stale if n in ours and n not in names and not special(out / n)]
+        record(out, names)
         write_text(out / "INCOMPLETE", f"an interrupted run was replacing {', '.join(names)} here; some may be missing\n")
         trash = tmp / ".old"
         trash.mkdir()
@@ -1281,13 +1369,99 @@ def staged(out: Path, stale=()):
                                            f"(an interrupted run); run it again\n")
             raise
         (out / "INCOMPLETE").unlink()
+        record(out, drop=stale)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:  # how torch's zip writer reports a write the disk refused
+            raise OSError(f"torch.save failed: {str(e).split('] . ')[-1][:60]}; is the disk full?") from None
+
+
+def written_here(folder: Path) -> set:
+    """The names of the entries this program recorded as its own in `folder` (its MANIFEST)."""
+    path = Path(folder) / MANIFEST
+    check_target(path)
+    try:
+        names = json.loads(path.read_text())
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable record of what flow_mismatch.py wrote here ({type(e).__name__}); "
+                        f"remove it if the folder is not ours")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}: not a record of what flow_mismatch.py wrote here; remove it if the folder is "
+                        f"not ours")
+    return set(names)
+
+
+def check_ours(folder: Path, names, flag="--out") -> None:
+    """Before anything is written: each of `names` that `folder` already holds is an entry this
+    program wrote there (listed in its MANIFEST) and a plain file or folder; else one line naming it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    ours = written_here(folder)
+    for name in names:
+        what = special(folder / name)
+        if what:
+            raise UserError(f"{flag}: {folder / name} is {what}; refusing to write through or over it")
+        if os.path.lexists(folder / name) and name not in ours:
+            raise UserError(f"{flag}: {folder / name} was not written by flow_mismatch.py (it is not in "
+                            f"{folder / MANIFEST}); move it away or choose another folder")
+
+
+def record(folder: Path, add=(), drop=()) -> None:
+    """`folder`'s MANIFEST, atomically: what it lists, with `add` and without `drop`."""
+    ours = written_here(folder)
+    names = (ours | set(add)) - set(drop)
+    if names != ours or not (Path(folder) / MANIFEST).exists():
+        write_text(Path(folder) / MANIFEST, json.dumps(sorted(names)) + "\n")
+
+
+@contextlib.contextmanager
+def own_files(folder: Path, names, flag="--out", command="write"):
+    """For writing the files `names` into `folder`, a folder the user may share with us: its lock
+    held, each name new or this program's own (check_ours) and recorded before the block."""
+    with run_lock(folder, flag, command):
+        check_ours(folder, names, flag)
+        record(folder, names)
+        yield
+
+
+def within(path, folder) -> bool:
+    """`path` is `folder` or inside it, as the file system sees it (links, mounts, letter case)."""
+    p, f = Path(path).resolve(), Path(folder).resolve()
+    if p == f or f in p.parents:
+        return True
+    try:
+        target = os.stat(f)
+    except OSError:
+        return False
+    for q in (p, *p.parents):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.stat(q), target):
+                return True
+    return False
+
+
+def check_paths(outputs: dict, inputs: dict) -> None:
+    """Before any work: no output ({flag: path}) is an input ({flag: path}: a folder read, or a file)
+    or inside one, and no two outputs are the same or one inside the other. None: not given."""
+    outputs = {k: Path(v) for k, v in outputs.items() if isinstance(v, (str, os.PathLike))}
+    inputs = {k: Path(v) for k, v in inputs.items() if isinstance(v, (str, os.PathLike))}
+    for flag, out in outputs.items():
+        for source, src in inputs.items():
+            if within(out, src):
+                raise UserError(f"{flag}: {out} is {'' if within(src, out) else 'inside '}the input {source} {src}; "
+                                f"write the outputs elsewhere")
+    for (flag, a), (other, b) in itertools.combinations(outputs.items(), 2):
+        if within(a, b) or within(b, a):
+            raise UserError(f"{other}: {b} and {flag} {a} overlap; give each its own folder")
 
 
 # What a checkpoint of ours holds: key -> the type its value must have. Loading uses
@@ -2135,11 +2309,9 @@ def map_names(category: str, path) -> tuple:
     return rel.with_suffix(".tiff"), None
 
 
-def write_maps(out: Path, names, heat, sizes, threshold=None) -> None:
-    """Each map as a float32 TIFF at its image's original size sizes[i] = (w, h), at out / names[i][0];
-    with a threshold also the binary mask map > threshold as a 0/255 PNG at out / names[i][1] (if not
-    None). Each top folder (a category's, or anomaly_images/<category>) is staged and replaces its
-    namesake whole, and no two images may share a name."""
+def map_tops(names, threshold=None) -> dict:
+    """write_maps's plan: {top folder, relative to the maps folder (a category's, or
+    anomaly_images/<category>): [(i, file relative to the maps folder)]}; no two images may share a map."""
     tops, seen = {}, set()
     for i, (tiff, png) in enumerate(names):
         if tiff in seen:
@@ -2148,7 +2320,26 @@ def write_maps(out: Path, names, heat, sizes, threshold=None) -> None:
         for rel in (tiff, png if threshold is not None else None):
             if rel is not None:
                 tops.setdefault(Path(*rel.parts[:1 + rel.parts[0].startswith("anomaly_images")]), []).append((i, rel))
+    return tops
+
+
+def check_maps(out: Path, tops) -> None:
+    """Before anything is written: every folder write_maps would replace in `out` is new or its own."""
+    for top in tops:
+        check_ours(out, [top.parts[0], *STAGING], "--save-maps")
+        check_ours(out / top.parent, [top.name, *STAGING], "--save-maps")
+
+
+def write_maps(out: Path, names, heat, sizes, threshold=None) -> None:
+    """Each map as a float32 TIFF at its image's original size sizes[i] = (w, h), at out / names[i][0];
+    with a threshold also the binary mask map > threshold as a 0/255 PNG at out / names[i][1] (if not
+    None). Each top folder (a category's, or anomaly_images/<category>) is staged and replaces its
+    namesake whole, and no two images may share a name (map_tops)."""
+    tops = map_tops(names, threshold)
+    check_maps(out, tops)
     for top, items in tops.items():
+        if top.parent != Path("."):
+            record(out, [top.parts[0]])
         (out / top.parent).mkdir(parents=True, exist_ok=True)
         with staged(out / top.parent) as new:
             for i, rel in items:
@@ -2191,6 +2382,7 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     eval_size and alarm_rate: as metrics_of; with save_maps, a folder, also every map at its image's
     original size where the official evaluations read them (write_maps)."""
     eval_size = None if eval_size is None else parse_eval_size(eval_size)
+    check_paths({"--out": out, "--save-maps": save_maps}, {"--data": data_root})
     maps = run_lock(Path(save_maps), "--save-maps", "test") if save_maps is not None else contextlib.nullcontext()
     with run_lock(out, "--out", "test"), maps:  # one writer per output folder
         rank, world, local_rank = distributed()
@@ -2199,6 +2391,10 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
         ckpt = detector.ckpt
         tests = load_test(data_root, *detector.geometry)
         cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests if alarm_rate is not None}
+        check_ours(out, [*tests, "metrics.json", "table.md", "report.html", "report", *STAGING])
+        if save_maps is not None:  # every clash of names before the first byte is written
+            for name in tests:
+                check_maps(Path(save_maps), map_tops([map_names(name, p) for p in tests[name].paths], alarm_rate))
         t0 = time.time()
         scored = score_tests(detector, tests, cfg)
         seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
@@ -2246,7 +2442,9 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
     """Every checkpoint x the Cartesian product of `grid` ({ScoreConfig field: values}, fields not
     given stay as in `base`); writes out/sweep.md and out/sweep.json (per-category results too)."""
     eval_size = None if eval_size is None else parse_eval_size(eval_size)
+    check_paths({"--out": out}, {"--data": data_root})
     with run_lock(out, "--out", "test"):
+        check_ours(out, ["sweep.md", "sweep.json", *STAGING])
         settings = [replace(base, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
         rank, world, local_rank = distributed()
         device = pick_device(device, local_rank)
@@ -2527,6 +2725,10 @@ def explain(ckpt, image, out, cfg: ScoreConfig = ScoreConfig(), mask=None, categ
     if out.is_dir():
         raise UserError(f"--out: {out} is a folder")
     check_out_dir(out.parent)
+    names = [out.name, out.with_suffix(".json").name, out.with_suffix(".npz").name]
+    for name in names:
+        check_paths({"--out": out.parent / name}, {"image": image, "--mask": mask, "--ckpt": ckpt})
+    check_ours(out.parent, names)
     if not image.is_file():
         raise UserError(f"{image}: no such image file")
     detector = load(ckpt, device)
@@ -2546,7 +2748,8 @@ def explain(ckpt, image, out, cfg: ScoreConfig = ScoreConfig(), mask=None, categ
     about = dict(image=str(image), mask=None if mask is None else str(mask), ckpt=str(ckpt), category=category,
                  image_size=size, tile=tile, tile_scale=scale, K=cfg.K, T=cfg.T, aggregator=cfg.aggregator,
                  weight=cfg.weight, seed=cfg.seed, image_score=cfg.image_score)
-    return write_explain(out, e, arr, truth, detector.mean, detector.std, about)
+    with own_files(out.parent, names, "--out", "explain"):
+        return write_explain(out, e, arr, truth, detector.mean, detector.std, about)
 
 
 # ----------------------------------------------------------------------------
@@ -2874,14 +3077,15 @@ class Prediction:
     pred_mask: list = None  # N bool defect masks at the original size: H > tau_A of the maxima
 
 
-def image_inputs(images):
+def image_inputs(images, listed=False):
     """(image, path or None) per image of a path, folder, PIL image, uint8 (H, W, 3) or (N, H, W, 3)
-    array, float tensor in [0, 1] of shape (3, H, W) or (N, 3, H, W), or a list of any of these."""
+    array, float tensor in [0, 1] of shape (3, H, W) or (N, 3, H, W), or a list of any of these (listed:
+    an item of one, where a path gone since it was listed is left to the reader to name and skip)."""
     from PIL import Image
 
     if isinstance(images, (str, os.PathLike)):
         target = Path(images)
-        if not target.exists():
+        if not target.exists() and not listed:
             raise UserError(f"{target}: no such file or folder")
         files = image_files(target) if target.is_dir() else [target]
         if not files:
@@ -2904,7 +3108,7 @@ def image_inputs(images):
         yield from ((Image.fromarray(a), None) for a in images.reshape(-1, *images.shape[-3:]))
     elif isinstance(images, (list, tuple)):
         for item in images:
-            yield from image_inputs(item)
+            yield from image_inputs(item, listed=True)
     else:
         raise UserError(f"images: cannot read a {type(images).__name__}")
 
@@ -2992,9 +3196,13 @@ def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, al
     image's original size, named like its overlay) and with alarm_rate masks/ (defect masks at each
     image's original size). Returns the rows of scores.csv."""
     out = Path(out)
+    check_paths({"--out": out}, {"images": images})
     with run_lock(out, "--out", "score"):
         detector = load(ckpt, device, compile)
         files = [p for _, p in image_inputs(images)]
+        check_ours(out, ["heatmaps", "maps", "scores.csv", *["masks"] * bool(alarm_rate), *STAGING])
+        if alarm_rate is not None:  # its checks too before anything is written
+            calibration_of(detector.ckpt, category, cfg, detector.path, alarm_rate)
         rows, span = {}, None
         with staged(out, stale=() if alarm_rate else ("masks",)) as new:
             for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,
@@ -3030,6 +3238,8 @@ def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), 
     scored again first if training moved the weights on."""
     ckpt_path = Path(ckpt)
     check_out_dir(ckpt_path.parent, "--ckpt")  # the calibration is written into the checkpoint
+    for path in (ckpt_path, ckpt_path.parent / ".lock"):  # before scoring, what the lock and the write will refuse
+        check_target(path, "--ckpt")
     detector = load(ckpt_path, device, compile)
     ckpt, names = detector.ckpt, detector.categories
     category = category or (names[0] if len(names) == 1 else None)
@@ -3180,12 +3390,15 @@ def cmd_demo(args):
     check_out_dir(out)
     pick_device(args.device)
     data = out / "data"
-    if not data.exists():
-        make_demo_dataset(data, size=cfg.image_size)
-    run = out / "run"
-    (run / "ckpt.pt").unlink(missing_ok=True)
-    train(data, cfg, run, args.device)
-    results = evaluate(run / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
+    with run_lock(out, "--out", "demo"):  # checks first; each part is made aside and moved in whole
+        check_ours(out, ["data", "run", "eval", *STAGING])
+        if not data.exists():
+            with staged(out) as new:
+                make_demo_dataset(new / "data", size=cfg.image_size)
+        with staged(out) as new:  # the previous run stays until this one has trained
+            train(data, cfg, new / "run", args.device)
+        record(out, ["eval"])
+        results = evaluate(out / "run" / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
     print(f"demo: image AUROC {percent(results['mean']['image_auroc'])}, pixel AUROC "
           f"{percent(results['mean']['pixel_auroc'])}; heatmaps under {out / 'eval'}")
 
@@ -3214,7 +3427,8 @@ def cmd_compare(args):
     if partial:
         note(f"our mean is not over the paper's {len(PAPER_CATEGORIES[args.dataset])} {args.dataset} categories "
              f"({partial}); the mean rows are not like for like")
-    write_text(path.parent / f"compare_{args.dataset}.md", table + "\n")
+    with own_files(path.parent, [f"compare_{args.dataset}.md"], args.metrics, "compare"):
+        write_text(path.parent / f"compare_{args.dataset}.md", table + "\n")
     print(table)
 
 
@@ -3223,14 +3437,15 @@ def cmd_bench(args):
         if os.path.isdir(args.json):
             raise UserError(f"--json: {args.json} is a folder; name a file")
         check_out_dir(Path(args.json).parent, "--json")
+        check_ours(Path(args.json).parent, [Path(args.json).name], "--json")
     tc, sc = train_config(**given(TrainConfig, args)), ScoreConfig(**given(ScoreConfig, args))
     r = bench(BenchConfig(**given(BenchConfig, args)), tc.preset, tc.image_size, sc, args.device)
     r.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     for k, v in r.items():
         print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        write_text(args.json, json.dumps(r, indent=2))
+        with own_files(Path(args.json).parent, [Path(args.json).name], "--json", "bench"):
+            write_text(args.json, json.dumps(r, indent=2))
 
 
 def build_parser() -> Parser:

@@ -52,7 +52,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(fm.torch, "save", dies_midway)
-    with pytest.raises(OSError):
+    with pytest.raises(fm.UserError, match="No space left"):
         fm.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}

@@ -127,14 +127,16 @@ def test_same_stem_images_get_their_own_overlays_and_a_rerun_leaves_no_old_ones(
 
 
 def test_a_rerun_of_test_replaces_the_category_folder(trained, mvtec, tmp_path, capsys):
+    argv = ["test", "--ckpt", trained, "--data", mvtec, "--out", tmp_path / "ev", "-K", 1, "-T", 1]
+    assert cli(argv, capsys)[0] == 0
     stale = tmp_path / "ev" / "grid" / "overlays" / "stale.png"
-    stale.parent.mkdir(parents=True)
     stale.write_bytes(b"from an earlier run")
-    rc, err = cli(["test", "--ckpt", trained, "--data", mvtec, "--out", tmp_path / "ev", "-K", 1, "-T", 1], capsys)
+    rc, err = cli(argv, capsys)
     assert rc == 0, err
     grid = files_under(tmp_path / "ev" / "grid")
     assert "overlays/stale.png" not in grid and "overlays/scratch/000.png.png" in grid
-    assert [n for n in os.listdir(tmp_path / "ev") if n.startswith(".")] == [".lock"]  # nothing left aside
+    hidden = [n for n in os.listdir(tmp_path / "ev") if n.startswith(".")]
+    assert sorted(hidden) == [".flow-mismatch", ".lock"]  # nothing left aside
 
 
 # 5. score on an inspection line -----------------------------------------------------------------
