@@ -251,6 +251,8 @@ class ScoreConfig:
     image_score: str = knob("paper", "S: paper (max + mean of the top 1 %%, Eq. 4) | max (the map's maximum)",
                             choices=("paper", "max"))
     stride: int = knob(0, "tiled checkpoints: pixels between tiles, at most the tile; 0: half a tile", ge=0, le=4096)
+    smooth: float = knob(0.0, "std, in pixels of the map, of a Gaussian that smooths the heatmap H before S (Eq. 4), "
+                              "metrics, thresholds and saved maps; 0: none (the paper)", ge=0, le=1000)
 
     def __post_init__(self):
         check_knobs(self)
@@ -670,6 +672,19 @@ def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=Non
             progress(finished - done)
             done = finished
     return [a / w for a, w in zip(acc, wsum)]
+
+
+def smooth_maps(heat, sigma: float):
+    """Each map of heat ((N, H, W) tensor or list of (H, W) tensors) convolved with a Gaussian of std
+    sigma map pixels, truncated at 4 sigma, the border continued by its nearest pixel
+    (scipy.ndimage.gaussian_filter, mode "nearest"): the usual smoothing of anomaly maps, which
+    averages out the pixel noise of native-resolution maps. sigma 0: heat as it is."""
+    if not sigma:
+        return heat
+    from scipy.ndimage import gaussian_filter
+
+    out = [torch.from_numpy(gaussian_filter(h.cpu().numpy().astype(np.float32), sigma, mode="nearest")) for h in heat]
+    return torch.stack(out) if torch.is_tensor(heat) else out
 
 
 # ----------------------------------------------------------------------------
@@ -1805,6 +1820,7 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
             reduced = h.to(device)
             dist.all_reduce(reduced)
             h.copy_(reduced.cpu())
+    heat = smooth_maps(heat, cfg.smooth)  # before S, so that S, metrics and thresholds see one map
     return heat, torch.cat([image_score(h[None], cfg.image_score) for h in heat])  # image by image: sizes may differ
 
 
@@ -2183,7 +2199,8 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
 # Calibration images draw their paths as images CALIB_IDS + i, so no scored image shares their noise.
 
 CALIB_IDS = 1 << 40
-SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score", "stride")  # shared by both
+SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score", "stride",
+              "smooth")  # shared by both
 OPERATING = ("false_alarm_rate", "detection_rate", "pixel_precision", "pixel_recall")
 
 
@@ -2310,7 +2327,7 @@ def explain_maps(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0,
 
     delta = delta_of(cfg)
     maps = w * delta
-    heat = maps.mean(1)  # Eq. (4), as in mismatch_heat
+    heat = smooth_maps(maps.mean(1), cfg.smooth).to(y.device)  # Eq. (4), as in mismatch_heat; --smooth as score_dataset
     peak = np.unravel_index(int(heat[0].argmax()), heat.shape[1:])
     j = int(maps[0, :, peak[0], peak[1]].argmax())
     x0 = path_noise(cfg.seed, [0], 0, y.shape[1:], y.device)
