@@ -4,7 +4,7 @@ from the left 70 % of a photo, test crops from the right 30 %, so every test ima
 the scene the model never saw; half of the test images carry a small synthetic defect (a thin
 scratch 1-2 px wide, a blob 2-8 px across, or a faint stain), with its mask, in MVTec layout.
 
-    OMP_NUM_THREADS=1 nice -n 19 python tests/bench_tiles_real.py --out /tmp/bench_real   # ~40 min on a busy 2-core machine
+    OMP_NUM_THREADS=1 nice -n 19 python tests/bench_tiles_real.py --out /tmp/bench_real   # ~1 h on 2 busy cores
 
 The same `tiny` model, batch 16, is trained on whole crops resized to 32^2 (`--image-size 32`) and on
 random 32^2 tiles at native resolution (`--tile 32`); one run per model, tested after each step
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import fm  # noqa: E402
 
 CROP, SPLIT = 128, 0.7  # crop side; the share of a photo's width that training crops come from
+KINDS = ("scratch", "blob", "stain")
 
 
 def defect(img, kind, rng):
@@ -77,12 +78,15 @@ def write_photos(root: Path, n_train=60, n_good=4, n_defect=2, seed=0) -> Path:
             write(root / name / "train" / "good" / f"{i:03d}.png", crop(0, cut))
         for i in range(n_good):
             write(root / name / "test" / "good" / f"{i:03d}.png", crop(cut, W))
-        for kind in ("scratch", "blob", "stain"):
+        for kind in KINDS:
             for i in range(n_defect):
                 img, mask = defect(crop(cut, W), kind, rng)
                 write(root / name / "test" / kind / f"{i:03d}.png", img)
                 write(root / name / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(float))
     return root
+
+
+COLUMNS = ("image_auroc", "pixel_auroc", "pixel_aupro", *(f"pixel_auroc_{k}" for k in KINDS))
 
 
 def flat_window(N):
@@ -101,13 +105,27 @@ def test_maps(ckpt: Path, data: Path, K: int, T: int, **overrides) -> dict:
 
 def metrics(data: Path, geometry, scored: dict, sigma: float) -> dict:
     """The mean over categories of the metrics at the original size after smoothing by sigma map pixels,
-    with S (Eq. 4) recomputed on the smoothed maps, as the scorer computes both with --smooth sigma."""
+    with S (Eq. 4) recomputed on the smoothed maps, as the scorer computes both with --smooth sigma;
+    and pixel AUROC per defect kind: the pixels of that kind's defects against every normal pixel."""
+    from sklearn.metrics import roc_auc_score
+
     tests = fm.load_test(data, *geometry)
-    smoothed = {}
+    smoothed, kinds = {}, {k: [] for k in KINDS}
     for name, (heat, _) in scored.items():
         h = fm.smooth_maps(torch.from_numpy(heat), sigma)
         smoothed[name] = h.numpy(), torch.cat([fm.image_score(m[None]) for m in h]).numpy()
-    return fm.metrics_of(tests, smoothed, "original")["mean"]
+        masks, up = fm.at_eval_size(tests[name], smoothed[name][0], "original")
+        normal = np.concatenate([u[m == 0] for u, m in zip(up, masks)])
+        for kind in KINDS:
+            pos = np.concatenate([u[m > 0] for u, m, p in zip(up, masks, tests[name].paths)
+                                  if Path(p).parent.name == kind])
+            kinds[kind].append(roc_auc_score(np.r_[np.zeros(normal.size), np.ones(pos.size)], np.r_[normal, pos]))
+    return {**fm.metrics_of(tests, smoothed, "original")["mean"],
+            **{f"pixel_auroc_{k}": float(np.mean(v)) for k, v in kinds.items()}}
+
+
+def counts(text):
+    return [int(s) for s in text.split(",") if s]
 
 
 def main():
@@ -116,15 +134,16 @@ def main():
     ap.add_argument("--steps", default="200,800", help="the curve: step counts of both models")
     ap.add_argument("--tile-steps", default="1600", help="further step counts of the tile model alone")
     ap.add_argument("--variants-at", type=int, default=800, help="steps at which stride and window are varied")
-    ap.add_argument("--others-at", type=int, default=200, help="steps of the tile-64 and --tile-scale 0.5 models")
+    ap.add_argument("--scaled-at", default="200,800", help="step counts of the --tile-scale 0.5 model")
+    ap.add_argument("--large-at", default="200", help="step counts of the tile-64 model")
     ap.add_argument("--sigmas", default="0,1,2,4,8", help="--smooth values (map pixels)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("-K", type=int, default=3)
     ap.add_argument("-T", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated model names to run (default all)")
     args = ap.parse_args()
-    out, steps = Path(args.out), [int(s) for s in args.steps.split(",")]
-    tile_steps = steps + [int(s) for s in args.tile_steps.split(",") if s]
+    out, steps = Path(args.out), counts(args.steps)
+    tile_steps = steps + counts(args.tile_steps)
     sigmas = [float(s) for s in args.sigmas.split(",")]
     data = out / "data"
     if not data.exists():
@@ -134,18 +153,18 @@ def main():
     at = {args.variants_at: plain + [("stride 32", dict(stride=32), None), ("flat window", {}, flat_window)]}
     models = {"resize": (["--image-size", 32], steps, {}),
               "tiles": (["--tile", 32], tile_steps, at),
-              "tiles_scale0.5": (["--tile", 32, "--tile-scale", 0.5], [args.others_at], {}),
-              "tiles64": (["--tile", 64], [args.others_at], {})}
+              "tiles_scale0.5": (["--tile", 32, "--tile-scale", 0.5], counts(args.scaled_at), {}),
+              "tiles64": (["--tile", 64], counts(args.large_at), {})}
     only = set(args.only.split(",")) - {""}
     common = ["--preset", "tiny", "--batch-size", args.batch_size, "--calib-fraction", 0, "--device", "cpu",
               "--save-every", 10**6]
     (out / "maps").mkdir(parents=True, exist_ok=True)
     rows, norms = [], {}
-    for name, (flags, counts, variants) in models.items():
+    for name, (flags, stages, variants) in models.items():
         if only and name not in only:
             continue
         run, train_s = out / name, 0.0
-        for s in counts:
+        for s in stages:
             for variant, overrides, window in variants.get(s, plain):
                 cache = out / "maps" / f"{name}_{s}{'_' + variant.replace(' ', '') if variant else ''}.npz"
                 if not cache.exists():
@@ -163,7 +182,8 @@ def main():
                     finally:
                         fm.tile_window = old
                     np.savez(cache, seconds=r["seconds"], images=r["images"], train_s=train_s,
-                             **{f"{c}_{k}": v for c, (h, sc) in r["scored"].items() for k, v in (("heat", h), ("scores", sc))})
+                             **{f"{c}_{k}": v for c, (h, sc) in r["scored"].items()
+                                for k, v in (("heat", h), ("scores", sc))})
                 z = np.load(cache)
                 scored = {c: (z[f"{c}_heat"], z[f"{c}_scores"]) for c in ("china", "flower")}
                 ckpt = fm.load_checkpoint(run / "ckpt.pt")
@@ -175,17 +195,17 @@ def main():
                     rows.append(dict(model=name, flags=" ".join(map(str, flags)), steps=s, variant=variant,
                                      sigma=sigma, sigma_image_px=sigma * scale, train_s=float(z["train_s"]),
                                      test_s_per_image=float(z["seconds"] / z["images"]),
-                                     **{k: m[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")}))
+                                     **{k: m[k] for k in COLUMNS}))
                     print(json.dumps(rows[-1]), flush=True)
     print(f"\n128^2 crops of china.jpg and flower.jpg (train: left {SPLIT:.0%}, test: the rest), 1-8 px scratches and "
           f"blobs, faint stains; tiny, batch {args.batch_size}; K={args.K} T={args.T}; pixel metrics at 128^2; mean of "
           f"the 2 categories, in %; sigma of --smooth in map pixels (image pixels)")
-    print("| model | steps | test variant | --smooth | image AUROC | pixel AUROC | AUPRO | test s/image |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | steps | test variant | --smooth | image AUROC | pixel AUROC | AUPRO | pixel AUROC "
+          + " | ".join(KINDS) + " | test s/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} (`{r['flags']}`) | {r['steps']} | {r['variant'] or '-'} | {r['sigma']:g} "
-              f"({r['sigma_image_px']:g}) | " + " | ".join(fm.percent(r[k]) for k in
-                                                          ("image_auroc", "pixel_auroc", "pixel_aupro"))
+              f"({r['sigma_image_px']:g}) | " + " | ".join(fm.percent(r[k]) for k in COLUMNS)
               + f" | {r['test_s_per_image']:.3f} |")
     print("normalisation (mean, std per channel):", json.dumps(norms))
     (out / "bench_tiles_real.json").write_text(json.dumps(dict(vars(args), rows=rows, norms=norms), indent=2))
