@@ -1,8 +1,9 @@
 """Resize against tiles on real photographs: 128^2 crops at native resolution of the two photos that
 ship with scikit-learn (china.jpg, flower.jpg, 427 x 640), one category each. Training crops come
 from the left 70 % of a photo, test crops from the right 30 %, so every test image shows a part of
-the scene the model never saw; half of the test images carry a small synthetic defect (a thin
-scratch 1-2 px wide, a blob 2-8 px across, or a faint stain), with its mask, in MVTec layout.
+the scene the model never saw. Per photo: 60 training crops, 4 normal test crops and 2 each with
+a thin scratch (1-2 px wide, 10-30 px long), a blob (2-8 px across) or a faint stain (12-28 px
+across, a quarter of the way to another colour), with their masks, in MVTec layout.
 
     OMP_NUM_THREADS=1 nice -n 19 python tests/bench_tiles_real.py --out /tmp/bench_real   # ~1 h on 2 busy cores
 
@@ -13,7 +14,8 @@ from (seed, step)). Variants, each tested in the same run: the map smoothed befo
 (`--smooth SIGMA`, applied by smooth_maps exactly as the scorer applies it), the tiles' stride and a
 flat blending window, more steps for tiles, tile size 64 and `--tile-scale 0.5`. Every test is at
 K = T = 3 with pixel metrics at the original 128^2. Prints one table; writes OUT/bench_tiles_real.json.
-Maps are cached in OUT/maps (delete OUT to measure again)."""
+Pixel AUROC per defect kind: that kind's defect pixels against all normal pixels. Maps are cached in
+OUT/maps and runs in OUT/<model> (delete OUT to measure again)."""
 
 import argparse
 import json
@@ -136,7 +138,7 @@ def main():
     ap.add_argument("--variants-at", type=int, default=800, help="steps at which stride and window are varied")
     ap.add_argument("--scaled-at", default="200,800", help="step counts of the --tile-scale 0.5 model")
     ap.add_argument("--large-at", default="200", help="step counts of the tile-64 model")
-    ap.add_argument("--sigmas", default="0,1,2,4,8", help="--smooth values (map pixels)")
+    ap.add_argument("--sigmas", default="0,1,2", help="--smooth values (map pixels)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("-K", type=int, default=3)
     ap.add_argument("-T", type=int, default=3)
