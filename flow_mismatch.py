@@ -2133,7 +2133,7 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
         log(text)
         rule = (f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}" if cfg.score == "mismatch" else
                 f"{cfg.score}: K={cfg.K} t0={cfg.t0}{f' steps={cfg.ode_steps}' * (cfg.score == 'recon')} "
-                f"aggregator={cfg.aggregator}")
+                f"aggregator={cfg.aggregator}") + f" smooth={cfg.smooth:g}" * bool(cfg.smooth)
         log(f"{rule}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.2f} images/s on {device} x{world})")
         if eval_size is not None or cfg.image_score != "paper":
             at = "each image's original size" if eval_size == "original" else f"{eval_size or ckpt['train_config']['image_size']}^2"
