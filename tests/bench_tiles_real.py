@@ -95,7 +95,7 @@ def flat_window(N):
     return torch.ones(N, N)
 
 
-def test_maps(ckpt: Path, data: Path, K: int, T: int, **overrides) -> dict:
+def score_test_split(ckpt: Path, data: Path, K: int, T: int, **overrides) -> dict:
     """Heatmaps (unsmoothed) and timing of one checkpoint's test split, as `test` scores it."""
     detector = fm.load(ckpt, "cpu")
     tests = fm.load_test(data, *detector.geometry)
@@ -180,7 +180,7 @@ def main():
                         train_s += time.time() - t0
                     old, fm.tile_window = fm.tile_window, window or fm.tile_window
                     try:
-                        r = test_maps(run / "ckpt.pt", data, args.K, args.T, **overrides)
+                        r = score_test_split(run / "ckpt.pt", data, args.K, args.T, **overrides)
                     finally:
                         fm.tile_window = old
                     np.savez(cache, seconds=r["seconds"], images=r["images"], train_s=train_s,
@@ -199,8 +199,8 @@ def main():
                                      test_s_per_image=float(z["seconds"] / z["images"]),
                                      **{k: m[k] for k in COLUMNS}))
                     print(json.dumps(rows[-1]), flush=True)
-    print(f"\n128^2 crops of china.jpg and flower.jpg (train: left {SPLIT:.0%}, test: the rest), 1-8 px scratches and "
-          f"blobs, faint stains; tiny, batch {args.batch_size}; K={args.K} T={args.T}; pixel metrics at 128^2; mean of "
+    print(f"\n128^2 crops of china.jpg and flower.jpg (train: left {SPLIT:.0%}, test: the rest), thin scratches, "
+          f"2-8 px blobs, faint stains; tiny, batch {args.batch_size}; K={args.K} T={args.T}; pixel metrics at 128^2; mean of "
           f"the 2 categories, in %; sigma of --smooth in map pixels (image pixels)")
     print("| model | steps | test variant | --smooth | image AUROC | pixel AUROC | AUPRO | pixel AUROC "
           + " | ".join(KINDS) + " | test s/image |")
