@@ -610,6 +610,7 @@ def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
 # its own and the tile maps are blended with a window that fades to ~0 at a tile's border, so the
 # stitched map has the image's own size and no seam. Tile j of image i draws its paths as image
 # i + j * TILE_IDS: tile 0 as the image itself, so an image of exactly one tile scores as untiled.
+# Last, smooth_maps: the Gaussian smoothing of any map (--smooth), applied where the maps are made.
 
 TILE_IDS = 1 << 41  # above the calibration ids (CALIB_IDS + i)
 
