@@ -137,7 +137,7 @@ def main():
     ap.add_argument("--tile-steps", default="1600", help="further step counts of the tile model alone")
     ap.add_argument("--variants-at", type=int, default=800, help="steps at which stride and window are varied")
     ap.add_argument("--scaled-at", default="200,800", help="step counts of the --tile-scale 0.5 model")
-    ap.add_argument("--large-at", default="200", help="step counts of the tile-64 model")
+    ap.add_argument("--large-at", default="200,800", help="step counts of the tile-64 model")
     ap.add_argument("--sigmas", default="0,1,2", help="--smooth values (map pixels)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("-K", type=int, default=3)
