@@ -697,7 +697,8 @@ def train_config(preset="paper", **given) -> TrainConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig(MethodConfig):
-    """MethodConfig and the options of a run: the test-time rule, forward batch, precision, tile stride."""
+    """MethodConfig and the options of a run: the test-time rule, forward batch, precision, tile stride,
+    smoothing of H."""
 
     max_batch: int = knob(0, "U-Net inputs per forward, the memory budget; 0: automatic (512 on CUDA, by image "
                              "size on CPU: 32 for tiny at 64^2)", ge=0, le=2**20)
@@ -707,6 +708,8 @@ class ScoreConfig(MethodConfig):
     ode_steps: int = knob(10, "Euler steps of the recon baseline from t0 to 1", ge=1, le=1000)
     precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
     stride: int = knob(0, "tiled checkpoints: pixels between tiles, at most the tile; 0: half a tile", ge=0, le=4096)
+    smooth: float = knob(0.0, "std, in pixels of the map, of a Gaussian that smooths the heatmap H before S (Eq. 4), "
+                              "metrics, thresholds and saved maps; 0: none (the paper)", ge=0, le=1000)
 
 
 # ----------------------------------------------------------------------------
@@ -715,6 +718,7 @@ class ScoreConfig(MethodConfig):
 # its own and the tile maps are blended with a window that fades to ~0 at a tile's border, so the
 # stitched map has the image's own size and no seam. Tile j of image i draws its paths as image
 # i + j * TILE_IDS: tile 0 as the image itself, so an image of exactly one tile scores as untiled.
+# Last, smooth_maps: the Gaussian smoothing of any map (--smooth), applied where the maps are made.
 
 TILE_IDS = 1 << 41  # above the calibration ids (CALIB_IDS + i)
 
@@ -777,6 +781,19 @@ def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=Non
             progress(finished - done)
             done = finished
     return [a / w for a, w in zip(acc, wsum)]
+
+
+def smooth_maps(heat, sigma: float):
+    """Each map of heat ((N, H, W) tensor or list of (H, W) tensors) convolved with a Gaussian of std
+    sigma map pixels, truncated at 4 sigma, the border continued by its nearest pixel
+    (scipy.ndimage.gaussian_filter, mode "nearest"): the usual smoothing of anomaly maps, which
+    averages out the pixel noise of native-resolution maps. sigma 0: heat as it is."""
+    if not sigma:
+        return heat
+    from scipy.ndimage import gaussian_filter
+
+    out = [torch.from_numpy(gaussian_filter(h.cpu().numpy().astype(np.float32), sigma, mode="nearest")) for h in heat]
+    return torch.stack(out) if torch.is_tensor(heat) else out
 
 
 # ----------------------------------------------------------------------------
@@ -2100,6 +2117,7 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
             reduced = h.to(device)
             dist.all_reduce(reduced)
             h.copy_(reduced.cpu())
+    heat = smooth_maps(heat, cfg.smooth)  # before S, so that S, metrics and thresholds see one map
     return heat, torch.cat([image_score(h[None], cfg.image_score) for h in heat])  # image by image: sizes may differ
 
 
@@ -2427,7 +2445,7 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
         log(text)
         rule = (f"K={cfg.K} T={cfg.T} aggregator={cfg.aggregator} w={cfg.weight}" if cfg.score == "mismatch" else
                 f"{cfg.score}: K={cfg.K} t0={cfg.t0}{f' steps={cfg.ode_steps}' * (cfg.score == 'recon')} "
-                f"aggregator={cfg.aggregator}")
+                f"aggregator={cfg.aggregator}") + f" smooth={cfg.smooth:g}" * bool(cfg.smooth)
         log(f"{rule}: {n_images} images in {seconds:.1f} s ({n_images / seconds:.2f} images/s on {device} x{world})")
         if eval_size is not None or cfg.image_score != "paper":
             at = "each image's original size" if eval_size == "original" else f"{eval_size or ckpt['train_config']['image_size']}^2"
@@ -2495,7 +2513,8 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
 # Calibration images draw their paths as images CALIB_IDS + i, so no scored image shares their noise.
 
 CALIB_IDS = 1 << 40
-SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score", "stride")  # shared by both
+SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score", "stride",
+              "smooth")  # shared by both
 OPERATING = ("false_alarm_rate", "detection_rate", "pixel_precision", "pixel_recall")
 
 
@@ -2623,7 +2642,7 @@ def explain_maps(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0,
 
     delta = delta_of(cfg)
     maps = w * delta
-    heat = maps.mean(1)  # Eq. (4), as in mismatch_heat
+    heat = smooth_maps(maps.mean(1), cfg.smooth).to(y.device)  # Eq. (4), as in mismatch_heat; --smooth as score_dataset
     peak = np.unravel_index(int(heat[0].argmax()), heat.shape[1:])
     j = int(maps[0, :, peak[0], peak[1]].argmax())
     x0 = path_noise(cfg.seed, [0], 0, y.shape[1:], y.device)

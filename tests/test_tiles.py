@@ -2,6 +2,7 @@
 original size in the official layouts, tiled training end to end."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -98,6 +99,45 @@ def test_tile_order_and_batch_composition_do_not_change_the_map(model):
 def test_stride_beyond_the_tile_is_refused(model):
     with pytest.raises(fm.UserError, match="--stride"):
         score(model, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), 16, stride=17)
+
+
+def test_smooth_0_is_the_identity_and_smooth_sigma_turns_an_impulse_into_the_gaussian():
+    """--smooth sigma convolves with the normalised Gaussian: a unit impulse keeps its mass 1 and its
+    peak becomes 1 / (2 pi sigma^2) (the sampled kernel's peak differs from it by < 1e-4 at sigma 2)."""
+    heat = torch.zeros(2, 21, 21)
+    heat[:, 10, 10] = 1
+    assert fm.smooth_maps(heat, 0) is heat
+    out = fm.smooth_maps(heat, 2.0)
+    assert out.shape == heat.shape and torch.allclose(out.sum((1, 2)), torch.ones(2), atol=1e-5)
+    assert abs(float(out[0, 10, 10]) - 1 / (2 * math.pi * 4)) < 1e-4
+    assert [m.shape for m in fm.smooth_maps([heat[0], heat[1, :9]], 2.0)] == [(21, 21), (9, 21)]  # sizes may differ
+
+
+def test_smoothing_comes_before_the_image_score(model):
+    """The tiled scorer with --smooth returns the smoothed map, and S (Eq. 4) is computed on it."""
+    images = torch.randint(0, 255, (2, 3, 24, 40), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    raw, s_raw = score(model, images, 16)
+    heat, s = score(model, images, 16, smooth=1.5)
+    assert torch.allclose(heat, fm.smooth_maps(raw, 1.5), rtol=1e-6, atol=1e-7)
+    assert torch.allclose(s, fm.image_score(heat), rtol=1e-6)
+    assert not torch.allclose(s, s_raw, rtol=1e-3)
+
+
+def test_explain_shows_the_smoothed_map_and_score_of_the_scorer(model):
+    images = torch.randint(0, 255, (1, 3, 16, 16), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    cfg = fm.ScoreConfig(K=2, T=2, smooth=1.0)
+    heat, s = fm.score_dataset(model, dataset(images), cfg, torch.zeros(3), torch.ones(3) / 64, "cpu")
+    e = fm.explain_maps(model, fm.normalise(images, torch.zeros(3), torch.ones(3) / 64), None, cfg)
+    assert torch.allclose(e["heat"], heat[0], rtol=1e-5, atol=1e-7) and math.isclose(e["score"], float(s[0]), rel_tol=1e-5)
+
+
+def test_a_calibration_scored_without_smoothing_is_refused_with_it():
+    rule = {f: getattr(fm.ScoreConfig(), f) for f in fm.SCORE_RULE}
+    cal = dict(step=5, scores=list(np.linspace(0, 1, 19)), maxima=list(np.linspace(0, 1, 19)), rule=rule)
+    ckpt = dict(class_names=["c"], step=5, calibration={"c": cal})
+    assert fm.calibration_of(ckpt, "c", fm.ScoreConfig(), "ckpt.pt", 0.1) is cal
+    with pytest.raises(fm.UserError, match="--smooth 0.0"):
+        fm.calibration_of(ckpt, "c", fm.ScoreConfig(smooth=2.0), "ckpt.pt", 0.1)
 
 
 def test_tile_cells_name_the_grid_cell_of_the_tile_centre():
@@ -247,6 +287,19 @@ def test_predict_on_a_tiled_checkpoint_scores_in_tiles(tiled_run):
     assert [m.shape for m in pred.anomaly_map] == [(16, 16)] * len(files)
     assert np.allclose(np.stack(pred.anomaly_map), heat.numpy(), rtol=1e-5, atol=1e-6)
     assert np.allclose(pred.pred_score, scores.numpy(), rtol=1e-5)
+
+
+def test_test_and_predict_give_the_same_smoothed_map(tiled_run):
+    """`test` (score_tests) and `score` / predict (Detector.stream) smooth the same map the same way."""
+    data, path = tiled_run
+    detector = fm.load(path, "cpu")
+    tests = fm.load_test(data / "weave", None, tile=8)
+    cfg = fm.ScoreConfig(K=2, T=2, smooth=1.0)
+    heat, scores = fm.score_tests(detector, tests, cfg)["weave"]
+    pred = detector.predict(tests["weave"].paths, category="weave", K=2, T=2, smooth=1.0)
+    raw = detector.predict(tests["weave"].paths, category="weave", K=2, T=2)
+    assert np.allclose(np.stack(pred.anomaly_map), heat, rtol=1e-5, atol=1e-7)
+    assert np.allclose(pred.pred_score, scores, rtol=1e-5) and not np.allclose(pred.pred_score, raw.pred_score, rtol=1e-3)
 
 
 def test_score_writes_maps_at_each_input_size(trained, tmp_path):
