@@ -2356,9 +2356,9 @@ def write_maps(out: Path, names, heat, sizes, threshold=None) -> None:
     tops = map_tops(names, threshold)
     check_maps(out, tops)
     for top, items in tops.items():
+        (out / top.parent).mkdir(parents=True, exist_ok=True)
         if top.parent != Path("."):
             record(out, [top.parts[0]])
-        (out / top.parent).mkdir(parents=True, exist_ok=True)
         with staged(out / top.parent) as new:
             for i, rel in items:
                 m = upsample(heat[i], sizes[i])
