@@ -1197,7 +1197,7 @@ def check_checkpoint(ckpt: dict, at: str) -> None:
         TrainConfig(**tc)  # the checks between fields
     except UserError as e:
         flag, why = str(e).split(": ", 1)
-        raise UserError(f"{at}: key 'train_config.{flags.get(flag, flag)}': {why}")
+        raise UserError(f"{at}: key 'train_config' field '{flags.get(flag, flag)}': {why}")
     check_model_config(ckpt, at)
     for name, record in ckpt.get("held_out", {}).items():
         paths, hashes = (record.get(k) if isinstance(record, dict) else None for k in ("paths", "sha256"))
@@ -1230,22 +1230,22 @@ def check_model_config(ckpt: dict, at: str) -> None:
     mc, tc = ckpt["model_config"], ckpt["train_config"]
     for key, (lo, hi) in MODEL_SHAPE.items():
         if type(mc[key]) is not int or not lo <= mc[key] <= hi:
-            raise UserError(f"{at}: key 'model_config.{key}': {mc[key]!r} is not an integer from {lo} to {hi}")
+            raise UserError(f"{at}: key 'model_config' field '{key}': {mc[key]!r} is not an integer from {lo} to {hi}")
     for key in ("channel_mult", "attention_ds"):
         v = mc[key]
         if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 8 or not all(type(x) is int and 1 <= x <= 64
                                                                                  for x in v):
-            raise UserError(f"{at}: key 'model_config.{key}': {v!r} is not a list of 1 to 8 integers from 1 to 64")
+            raise UserError(f"{at}: key 'model_config' field '{key}': {v!r} is not a list of 1 to 8 integers from 1 to 64")
     if not isinstance(mc["dropout"], (int, float)) or isinstance(mc["dropout"], bool) or not 0 <= mc["dropout"] < 1:
-        raise UserError(f"{at}: key 'model_config.dropout': {mc['dropout']!r} is not in [0, 1)")
+        raise UserError(f"{at}: key 'model_config' field 'dropout': {mc['dropout']!r} is not in [0, 1)")
     factor, size = 2 ** (len(mc["channel_mult"]) - 1), tc["tile"] or tc["image_size"]
     if size % factor:
-        raise UserError(f"{at}: key 'train_config.{'tile' if tc['tile'] else 'image_size'}': {size} is not a "
+        raise UserError(f"{at}: key 'train_config' field '{'tile' if tc['tile'] else 'image_size'}': {size} is not a "
                         f"multiple of {factor}, the total downsampling of its U-Net")
     n = len(ckpt["class_names"]) if ckpt["conditional"] else 0
     labels = max(1, n) * tc["tile_grid"] ** 2 if tc["tile_grid"] else n
     if mc["num_classes"] != labels:
-        raise UserError(f"{at}: key 'model_config.num_classes': {mc['num_classes']} labels, but its categories, "
+        raise UserError(f"{at}: key 'model_config' field 'num_classes': {mc['num_classes']} labels, but its categories, "
                         f"'conditional' and tile grid need {labels}")
 
 
