@@ -131,6 +131,19 @@ def test_a_non_utf8_name_is_written_as_its_own_bytes_under_any_locale(scored):
     assert (runs["default"][1] / "scores.csv").read_bytes() == (runs["C"][1] / "scores.csv").read_bytes()
 
 
+def test_test_writes_names_that_are_not_ascii_or_utf8_under_the_c_locale(trained, mvtec, tmp_path):
+    data = tmp_path / "weave"
+    shutil.copytree(mvtec / "weave", data)
+    good = data / "test" / "good"
+    os.rename(good / "000.png", good / BAD)
+    os.rename(good / "001.png", good / "caf\u00e9.png")
+    r = run_cli("test", "--ckpt", trained, "--data", data, "--out", tmp_path / "ev", "--device", "cpu", "-K", 1,
+                "-T", 1, "--no-overlays", env={"LC_ALL": "C", "PYTHONUTF8": "0", "LANG": "C"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    written = (tmp_path / "ev" / "weave" / "scores.csv").read_bytes()
+    assert b"/test/good/bad\xff.png," in written and "/test/good/caf\u00e9.png,".encode() in written
+
+
 def test_a_fifo_is_named_and_skipped_unopened(trained, tmp_path):
     folder = tmp_path / "in"
     png(folder / "good.png")
@@ -193,9 +206,12 @@ def test_only_the_readme_hidden_patterns_are_skipped_silently_and_others_are_nam
     (tmp_path / ".ipynb_checkpoints").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     os.symlink(tmp_path / "nowhere.png", tmp_path / "dangling.png")
+    os.symlink("/dev/zero", tmp_path / "zero.png")
     assert [p.name for p in fm.image_files(tmp_path)] == ["__init__.png", "a.png"]
     err = capsys.readouterr().err
-    one_line(err, "skipped 2 entries", "dangling.png", "notes.txt")
+    one_line(err, "skipped 3 entries", "dangling.png", "notes.txt", "zero.png")
+    with pytest.raises(fm.UserError, match="zero.png: not a regular file"):
+        fm.read_image(tmp_path / "zero.png", 16)
 
 
 # Checkpoints: validated as data before use ----------------------------------------------------
