@@ -1235,7 +1235,8 @@ def check_model_config(ckpt: dict, at: str) -> None:
         v = mc[key]
         if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 8 or not all(type(x) is int and 1 <= x <= 64
                                                                                  for x in v):
-            raise UserError(f"{at}: key 'model_config' field '{key}': {v!r} is not a list of 1 to 8 integers from 1 to 64")
+            raise UserError(f"{at}: key 'model_config' field '{key}': {v!r} is not a list of 1 to 8 integers "
+                            f"from 1 to 64")
     if not isinstance(mc["dropout"], (int, float)) or isinstance(mc["dropout"], bool) or not 0 <= mc["dropout"] < 1:
         raise UserError(f"{at}: key 'model_config' field 'dropout': {mc['dropout']!r} is not in [0, 1)")
     factor, size = 2 ** (len(mc["channel_mult"]) - 1), tc["tile"] or tc["image_size"]
@@ -1245,8 +1246,8 @@ def check_model_config(ckpt: dict, at: str) -> None:
     n = len(ckpt["class_names"]) if ckpt["conditional"] else 0
     labels = max(1, n) * tc["tile_grid"] ** 2 if tc["tile_grid"] else n
     if mc["num_classes"] != labels:
-        raise UserError(f"{at}: key 'model_config' field 'num_classes': {mc['num_classes']} labels, but its categories, "
-                        f"'conditional' and tile grid need {labels}")
+        raise UserError(f"{at}: key 'model_config' field 'num_classes': {mc['num_classes']} labels, but its "
+                        f"categories, 'conditional' and tile grid need {labels}")
 
 
 def model_from_checkpoint(ckpt: dict, path="") -> UNet:
@@ -1519,7 +1520,8 @@ def image_files(folder: Path) -> list:
         if not hidden(p):
             (files if p.suffix.lower() in IMAGE_EXTS and p.is_file() else other).append(p)
     if other:
-        names = ", ".join(p.name + "/" * p.is_dir() for p in other[:5]) + f" and {len(other) - 5} more" * (len(other) > 5)
+        names = ", ".join(p.name + "/" * p.is_dir() for p in other[:5])
+        names += f" and {len(other) - 5} more" * (len(other) > 5)
         note(f"warning: {folder}: skipped {len(other)} entr{'ies' if len(other) > 1 else 'y'} that "
              f"{'are' if len(other) > 1 else 'is'} not an image file: {names}")
     return files
@@ -2394,7 +2396,8 @@ def check_calibration(record, at: str) -> None:
         v, kind = record.get(key), str if key in ("paths", "sha256") else (int, float)
         if not isinstance(v, list) or not v or len(v) != n or not all(
                 isinstance(x, kind) and not isinstance(x, bool) and (kind is str or math.isfinite(x)) for x in v):
-            raise UserError(f"{at}.{key}' is not a list of {n or 'some'} {'names' if kind is str else 'finite numbers'}")
+            raise UserError(f"{at}.{key}' is not a list of {n or 'some'} "
+                            f"{'names' if kind is str else 'finite numbers'}")
     rule, score_fields = record.get("rule", {}), {f.name: f for f in fields(ScoreConfig)}
     if not isinstance(rule, dict) or not set(rule) <= set(SCORE_RULE):
         raise UserError(f"{at}.rule' is not a mapping of {', '.join(SCORE_RULE)}")
@@ -2871,7 +2874,8 @@ def compare(results: dict, dataset: str) -> str:
         diff = [None if o is None else o - p for o, p in zip(ours, paper)]
         ours_label = (name == MEAN and mean_coverage(results, dataset)) or "ours"
         for label, values in ((ours_label, ours), ("paper", paper), ("ours - paper", diff)):
-            rows.append(["mean" if name == MEAN else name, label, *("n/a" if v is None else f"{v:.1f}" for v in values)])
+            rows.append(["mean" if name == MEAN else name, label,
+                         *("n/a" if v is None else f"{v:.1f}" for v in values)])
     return table(["category", "", *METRICS], rows)
 
 

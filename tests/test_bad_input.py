@@ -76,8 +76,8 @@ def scored(trained, tmp_path_factory):
     runs = {}
     for locale, extra in (("default", {}), ("C", {"LC_ALL": "C", "PYTHONUTF8": "0", "LANG": "C"})):
         out = tmp / f"out_{locale}"
-        r = score_in(folder, "--ckpt", trained, "--out", out, "--category", "weave", "--device", "cpu", "-K", 1, "-T", 1,
-                     env={**env, **extra})
+        r = score_in(folder, "--ckpt", trained, "--out", out, "--category", "weave", "--device", "cpu",
+                     "-K", 1, "-T", 1, env={**env, **extra})
         runs[locale] = (r, out)
     return runs, record, folder
 
@@ -379,7 +379,8 @@ def test_a_damaged_train_log_is_rebuilt_with_one_warning_on_resume(trained, mvte
 
 
 def test_loss_png_is_drawn_from_a_damaged_log_with_one_warning(tmp_path, capsys):
-    (tmp_path / "train_log.csv").write_text("step,loss,lr,images_per_s,wall_s\n1,0.5,1e-3,1,1\n2,x,1,1,1\n3,0.4,1e-3,1,2\n")
+    (tmp_path / "train_log.csv").write_text("step,loss,lr,images_per_s,wall_s\n"
+                                            "1,0.5,1e-3,1,1\n2,x,1,1,1\n3,0.4,1e-3,1,2\n")
     fm.plot_loss(tmp_path)
     assert (tmp_path / "loss.png").stat().st_size > 0
     one_line(capsys.readouterr().err, "train_log.csv", "1 damaged line(s) dropped", "2 rows")
