@@ -53,8 +53,10 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 import types
+import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -931,6 +933,7 @@ def train_loop(run: dict, stop: list, log) -> None:
         wall = time.time() - t_start
         run["rows"].writerow([step, f"{loss:.6g}", run["opt"].param_groups[0]["lr"],
                               f"{(step - step0) * cfg.batch_size * world / wall:.2f}", f"{wall:.2f}"])
+        run["log"].flush()  # a row is readable (tail -f, a live plot) as soon as its step is done
         signum = stop[-1] if stop else 0
         if world > 1:  # every rank stops at the same step
             flag = torch.tensor([signum], device=device)
@@ -1043,10 +1046,9 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
         record(out, names + ["ckpt.pt"])
         rows = []
         if resume and path.is_file():
-            with open(path, newline="") as f:
-                rows = [r for r in list(csv.reader(f))[1:] if int(r[0]) <= step]
+            rows = [r for r in log_rows(path) if int(r[0]) <= step]
         with atomic_write(path, newline="") as f:
-            csv.writer(f).writerows([["step", "loss", "lr", "images_per_s", "wall_s"]] + rows)
+            csv.writer(f).writerows([LOG_HEAD] + rows)
     log_file = open(path if rank == 0 else os.devnull, "a", newline="")
     writer = csv.writer(log_file)
     return dict(cfg=replace(cfg, steps=total), data=data, held=held, conditional=conditional, model=model, opt=opt,
@@ -1137,14 +1139,36 @@ def calibrate_held_out(run: dict) -> None:
     save_run(run, run["out"] / "ckpt.pt")
 
 
+LOG_HEAD = ["step", "loss", "lr", "images_per_s", "wall_s"]  # the columns of train_log.csv
+
+
+def log_rows(path: Path) -> list:
+    """The rows of a train_log.csv that read as meant: five cells, a step >= 1 and four finite numbers.
+    Any other line (a damaged or edited file, bytes that are not text) is dropped, with one warning."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+
+    def row(line):  # the row a line holds if it reads as a step, else None
+        try:
+            r = next(csv.reader([line]))
+            return r if len(r) == 5 and int(r[0]) >= 1 and all(math.isfinite(float(x)) for x in r[1:]) else None
+        except (csv.Error, ValueError, StopIteration):
+            return None
+
+    rows = [r for r in map(row, lines[1:]) if r is not None]
+    if len(rows) + 1 < len(lines) or (lines and lines[0] != ",".join(LOG_HEAD)):
+        note(f"warning: {path}: {len(lines) - 1 - len(rows)} damaged line(s) dropped; the log keeps the "
+             f"{len(rows)} rows that read as steps")
+    return rows
+
+
 def plot_loss(out: Path) -> None:
     """out/loss.png: the loss of out/train_log.csv against the step."""
     from matplotlib.figure import Figure
 
-    with open(out / "train_log.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = log_rows(out / "train_log.csv")
     ax = (fig := Figure(figsize=(6, 3.5), layout="constrained")).subplots()
-    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.8)
+    ax.plot([int(r[0]) for r in rows], [float(r[1]) for r in rows], lw=0.8)
     ax.set(xlabel="step", ylabel="CFM loss (Eq. 1)", yscale="log", title=out.name)
     with atomic_write(out / "loss.png", "wb") as f:
         fig.savefig(f, format="png", dpi=80)
@@ -1222,7 +1246,7 @@ def atomic_write(path, mode="w", **kw):
 
 
 def write_text(path, text: str) -> None:
-    with atomic_write(path) as f:
+    with atomic_write(path, encoding="utf-8", errors="surrogateescape") as f:  # any locale, any name
         f.write(text)
 
 
@@ -1491,15 +1515,25 @@ CKPT_OPTIONAL = {"optimizer": dict, "data": (str, type(None)), "trained_on": lis
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint without executing anything in it; every key we rely on is checked."""
+    """Read a checkpoint without executing anything in it, and check it as data before it is used:
+    the archive's CRCs, every key we rely on, every tensor and number finite, each stored config
+    value as its flag is checked, the calibration records. Anything wrong is one line naming the
+    file and the key."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--ckpt: no checkpoint at {path}")
     try:
+        if zipfile.is_zipfile(path):  # torch.load does not verify the archive's CRCs
+            with zipfile.ZipFile(path) as z:
+                damaged = z.testzip()
+            if damaged is not None:
+                raise UserError(f"--ckpt: {path} is damaged: its part {damaged} fails the archive's CRC check")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(f"--ckpt: {path} refused: it holds objects other than tensors and plain data "
                         f"(loading it could run code)")
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"--ckpt: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:80]})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
@@ -1517,14 +1551,84 @@ def load_checkpoint(path) -> dict:
         if set(ckpt[key]) != names:
             wrong = sorted(set(ckpt[key]) ^ names)
             raise UserError(f"--ckpt: {path}: '{key}' has other fields than ours ({', '.join(wrong[:4])})")
+    check_checkpoint(ckpt, f"--ckpt: {path}")
+    return ckpt
+
+
+def check_checkpoint(ckpt: dict, at: str) -> None:
+    """The values of a checkpoint whose keys load_checkpoint checked; at: the error's prefix."""
+    for key, value in tensors_and_numbers(ckpt):
+        if not (torch.isfinite(value).all() if torch.is_tensor(value) else math.isfinite(value)):
+            raise UserError(f"{at}: key '{key}' holds non-finite values (NaN or infinity)")
+    if not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        raise UserError(f"{at}: 'model' holds something other than tensors")
     if len(ckpt["mean"]) != 3 or len(ckpt["std"]) != 3 or not all(
             isinstance(x, float) for x in ckpt["mean"] + ckpt["std"]) or min(ckpt["std"]) <= 0:
-        raise UserError(f"--ckpt: {path}: 'mean' and 'std' must be three floats each (std > 0)")
-    if not ckpt["class_names"] or not all(isinstance(c, str) for c in ckpt["class_names"]):
-        raise UserError(f"--ckpt: {path}: 'class_names' must be a non-empty list of names")
-    if not all(torch.is_tensor(v) for v in ckpt["model"].values()):
-        raise UserError(f"--ckpt: {path}: 'model' holds something other than tensors")
-    return ckpt
+        raise UserError(f"{at}: 'mean' and 'std' must be three finite floats each (std > 0)")
+    names = ckpt["class_names"]
+    if not names or not all(isinstance(c, str) and c for c in names) or len(set(names)) < len(names):
+        raise UserError(f"{at}: 'class_names' must be a non-empty list of distinct names")
+    if ckpt["step"] < 0 or not all(isinstance(h, str) for h in ckpt.get("trained_on", [])):
+        raise UserError(f"{at}: key '{'step' if ckpt['step'] < 0 else 'trained_on'}' holds an impossible value")
+    tc = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()}
+    flags = {flag_of(f): f.name for f in fields(TrainConfig)}
+    try:
+        for f in fields(TrainConfig):
+            check_knob(f, tc[f.name], f"--{f.name.replace('_', '-')}")
+        TrainConfig(**tc)  # the checks between fields
+    except UserError as e:
+        flag, why = str(e).split(": ", 1)
+        raise UserError(f"{at}: key 'train_config' field '{flags.get(flag, flag)}': {why}")
+    check_model_config(ckpt, at)
+    for name, record in ckpt.get("held_out", {}).items():
+        paths, hashes = (record.get(k) if isinstance(record, dict) else None for k in ("paths", "sha256"))
+        if not (isinstance(paths, list) and isinstance(hashes, list) and len(paths) == len(hashes) and
+                all(isinstance(x, str) for x in paths + hashes)):
+            raise UserError(f"{at}: key 'held_out.{name}' is not a record of paths and their sha256")
+    for name, record in ckpt.get("calibration", {}).items():
+        check_calibration(record, f"{at}: key 'calibration.{name}")
+
+
+def tensors_and_numbers(value, key=""):
+    """(dotted key, value) of every tensor of a floating type and every float within value."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from tensors_and_numbers(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from tensors_and_numbers(v, f"{key}[{i}]")
+    elif (torch.is_tensor(value) and value.is_floating_point()) or isinstance(value, float):
+        yield key, value
+
+
+MODEL_SHAPE = dict(base_channels=(1, 4096), num_res_blocks=(1, 64), head_channels=(1, 4096), norm_groups=(1, 4096),
+                   in_channels=(3, 3), num_classes=(0, 2**20))  # ranges a stored U-Net's int fields must keep
+
+
+def check_model_config(ckpt: dict, at: str) -> None:
+    """model_config describes a U-Net of ours for 3-channel images of the stored size, with one label
+    per category (times the tile grid's cells) if conditional."""
+    mc, tc = ckpt["model_config"], ckpt["train_config"]
+    for key, (lo, hi) in MODEL_SHAPE.items():
+        if type(mc[key]) is not int or not lo <= mc[key] <= hi:
+            raise UserError(f"{at}: key 'model_config' field '{key}': {mc[key]!r} is not an integer from {lo} to {hi}")
+    for key in ("channel_mult", "attention_ds"):
+        v = mc[key]
+        if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 8 or not all(type(x) is int and 1 <= x <= 64
+                                                                                 for x in v):
+            raise UserError(f"{at}: key 'model_config' field '{key}': {v!r} is not a list of 1 to 8 integers "
+                            f"from 1 to 64")
+    if not isinstance(mc["dropout"], (int, float)) or isinstance(mc["dropout"], bool) or not 0 <= mc["dropout"] < 1:
+        raise UserError(f"{at}: key 'model_config' field 'dropout': {mc['dropout']!r} is not in [0, 1)")
+    factor, size = 2 ** (len(mc["channel_mult"]) - 1), tc["tile"] or tc["image_size"]
+    if size % factor:
+        raise UserError(f"{at}: key 'train_config' field '{'tile' if tc['tile'] else 'image_size'}': {size} is not a "
+                        f"multiple of {factor}, the total downsampling of its U-Net")
+    n = len(ckpt["class_names"]) if ckpt["conditional"] else 0
+    labels = max(1, n) * tc["tile_grid"] ** 2 if tc["tile_grid"] else n
+    if mc["num_classes"] != labels:
+        raise UserError(f"{at}: key 'model_config' field 'num_classes': {mc['num_classes']} labels, but its "
+                        f"categories, 'conditional' and tile grid need {labels}")
 
 
 def model_from_checkpoint(ckpt: dict, path="") -> UNet:
@@ -1579,6 +1683,7 @@ def inference_model(model: UNet, device, compile=False, channels_last=None):
 # Metrics: the seven numbers of Table 1, defined as in the MVTec-AD evaluation.
 
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+MEAN = "mean/"  # the key of the mean over categories: no folder, so no category, can be named so
 
 
 def f1_max(labels, scores) -> float:
@@ -1665,6 +1770,9 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks, heat) -> dict
 #   a folder of one's own: train/good and labelled test folders, no ground_truth (no pixel metrics)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # the only decoders Pillow may use, whatever a file's extension
+MAX_PIXELS = 64 * 10**6  # the pixel budget: 64 megapixels (192 MB as 8-bit RGB); --max-pixels raises it
+OPENING = threading.Lock()  # held while Pillow reads a header with its own size check set aside
 NORMAL = ("good", "ok")  # the normal folders' names (BTAD: ok)
 
 
@@ -1710,12 +1818,25 @@ class Category:
 
 
 def hidden(p: Path) -> bool:
-    """Dot-files, __MACOSX and the like: never data."""
-    return p.name.startswith((".", "__"))
+    """The hidden entries the README lists, never data: dot-files (._* AppleDouble files and
+    .ipynb_checkpoints among them) and __MACOSX."""
+    return p.name.startswith(".") or p.name == "__MACOSX"
 
 
 def image_files(folder: Path) -> list:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not hidden(p))
+    """The image files of a folder: regular files (or links to one) with an image extension. Hidden
+    entries are ignored; any other entry (a sub-folder, another file, a FIFO, socket or device) is
+    named in one warning and skipped unopened."""
+    files, other = [], []
+    for p in sorted(folder.iterdir()):
+        if not hidden(p):
+            (files if p.suffix.lower() in IMAGE_EXTS and p.is_file() else other).append(p)
+    if other:
+        names = ", ".join(p.name + "/" * p.is_dir() for p in other[:5])
+        names += f" and {len(other) - 5} more" * (len(other) > 5)
+        note(f"warning: {folder}: skipped {len(other)} entr{'ies' if len(other) > 1 else 'y'} that "
+             f"{'are' if len(other) > 1 else 'is'} not an image file: {names}")
+    return files
 
 
 def subfolders(folder: Path) -> list:
@@ -1733,7 +1854,7 @@ def read_image(path, size, mode="RGB", scale=1.0):
     from PIL import Image
 
     try:
-        with Image.open(path) if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path) as im:
+        with open_image(path) if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path) as im:
             im.load()
             original = im.size
             if mode == "mask":
@@ -1758,8 +1879,34 @@ def read_image(path, size, mode="RGB", scale=1.0):
             if to != im.size:
                 im = im.resize(to, Image.BILINEAR if mode == "RGB" else Image.NEAREST)
             return np.asarray(im), original
-    except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, DecompressionBombError...)
+    except UserError:
+        raise
+    except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, ...)
         raise UserError(f"{path}: unreadable or corrupt image ({str(e)[:80]})")
+
+
+def open_image(path):
+    """A regular file opened as one of IMAGE_FORMATS, by its content, and only if the size it declares
+    keeps the pixel budget MAX_PIXELS: checked before anything is decoded. No other decoder (nor
+    the external program one would call) is ever reached. Pillow's own decompression-bomb check
+    is replaced by ours (its global is set aside under a lock while a header is read)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():  # a FIFO or device is never opened (opening a FIFO waits for a writer)
+        raise UserError(f"{path}: not a regular file (a folder, FIFO, socket or device)")
+    with OPENING:
+        pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(path, formats=IMAGE_FORMATS)
+        except UnidentifiedImageError:
+            raise UserError(f"{path}: not a supported image (PNG, JPEG, BMP or TIFF by its content)")
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
+    if im.width * im.height > MAX_PIXELS:
+        im.close()
+        raise UserError(f"{path}: declares {im.width}x{im.height} = {im.width * im.height / 1e6:.1f} megapixels, "
+                        f"over the pixel budget of {MAX_PIXELS / 1e6:g} megapixels (raise it with --max-pixels)")
+    return im
 
 
 def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -1835,12 +1982,23 @@ def visa_categories(root: Path, only=None) -> list:
     table = root / "split_csv" / "1cls.csv"
     if not table.is_file():
         return []
-    with open(table, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"object", "split", "label", "image", "mask"} <= set(rows[0]):
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, row) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{table}: not a UTF-8 CSV table ({type(e).__name__}: {str(e)[:60]})")
+    columns = ("object", "split", "label", "image", "mask")
+    if rows and not set(columns) <= set(reader.fieldnames):
         raise UserError(f"{table}: expected the columns object,split,label,image,mask")
     cats = {}
-    for row in rows:
+    for line, row in rows:
+        if None in row or any(row[k] is None for k in columns) or not row["image"]:  # a long or short row
+            raise UserError(f"{table}: line {line} does not hold the {len(reader.fieldnames)} cells of its header "
+                            f"(an image path among them)")
+        if row["split"] not in ("train", "test") or row["label"] not in ("normal", "anomaly"):
+            raise UserError(f"{table}: line {line}: split {row['split']!r} or label {row['label']!r} is not "
+                            f"train/test, normal/anomaly")
         if only is not None and row["object"] != only:
             continue
         if row["object"] in ("", ".", "..") or Path(row["object"]).name != row["object"]:
@@ -2204,18 +2362,31 @@ def table(head, rows, html=False) -> str:
     return "<table>" + "".join("<tr>" + "".join(cells) + "</tr>" for cells in lines) + "</table>"
 
 
+def csv_cell(cell):
+    """A text cell a spreadsheet shows and never runs: one beginning with = + - @, a tab, a carriage
+    return or ' gets one ' in front (a reader drops one leading ' to get it back). Numbers stay numbers."""
+    return "'" + cell if isinstance(cell, str) and cell[:1] in ("=", "+", "-", "@", "\t", "\r", "'") else cell
+
+
+def write_csv(path: Path, rows) -> None:
+    """rows as a CSV file, atomically: text cells by csv_cell, in UTF-8 under any locale, a file name
+    that is not valid UTF-8 as its own bytes (surrogateescape), so every path is written losslessly."""
+    with atomic_write(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        csv.writer(f).writerows([csv_cell(c) for c in row] for row in rows)
+
+
 def format_table(results: dict, html=False) -> str:
     """Percent, n/a where a metric could not be computed. A mean over k < n categories says so:
     `mean (k/n)` when every metric has the same k, else each such cell."""
     n = len(results) - 1
-    counts = [sum(m[k] is not None for name, m in results.items() if name != "mean") for k in METRICS]
+    counts = [sum(m[k] is not None for name, m in results.items() if name != MEAN) for k in METRICS]
     rows = []
     for name, m in results.items():
         cells = [percent(m[k]) for k in METRICS]
-        if name == "mean" and len(set(counts)) == 1 and 0 < counts[0] < n:
+        if name == MEAN and len(set(counts)) == 1 and 0 < counts[0] < n:
             name = f"mean ({counts[0]}/{n})"
-        elif name == "mean":
-            cells = [f"{c} ({k}/{n})" if 0 < k < n else c for c, k in zip(cells, counts)]
+        elif name == MEAN:
+            name, cells = "mean", [f"{c} ({k}/{n})" if 0 < k < n else c for c, k in zip(cells, counts)]
         rows.append([name, *cells])
     return table(["category", *METRICS], rows, html)
 
@@ -2389,8 +2560,8 @@ def metrics_of(tests: dict, scored: dict, eval_size=None, cals=None, alarm_rate=
             masks, heat = at_eval_size(data, heat, eval_size)
         results[name] = {**compute_metrics(data.anomalous, scores, masks, heat), **point}
     values = {k: [r[k] for r in results.values() if r[k] is not None] for k in METRICS + OPERATING * bool(alarm_rate)}
-    results["mean"] = {k: float(np.mean(v)) if v else None for k, v in values.items()}
-    results["mean"]["categories"] = {k: len(v) for k, v in values.items()}  # how many each mean is over
+    results[MEAN] = {k: float(np.mean(v)) if v else None for k, v in values.items()}
+    results[MEAN]["categories"] = {k: len(v) for k, v in values.items()}  # how many each mean is over
     return results
 
 
@@ -2427,9 +2598,8 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
             for name, (heat, scores) in scored.items():
                 data, folder = tests[name], new / name
                 folder.mkdir()
-                with atomic_write(folder / "scores.csv", newline="") as f:
-                    csv.writer(f).writerows([("path", "label", "score"),
-                                             *zip(data.paths, data.anomalous.tolist(), scores.tolist())])
+                write_csv(folder / "scores.csv", [("path", "label", "score"),
+                                                  *zip(data.paths, data.anomalous.tolist(), scores.tolist())])
                 with atomic_write(folder / "heatmaps.npz", "wb") as f:
                     np.savez_compressed(f, paths=np.array(data.paths), labels=data.anomalous.astype(np.uint8),
                                         scores=scores.astype(np.float32), heat=heat, masks=data.masks)
@@ -2481,13 +2651,13 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
                     setting = {"ckpt": str(path)} if len(ckpt_paths) > 1 else {}
                     setting.update({f: getattr(cfg, f) for f in grid})
                     rows.append(dict(setting=setting, images_per_s=fps, results=metrics_of(tests[size], scored, eval_size)))
-                    note(f"{setting}: image AUROC {percent(rows[-1]['results']['mean']['image_auroc'])}, "
+                    note(f"{setting}: image AUROC {percent(rows[-1]['results'][MEAN]['image_auroc'])}, "
                          f"{fps:.2f} images/s")
         if rank != 0:
             return []
         keys = list(rows[0]["setting"])
         md = table(keys + list(METRICS) + ["images/s"], [[r["setting"][k] for k in keys] + [
-            percent(r["results"]["mean"][k]) for k in METRICS] + [f"{r['images_per_s']:.2f}"] for r in rows])
+            percent(r["results"][MEAN][k]) for k in METRICS] + [f"{r['images_per_s']:.2f}"] for r in rows])
         with staged(out) as new:
             write_text(new / "sweep.md", md + "\n")
             write_text(new / "sweep.json", json.dumps(dict(base=asdict(base), device=str(device), rows=rows), indent=2,
@@ -2544,6 +2714,31 @@ def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labe
     heat, scores = score_dataset(model, data, cfg, mean, std, device, label, first_id=CALIB_IDS, tile=tile, grid=grid)
     return dict(scores=scores.tolist(), maxima=[float(h.max()) for h in heat], paths=list(data.paths),
                 sha256=image_hashes(data.images), rule={f: getattr(cfg, f) for f in SCORE_RULE}, step=step)
+
+
+def check_calibration(record, at: str) -> None:
+    """A stored calibration as calibrate_on writes it: scores and maxima, lists of the same length of
+    finite numbers; paths and sha256, strings, one per score; a rule of SCORE_RULE fields, each a value
+    its flag takes; the step an integer. at: the error's prefix, up to the key's opening quote."""
+    if not isinstance(record, dict):
+        raise UserError(f"{at}' holds a {type(record).__name__}, not a calibration record")
+    n = len(record.get("scores") or ())
+    for key in ("scores", "maxima", "paths", "sha256"):
+        v, kind = record.get(key), str if key in ("paths", "sha256") else (int, float)
+        if not isinstance(v, list) or not v or len(v) != n or not all(
+                isinstance(x, kind) and not isinstance(x, bool) and (kind is str or math.isfinite(x)) for x in v):
+            raise UserError(f"{at}.{key}' is not a list of {n or 'some'} "
+                            f"{'names' if kind is str else 'finite numbers'}")
+    rule, score_fields = record.get("rule", {}), {f.name: f for f in fields(ScoreConfig)}
+    if not isinstance(rule, dict) or not set(rule) <= set(SCORE_RULE):
+        raise UserError(f"{at}.rule' is not a mapping of {', '.join(SCORE_RULE)}")
+    for key, value in rule.items():
+        try:
+            check_knob(score_fields[key], value, "-")
+        except UserError as e:
+            raise UserError(f"{at}.rule.{key}':{str(e).split(':', 1)[1]}")
+    if type(record.get("step")) is not int:
+        raise UserError(f"{at}.step' is not an integer")
 
 
 def bound_images(record: dict, size, scale=1.0, known=None) -> torch.Tensor:
@@ -3026,7 +3221,7 @@ def peak_memory(device) -> int:
 
 PAPER = {
     "mvtec": {
-        "mean": (98.7, 99.5, 97.7, 97.7, 67.5, 64.8, 91.9),
+        MEAN: (98.7, 99.5, 97.7, 97.7, 67.5, 64.8, 91.9),
         "bottle": (99.1, 99.7, 97.6, 97.8, 76.8, 69.9, 93.0),
         "cable": (93.2, 96.6, 90.8, 95.1, 51.8, 51.3, 82.1),
         "capsule": (97.4, 99.5, 96.4, 97.9, 48.5, 51.5, 94.0),
@@ -3043,12 +3238,12 @@ PAPER = {
         "wood": (99.3, 99.8, 98.4, 95.7, 70.9, 65.4, 91.4),
         "zipper": (99.9, 100.0, 99.6, 99.1, 79.3, 74.2, 96.8),
     },
-    "visa": {"mean": (98.0, 98.4, 95.2, 97.5, 40.2, 45.8, 90.6)},
+    "visa": {MEAN: (98.0, 98.4, 95.2, 97.5, 40.2, 45.8, 90.6)},
 }
 
 
 PAPER_CATEGORIES = {  # what the paper's mean rows average over
-    "mvtec": tuple(name for name in PAPER["mvtec"] if name != "mean"),
+    "mvtec": tuple(name for name in PAPER["mvtec"] if name != MEAN),
     "visa": ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
              "pcb4", "pipe_fryum"),
 }
@@ -3059,7 +3254,7 @@ def mean_coverage(results: dict, dataset: str):
     label that says over what: `ours (k/n)`, k the fewest of the paper's n categories a metric has,
     `+m other` for categories not in the paper's mean."""
     paper = set(PAPER_CATEGORIES[dataset])
-    have = [{name for name, m in results.items() if name != "mean" and m[k] is not None} for k in METRICS]
+    have = [{name for name, m in results.items() if name != MEAN and m[k] is not None} for k in METRICS]
     if all(h == paper for h in have):
         return None
     k, other = min(len(h & paper) for h in have), len(set().union(*have) - paper)
@@ -3074,9 +3269,10 @@ def compare(results: dict, dataset: str) -> str:
         paper, ours = PAPER[dataset][name], [results[name][k] for k in METRICS]
         ours = [None if v is None else 100 * v for v in ours]
         diff = [None if o is None else o - p for o, p in zip(ours, paper)]
-        ours_label = (name == "mean" and mean_coverage(results, dataset)) or "ours"
+        ours_label = (name == MEAN and mean_coverage(results, dataset)) or "ours"
         for label, values in ((ours_label, ours), ("paper", paper), ("ours - paper", diff)):
-            rows.append([name, label, *("n/a" if v is None else f"{v:.1f}" for v in values)])
+            rows.append(["mean" if name == MEAN else name, label,
+                         *("n/a" if v is None else f"{v:.1f}" for v in values)])
     return table(["category", "", *METRICS], rows)
 
 
@@ -3111,7 +3307,11 @@ def image_inputs(images, listed=False):
             raise UserError(f"{target}: holds no images")
         yield from ((f, str(f)) for f in files)
     elif isinstance(images, Image.Image):
+        if 0 in images.size:
+            raise UserError(f"images: a PIL image of size {images.size} holds no pixels")
         yield images, None
+    elif isinstance(images, (torch.Tensor, np.ndarray)) and 0 in images.shape:
+        raise UserError(f"images: {type(images).__name__} of shape {tuple(images.shape)} holds no pixels")
     elif isinstance(images, torch.Tensor):
         if images.is_floating_point() and images.dim() in (3, 4) and images.shape[-3] == 3 and (
                 0 <= images.min() and images.max() <= 1):
@@ -3165,6 +3365,8 @@ class Detector:
         scored, so memory does not grow with the number of images; data: the chunk at the model's
         size, heat: its maps there, as score_dataset returns them. With skip, an unreadable file is
         named and left out. Image i draws its paths as image i of the readable ones, as `score` does."""
+        if type(chunk) is not int or chunk < 1:
+            raise UserError(f"chunk: images scored at a time must be a positive integer, got {chunk!r}")
         cfg = ScoreConfig(**overrides)
         label = category_label(self.ckpt, category)
         cal = None if alarm_rate is None else calibration_of(self.ckpt, category, cfg, self.path, alarm_rate)
@@ -3236,8 +3438,7 @@ def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, al
             if not rows:
                 raise UserError(f"{images}: no readable image")
             table = [[str(p), *rows.get(str(p), [""] * (1 + 2 * bool(alarm_rate)))] for p in files]
-            with atomic_write(new / "scores.csv", newline="") as f:
-                csv.writer(f).writerows([["path", "score"] + ["p_value", "anomalous"] * bool(alarm_rate)] + table)
+            write_csv(new / "scores.csv", [["path", "score"] + ["p_value", "anomalous"] * bool(alarm_rate)] + table)
         for path, s, *_ in (r for r in table if r[1] != ""):
             log(f"{s:.6g}\t{path}")
         if alarm_rate:
@@ -3346,8 +3547,24 @@ def knob_flags(p, cls, names=None, shown=None, helps=None):
         p.add_argument(flag_of(f), dest=f.name, default=argparse.SUPPRESS, help=about, **kind)
 
 
+def pixel_budget(p):
+    p.add_argument("--max-pixels", type=max_pixels, metavar="N", help=f"refuse an image file declaring more than N "
+                   f"pixels before decoding it (default {MAX_PIXELS:,}; Python: fm.MAX_PIXELS = N)")
+
+
+def max_pixels(text) -> int:
+    try:
+        n = float(text)
+    except ValueError:
+        n = None
+    if n is None or not math.isfinite(n) or n != int(n) or not 1 <= n <= 2**40:
+        raise UserError(f"--max-pixels: {text!r} is not a whole number of pixels from 1 to 2^40")
+    return int(n)
+
+
 def scoring(p):
     knob_flags(p, ScoreConfig)
+    pixel_budget(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net at one fixed batch (a CPU's first compile takes minutes; BENCHMARKS.md)")
 
@@ -3418,8 +3635,8 @@ def cmd_demo(args):
             train(data, cfg, new / "run", args.device)
         record(out, ["eval"])
         results = evaluate(out / "run" / "ckpt.pt", data, out / "eval", ScoreConfig(), args.device)
-    print(f"demo: image AUROC {percent(results['mean']['image_auroc'])}, pixel AUROC "
-          f"{percent(results['mean']['pixel_auroc'])}; heatmaps under {out / 'eval'}")
+    print(f"demo: image AUROC {percent(results[MEAN]['image_auroc'])}, pixel AUROC "
+          f"{percent(results[MEAN]['pixel_auroc'])}; heatmaps under {out / 'eval'}")
 
 
 def cmd_explain(args):
@@ -3433,16 +3650,22 @@ def cmd_compare(args):
     path = Path(args.metrics)
     check_out_dir(path.parent, args.metrics)
     try:
-        results = json.loads(path.read_text())
+        results = json.loads(path.read_bytes())  # NaN and Infinity parse; they are refused below
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable metrics.json ({type(e).__name__})")
     if not isinstance(results, dict) or not all(isinstance(r, dict) and set(METRICS) <= set(r)
                                                 for r in results.values()):
         raise UserError(f"{path}: not a metrics.json written by `test`")
+    for name, r in results.items():
+        for k in METRICS:
+            v = r[k]
+            if v is not None and (type(v) not in (int, float) or not 0 <= v <= 1):
+                raise UserError(f"{path}: key '{name}.{k}' holds {json.dumps(v)[:40]}, not a number in [0, 1] "
+                                f"or null")
     if not set(PAPER[args.dataset]) & set(results):
         raise UserError(f"{path}: no category in common with the paper's {args.dataset} rows")
     table = compare(results, args.dataset)
-    partial = "mean" in results and mean_coverage(results, args.dataset)
+    partial = MEAN in results and mean_coverage(results, args.dataset)
     if partial:
         note(f"our mean is not over the paper's {len(PAPER_CATEGORIES[args.dataset])} {args.dataset} categories "
              f"({partial}); the mean rows are not like for like")
@@ -3485,6 +3708,7 @@ def build_parser() -> Parser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     knob_flags(p, TrainConfig, shown={k: f"{getattr(TrainConfig, k)}; CPU presets: {v}"
                                       for k, v in CPU_RECIPES["tiny"].items()})
+    pixel_budget(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (BENCHMARKS.md: when it pays)")
 
     p = command("test", cmd_test, "score the test split and print the seven metrics",
@@ -3543,7 +3767,8 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="FIG.png (or .pdf, .svg); also writes FIG.json and FIG.npz")
     p.add_argument("--mask", help="its ground-truth mask, drawn as a contour")
     p.add_argument("--category", help="category label for a class-conditional model")
-    knob_flags(p, ScoreConfig, [f.name for f in fields(MethodConfig)] + ["max_batch", "precision", "stride"])
+    knob_flags(p, ScoreConfig, [f.name for f in fields(MethodConfig)] + ["max_batch", "precision", "stride", "smooth"])
+    pixel_budget(p)
 
     p = command("compare", cmd_compare, "our metrics.json beside the paper's Tables 1, 4 and 5", device=False)
     p.add_argument("metrics", help="EVAL_DIR/metrics.json written by `test`; writes EVAL_DIR/compare_DATASET.md")
@@ -3563,9 +3788,16 @@ def terminated(signum, frame):
 
 
 def main(argv=None) -> int:
-    """Runs a command; returns its exit status (SKIPPED and the others above the Parser; a command's None: 0)."""
+    """Runs a command; returns its exit status (SKIPPED and the others above the Parser; a command's None: 0).
+    What it prints never fails on a name the terminal's encoding cannot show (backslash escapes)."""
+    global MAX_PIXELS
+    budget = MAX_PIXELS
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(argv)
+        MAX_PIXELS = getattr(args, "max_pixels", None) or budget
         return args.func(args) or 0
     except UserError as e:
         note(f"error: {e.cli_line()}")
@@ -3582,6 +3814,7 @@ def main(argv=None) -> int:
         note("interrupted", every_rank=True)
         return 128 + (e.args[0] if e.args else signal.SIGINT)
     finally:
+        MAX_PIXELS = budget
         if dist.is_initialized():
             dist.destroy_process_group()
 

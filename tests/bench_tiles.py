@@ -63,7 +63,7 @@ def main():
     print("| model | category | image_auroc | pixel_auroc | pixel_aupro | test images/s |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
-        for c in ("fabric", "part", "mean"):
+        for c in ("fabric", "part", fm.MEAN):
             m = r[c]
             print(f"| {name} ({r['flags']}) | {c} | " + " | ".join(fm.percent(m[k]) for k in
                   ("image_auroc", "pixel_auroc", "pixel_aupro")) + f" | {r['images_per_s']:.2f} |")

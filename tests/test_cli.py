@@ -38,8 +38,8 @@ def test_train_prints_the_parameter_count(mvtec, tmp_path):
 def test_test_writes_every_output(evaluated, mvtec):
     out, r = evaluated
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"grid", "weave", "mean"}
-    assert metrics["mean"].pop("categories") == dict.fromkeys(fm.METRICS, 2)  # what each mean is over
+    assert set(metrics) == {"grid", "weave", fm.MEAN}
+    assert metrics[fm.MEAN].pop("categories") == dict.fromkeys(fm.METRICS, 2)  # what each mean is over
     for m in metrics.values():
         assert set(m) == set(fm.METRICS) and all(0 <= v <= 1 for v in m.values())
     assert (out / "table.md").read_text().strip() in r.stdout
@@ -102,7 +102,7 @@ def test_demo_runs_end_to_end_in_its_tiny_mode(tmp_path):
     r = run_cli("demo", "--out", tmp_path, "--steps", 2, "--image-size", 16)
     assert r.returncode == 0, r.stderr
     assert "demo: image AUROC" in r.stdout and "| mean |" in r.stdout
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["mean"]["image_auroc"] >= 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())[fm.MEAN]["image_auroc"] >= 0
 
 
 def test_bench_reports_agreement_of_batched_and_naive(tmp_path):

@@ -299,9 +299,9 @@ def test_the_mean_says_over_how_many_categories_each_metric_is(mvtec):
     tests["grid"].mask_files = None  # no ground truth: image metrics only
     results = fm.metrics_of(tests, {name: (np.asarray(d.images.float().mean(1)) / 255,
                                            np.asarray(d.images.float().mean((1, 2, 3)))) for name, d in tests.items()})
-    counts = results["mean"]["categories"]
+    counts = results[fm.MEAN]["categories"]
     assert counts == {k: 2 if k.startswith("image") else 1 for k in fm.METRICS}
-    assert results["mean"]["pixel_auroc"] == results["weave"]["pixel_auroc"]
+    assert results[fm.MEAN]["pixel_auroc"] == results["weave"]["pixel_auroc"]
 
 
 def test_the_module_imports_and_locks_where_fcntl_does_not_exist(tmp_path):

@@ -258,14 +258,14 @@ def test_mean_row_says_over_how_many_categories():
     full, none = dict.fromkeys(fm.METRICS, 0.5), dict.fromkeys(fm.METRICS)
     image_only = {**full, **dict.fromkeys(fm.METRICS[3:])}
     # every metric over 1 of 2 categories: the row label counts
-    table = fm.format_table({"a": full, "b": none, "mean": full}).splitlines()
+    table = fm.format_table({"a": full, "b": none, fm.MEAN: full}).splitlines()
     assert table[3] == "| b | " + " | ".join(["n/a"] * 7) + " |"
     assert table[4].startswith("| mean (1/2) | 50.0 |")
     # pixel metrics over 1 of 2, image metrics over 2: each partial cell counts
-    table = fm.format_table({"a": full, "b": image_only, "mean": full}).splitlines()
+    table = fm.format_table({"a": full, "b": image_only, fm.MEAN: full}).splitlines()
     assert table[4] == "| mean | " + " | ".join(["50.0"] * 3 + ["50.0 (1/2)"] * 4) + " |"
     # complete: a plain mean
-    assert fm.format_table({"a": full, "b": full, "mean": full}).splitlines()[4].startswith("| mean | 50.0 |")
+    assert fm.format_table({"a": full, "b": full, fm.MEAN: full}).splitlines()[4].startswith("| mean | 50.0 |")
 
 
 def test_eval_size_matches_a_direct_computation_at_that_size(tmp_path):
@@ -328,9 +328,9 @@ def test_test_on_a_root_with_a_mask_free_category(trained, tmp_path, capsys):
     saved = strict((tmp_path / "ev" / "metrics.json").read_text())
     assert saved == results
     assert all(saved["weave"][k] is None for k in fm.METRICS[3:])
-    assert all(isinstance(saved[n][k], float) for n in ("grid", "mean") for k in fm.METRICS)
-    assert [saved["mean"][k] for k in fm.METRICS[3:]] == [saved["grid"][k] for k in fm.METRICS[3:]]
-    assert saved["mean"]["image_auroc"] == pytest.approx((saved["grid"]["image_auroc"] + saved["weave"]["image_auroc"]) / 2)
+    assert all(isinstance(saved[n][k], float) for n in ("grid", fm.MEAN) for k in fm.METRICS)
+    assert [saved[fm.MEAN][k] for k in fm.METRICS[3:]] == [saved["grid"][k] for k in fm.METRICS[3:]]
+    assert saved[fm.MEAN]["image_auroc"] == pytest.approx((saved["grid"]["image_auroc"] + saved["weave"]["image_auroc"]) / 2)
     rows = (tmp_path / "ev" / "table.md").read_text().splitlines()
     assert rows[3].endswith("| n/a | n/a | n/a | n/a |") and rows[4].endswith(" (1/2) |")
     err = capsys.readouterr().err
@@ -349,15 +349,15 @@ def test_score_prints_progress(trained, tmp_path, capsys):
 def test_compare_says_when_our_mean_is_partial(tmp_path, capsys):
     m = dict.fromkeys(fm.METRICS, 0.9)
     path = tmp_path / "metrics.json"
-    path.write_text(json.dumps({"bottle": m, "mean": m}))
+    path.write_text(json.dumps({"bottle": m, fm.MEAN: m}))
     assert fm.main(["compare", str(path), "--dataset", "mvtec"]) == 0
     out, err = capsys.readouterr()
     assert "| mean | ours (1/15) |" in out and "not like for like" in err
     everything = {name: m for name in fm.PAPER_CATEGORIES["mvtec"]}
-    path.write_text(json.dumps({**everything, "mean": m}))
+    path.write_text(json.dumps({**everything, fm.MEAN: m}))
     assert fm.main(["compare", str(path), "--dataset", "mvtec"]) == 0
     out, err = capsys.readouterr()
     assert "| mean | ours |" in out and err == ""
-    path.write_text(json.dumps({**everything, "bottle": {**m, "pixel_ap": None}, "mean": m}))
+    path.write_text(json.dumps({**everything, "bottle": {**m, "pixel_ap": None}, fm.MEAN: m}))
     assert fm.main(["compare", str(path), "--dataset", "mvtec"]) == 0
     assert "| mean | ours (14/15) |" in capsys.readouterr().out

@@ -75,7 +75,7 @@ def test_sweep_rows_equal_plain_tests(trained, mvtec, tmp_path):
     for r in rows[1:3]:
         plain = fm.evaluate(trained, mvtec, tmp_path / "plain", fm.replace(base, **r["setting"]), "cpu",
                             overlays=False, log=lambda *a: None)
-        assert r["results"]["mean"].pop("categories") == plain["mean"].pop("categories")
+        assert r["results"][fm.MEAN].pop("categories") == plain[fm.MEAN].pop("categories")
         for name, metrics in plain.items():
             assert r["results"][name] == pytest.approx(metrics, nan_ok=True)
     lines = (tmp_path / "sweep" / "sweep.md").read_text().splitlines()
@@ -95,7 +95,7 @@ def test_several_checkpoints_give_a_row_each(trained, mvtec, tmp_path):
 
 def test_compare_puts_the_papers_numbers_beside_ours(tmp_path):
     ours = dict.fromkeys(fm.METRICS, 0.9)
-    (tmp_path / "metrics.json").write_text(json.dumps({"bottle": ours, "mystery": ours, "mean": ours}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"bottle": ours, "mystery": ours, fm.MEAN: ours}))
     r = run_cli("compare", tmp_path / "metrics.json", "--dataset", "mvtec")
     assert r.returncode == 0, r.stderr
     rows = (tmp_path / "compare_mvtec.md").read_text().splitlines()[2:]

@@ -249,7 +249,7 @@ def test_tiled_model_finds_small_defects_that_resizing_loses(tmp_path):
         assert fm.main(list(map(str, ["test", "--ckpt", tmp_path / name / "ckpt.pt", "--data", data, "--out",
                                       tmp_path / f"e_{name}", "-K", 3, "-T", 3, "--eval-size", "original",
                                       "--no-overlays", "--device", "cpu"]))) == 0
-        auroc[name] = json.loads((tmp_path / f"e_{name}" / "metrics.json").read_text())["mean"]["pixel_auroc"]
+        auroc[name] = json.loads((tmp_path / f"e_{name}" / "metrics.json").read_text())[fm.MEAN]["pixel_auroc"]
     assert auroc["tiles"] > 0.95 and auroc["tiles"] > auroc["resize"] + 0.02, auroc
 
 

@@ -1,0 +1,418 @@
+"""Every input is read as data: images only as PNG, JPEG, BMP or TIFF from regular files within the
+pixel budget; checkpoints and their records checked like flags; CSV cells and file names safe;
+every failure one line."""
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flow_mismatch as fm
+from conftest import ROOT, run_cli
+
+BAD = os.fsdecode(b"bad\xff.png")  # a file name that is not UTF-8
+FORMULAS = ['=HYPERLINK("x").png', "+SUM(1,2).png", "@SUM(1).png", "-2.png", "'quoted.png"]
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def one_line(err, *needles):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def png(path, size=16, value=120):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path, format="PNG")
+    return path
+
+
+def huge_png(path, w=12000, h=12000):
+    """A 1-bit PNG of w x h pixels: some kilobytes on disk, 432 MB once decoded to RGB."""
+    Image.new("1", (w, h)).save(path, format="PNG")
+    return path
+
+
+def score_in(folder, *args, env=None):
+    """`score . ARGS` run in `folder` (paths in scores.csv are then bare file names)."""
+    return subprocess.run([sys.executable, str(ROOT / "flow_mismatch.py"), "score", ".", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, cwd=folder)
+
+
+# Images: formats, regular files, the pixel budget ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def scored(trained, tmp_path_factory):
+    """`score` of one folder holding a good image, EPS named .png, a huge PNG, a sub-folder named
+    like an image (with an image inside), an empty one, a non-UTF-8 name and names a spreadsheet would
+    run; a stand-in `gs` on PATH records any call. Run under the default locale and under LC_ALL=C."""
+    tmp = tmp_path_factory.mktemp("scored")
+    bin_dir, record = tmp / "bin", tmp / "gs_was_called"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    folder = tmp / "incoming"
+    png(folder / "good.png")
+    (folder / "part_0001.png").write_bytes(EPS)
+    huge_png(folder / "huge.png")
+    png(folder / "batch7.png" / "inner.png", value=30)
+    (folder / "empty.png").mkdir()
+    png(folder / BAD, value=90)
+    for name in FORMULAS:
+        png(folder / name, value=60)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    runs = {}
+    for locale, extra in (("default", {}), ("C", {"LC_ALL": "C", "PYTHONUTF8": "0", "LANG": "C"})):
+        out = tmp / f"out_{locale}"
+        r = score_in(folder, "--ckpt", trained, "--out", out, "--category", "weave", "--device", "cpu",
+                     "-K", 1, "-T", 1, env={**env, **extra})
+        runs[locale] = (r, out)
+    return runs, record, folder
+
+
+def test_eps_named_png_never_reaches_ghostscript(scored):
+    runs, record, _ = scored
+    r, out = runs["default"]
+    assert not record.exists(), record.read_text()
+    assert r.returncode == fm.SKIPPED and "Traceback" not in r.stderr, r.stderr
+    [line] = [x for x in r.stderr.splitlines() if "part_0001.png" in x]
+    assert "not a supported image" in line
+
+
+def test_a_png_declaring_a_huge_size_is_one_line_naming_the_budget(scored):
+    r, _ = scored[0]["default"]
+    assert "DecompressionBomb" not in r.stderr and "Warning" not in r.stderr
+    [line] = [x for x in r.stderr.splitlines() if "huge.png" in x]
+    assert "12000x12000" in line and "pixel budget" in line and "--max-pixels" in line
+
+
+def test_folders_are_folders_whatever_their_name(scored):
+    r, out = scored[0]["default"]
+    with open(out / "scores.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        paths = [row[0] for row in csv.reader(f)][1:]
+    assert not any("batch7" in p or "empty" in p or "inner" in p for p in paths), paths
+    assert not (out / "heatmaps" / "batch7.png").exists()
+    [line] = [x for x in r.stderr.splitlines() if "batch7.png/" in x]
+    assert "empty.png/" in line and "skipped" in line
+
+
+def test_scores_csv_neutralises_formulas_and_a_reader_can_undo_it(scored):
+    _, out = scored[0]["default"]
+    with open(out / "scores.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.reader(f))[1:]
+    cells = {row[0] for row in rows}
+    for name in FORMULAS:
+        assert "'" + name in cells, (name, cells)
+    assert "good.png" in cells  # an ordinary name as it is
+    undone = {c[1:] if c.startswith("'") else c for c in cells}
+    assert set(FORMULAS) | {"good.png", BAD} <= undone
+    assert all(float(row[1]) >= 0 for row in rows if row[1])  # numbers stay numbers
+
+
+def test_a_non_utf8_name_is_written_as_its_own_bytes_under_any_locale(scored):
+    runs, _, _ = scored
+    for locale in ("default", "C"):
+        r, out = runs[locale]
+        assert r.returncode == fm.SKIPPED and "Traceback" not in r.stderr, (locale, r.stderr)
+        assert b"\nbad\xff.png," in (out / "scores.csv").read_bytes().replace(b"\r\n", b"\n")
+    # the same rows, bytes and scores, whatever the locale
+    assert (runs["default"][1] / "scores.csv").read_bytes() == (runs["C"][1] / "scores.csv").read_bytes()
+
+
+def test_test_writes_names_that_are_not_ascii_or_utf8_under_the_c_locale(trained, mvtec, tmp_path):
+    data = tmp_path / "weave"
+    shutil.copytree(mvtec / "weave", data)
+    good = data / "test" / "good"
+    os.rename(good / "000.png", good / BAD)
+    os.rename(good / "001.png", good / "caf\u00e9.png")
+    r = run_cli("test", "--ckpt", trained, "--data", data, "--out", tmp_path / "ev", "--device", "cpu", "-K", 1,
+                "-T", 1, "--no-overlays", env={"LC_ALL": "C", "PYTHONUTF8": "0", "LANG": "C"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    written = (tmp_path / "ev" / "weave" / "scores.csv").read_bytes()
+    assert b"/test/good/bad\xff.png," in written and "/test/good/caf\u00e9.png,".encode() in written
+
+
+def test_a_fifo_is_named_and_skipped_unopened(trained, tmp_path):
+    folder = tmp_path / "in"
+    png(folder / "good.png")
+    os.mkfifo(folder / "stream.png")  # opening it would wait for a writer forever
+    r = run_cli("score", "--ckpt", trained, folder, "--out", tmp_path / "o", "--category", "weave", "--device",
+                "cpu", "-K", 1, "-T", 1, timeout=120)
+    assert r.returncode == 0, r.stderr
+    [line] = [x for x in r.stderr.splitlines() if "stream.png" in x]
+    assert "skipped" in line
+    r = run_cli("score", "--ckpt", trained, folder / "stream.png", "--out", tmp_path / "o2", "--category", "weave",
+                "--device", "cpu", timeout=120)
+    assert r.returncode == 2 and "stream.png: not a regular file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_pixel_budget_is_checked_before_decoding_and_its_flag_raises_it(tmp_path, trained, capsys):
+    path = huge_png(tmp_path / "huge.png", 20000, 10000)  # past Pillow's own error limit too
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(fm.UserError, match="huge.png: declares 20000x10000 = 200.0 megapixels, over the pixel"):
+            fm.read_image(path, 16)
+        budget = fm.MAX_PIXELS
+        try:
+            fm.MAX_PIXELS = 2 * 10**8
+            with fm.open_image(path) as im:  # within a raised budget: opened, Pillow's limits set aside
+                assert im.size == (20000, 10000)
+        finally:
+            fm.MAX_PIXELS = budget
+    assert not caught, [str(w.message) for w in caught]
+    # the flag: a budget below 16 x 16 refuses the images by name, then nothing is readable
+    png(tmp_path / "in" / "a.png")
+    assert fm.main(["score", "--ckpt", str(trained), str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                    "--category", "weave", "--device", "cpu", "-K", "1", "-T", "1", "--max-pixels", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "a.png: declares 16x16" in err and "pixel budget of 0.0001 megapixels" in err
+    assert fm.MAX_PIXELS == budget  # the flag holds for its command only
+    for bad in ("0", "abc", "1.5", "inf"):
+        assert fm.main(["score", "--ckpt", str(trained), str(tmp_path / "in"), "--max-pixels", bad]) == 2
+        one_line(capsys.readouterr().err, "--max-pixels")
+
+
+def test_a_tiff_declaring_a_huge_size_is_refused_as_well(tmp_path):
+    path = tmp_path / "scan.tif"
+    Image.new("1", (10000, 9000)).save(path, format="TIFF", compression="group4")
+    with pytest.raises(fm.UserError, match="scan.tif: declares 10000x9000"):
+        fm.read_image(path, 16)
+
+
+@pytest.mark.parametrize("kind", ["GIF", "WEBP", "ICO"])
+def test_other_raster_formats_under_an_image_extension_are_not_decoded(tmp_path, kind):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(path, format=kind)
+    with pytest.raises(fm.UserError, match="photo.jpg: not a supported image"):
+        fm.read_image(path, 16)
+
+
+def test_only_the_readme_hidden_patterns_are_skipped_silently_and_others_are_named(tmp_path, capsys):
+    for name in ("a.png", "__init__.png", ".hidden.png", "._a.png"):
+        png(tmp_path / name)
+    (tmp_path / "__MACOSX").mkdir()
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "dangling.png")
+    os.symlink("/dev/zero", tmp_path / "zero.png")
+    assert [p.name for p in fm.image_files(tmp_path)] == ["__init__.png", "a.png"]
+    err = capsys.readouterr().err
+    one_line(err, "skipped 3 entries", "dangling.png", "notes.txt", "zero.png")
+    with pytest.raises(fm.UserError, match="zero.png: not a regular file"):
+        fm.read_image(tmp_path / "zero.png", 16)
+
+
+# Checkpoints: validated as data before use ----------------------------------------------------
+
+def record(ckpt, **change):
+    """A well-formed calibration record of weave, with `change` applied."""
+    return {**dict(scores=[1.0, 2.0], maxima=[3.0, 4.0], paths=["/a.png", "/b.png"], sha256=["0" * 64, "1" * 64],
+                   rule=dict(K=1, T=1), step=ckpt["step"]), **change}
+
+
+def first_weight(c):
+    return next(k for k, v in c["model"].items() if v.is_floating_point())
+
+
+EDITS = {  # id: (edit of the loaded checkpoint, what the one line must name)
+    "nan weight": (lambda c: c["model"][first_weight(c)].view(-1).__setitem__(0, math.nan), "'model."),
+    "inf weight": (lambda c: c["model"][first_weight(c)].view(-1).__setitem__(0, math.inf), "'model."),
+    "nan std": (lambda c: c.update(std=[math.nan, 0.2, 0.2]), "'std[0]'"),
+    "inf std": (lambda c: c.update(std=[0.2, math.inf, 0.2]), "'std[1]'"),
+    "inf mean": (lambda c: c.update(mean=[0.2, 0.2, -math.inf]), "'mean[2]'"),
+    "nan in the optimiser": (lambda c: next(iter(c["optimizer"]["state"].values()))["m"].view(-1)
+                             .__setitem__(0, math.nan), "'optimizer.state."),
+    "image_size 33": (lambda c: c["train_config"].update(image_size=33), "field 'image_size': 33 is not"),
+    "image_size 0": (lambda c: c["train_config"].update(image_size=0), "field 'image_size': must be >= 1"),
+    "image_size abc": (lambda c: c["train_config"].update(image_size="abc"), "field 'image_size': 'abc' is not"),
+    "tile -8": (lambda c: c["train_config"].update(tile=-8), "field 'tile': must be >= 0"),
+    "lr inf": (lambda c: c["train_config"].update(lr=math.inf), "'train_config.lr'"),
+    "preset other": (lambda c: c["train_config"].update(preset="huge"), "field 'preset': 'huge' is not one of"),
+    "in_channels 1": (lambda c: c["model_config"].update(in_channels=1), "field 'in_channels'"),
+    "num_classes": (lambda c: c["model_config"].update(num_classes=5), "field 'num_classes'"),
+    "channel_mult": (lambda c: c["model_config"].update(channel_mult=[1, 2, "x"]), "field 'channel_mult'"),
+    "size vs its U-Net": (lambda c: c["model_config"].update(channel_mult=[1, 2, 2, 2, 2, 2]), "field 'image_size'"),
+    "class names twice": (lambda c: c.update(class_names=["weave", "weave"]), "'class_names'"),
+    "step -1": (lambda c: c.update(step=-1), "'step'"),
+    "rule x": (lambda c: c.update(calibration={"weave": record(c, rule="x")}), "'calibration.weave.rule'"),
+    "rule K 0": (lambda c: c.update(calibration={"weave": record(c, rule=dict(K=0))}), "'calibration.weave.rule.K'"),
+    "no maxima": (lambda c: c.update(calibration={"weave": {k: v for k, v in record(c).items() if k != "maxima"}}),
+                  "'calibration.weave.maxima'"),
+    "string scores": (lambda c: c.update(calibration={"weave": record(c, scores=["1", "2"])}),
+                      "'calibration.weave.scores'"),
+    "nan scores": (lambda c: c.update(calibration={"weave": record(c, scores=[math.nan, 1.0])}),
+                   "'calibration.weave.scores[0]'"),
+    "short maxima": (lambda c: c.update(calibration={"weave": record(c, maxima=[1.0])}),
+                     "'calibration.weave.maxima'"),
+    "record not a mapping": (lambda c: c.update(calibration={"weave": [1.0]}), "'calibration.weave'"),
+    "step as text": (lambda c: c.update(calibration={"weave": record(c, step="6")}), "'calibration.weave.step'"),
+    "held_out not a mapping": (lambda c: c.update(held_out={"weave": "x"}), "'held_out.weave'"),
+    "held_out lengths": (lambda c: c.update(held_out={"weave": dict(paths=["/a"], sha256=[])}), "'held_out.weave'"),
+}
+
+
+def test_a_well_formed_calibration_record_passes(trained, tmp_path):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["calibration"] = {"weave": record(ckpt)}
+    torch.save(ckpt, tmp_path / "ok.pt")
+    assert fm.load_checkpoint(tmp_path / "ok.pt")["calibration"]["weave"]["scores"] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("edit", EDITS, ids=list(EDITS))
+def test_a_checkpoint_edited_with_torch_save_is_one_line_naming_it_and_the_key(trained, tmp_path, edit):
+    change, culprit = EDITS[edit]
+    ckpt = torch.load(trained, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, tmp_path / "edited.pt")
+    with pytest.raises(fm.UserError) as e:
+        fm.load_checkpoint(tmp_path / "edited.pt")
+    assert str(e.value).startswith(f"--ckpt: {tmp_path / 'edited.pt'}") and culprit in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("command", ["score", "test"])
+def test_a_nan_std_is_refused_by_the_commands_with_one_line(trained, mvtec, tmp_path, capsys, command):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["std"] = [math.nan, 0.2, 0.2]
+    torch.save(ckpt, tmp_path / "nan.pt")
+    target = ["--data", str(mvtec)] if command == "test" else [str(mvtec / "weave" / "test" / "good"),
+                                                                "--category", "weave"]
+    assert fm.main([command, "--ckpt", str(tmp_path / "nan.pt"), *target, "--out", str(tmp_path / "o"),
+                    "--device", "cpu"]) == 2
+    one_line(capsys.readouterr().err, "nan.pt", "'std[0]'", "non-finite")
+    assert not (tmp_path / "o" / "scores.csv").exists() and not (tmp_path / "o" / "metrics.json").exists()
+
+
+def flip_bytes_in_a_tensor(src, dst, n=4):
+    """dst: src with n bytes of its largest stored tensor inverted in place (the zip's CRC now fails)."""
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    start = info.header_offset + 30 + int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little") \
+        + int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    for i in range(start + 64, start + 64 + n):
+        data[i] ^= 0xFF
+    dst.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_a_checkpoint_with_flipped_bytes_fails_its_crc_by_name(trained, tmp_path):
+    member = flip_bytes_in_a_tensor(trained, tmp_path / "flipped.pt")
+    with pytest.raises(fm.UserError, match=f"flipped.pt is damaged: its part {member} fails the archive's CRC"):
+        fm.load_checkpoint(tmp_path / "flipped.pt")
+
+
+# Names, summary rows, our own files ------------------------------------------------------------
+
+def fake_test(n=4):
+    masks = np.zeros((n, 4, 4), np.uint8)
+    masks[1, :2] = masks[3, 1:] = 1
+    return fm.Dataset(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.zeros(n, dtype=torch.long), ["x"],
+                      [f"{i}.png" for i in range(n)], np.array([0, 1, 0, 1]), masks,
+                      mask_files=[[], ["m"], [], ["m"]])
+
+
+def test_a_category_named_mean_keeps_its_row_beside_the_mean():
+    rng = np.random.default_rng(0)
+    tests = {"mean": fake_test(), "wood": fake_test()}
+    scored = {"mean": (rng.uniform(size=(4, 4, 4)).astype(np.float32), np.array([0.1, 0.9, 0.2, 0.8])),
+              "wood": (rng.uniform(size=(4, 4, 4)).astype(np.float32), np.array([0.9, 0.1, 0.8, 0.2]))}
+    results = fm.metrics_of(tests, scored)
+    assert results["mean"]["image_auroc"] == 1.0 and results["wood"]["image_auroc"] == 0.0
+    assert results[fm.MEAN]["image_auroc"] == 0.5 and results[fm.MEAN]["categories"]["image_auroc"] == 2
+    rows = [line.split("|")[1].strip() for line in fm.format_table(results).splitlines()[2:]]
+    assert rows == ["mean", "wood", "mean"]  # the category, then the summary, last
+    assert json.loads(json.dumps(results)).keys() == {"mean", "wood", fm.MEAN}
+
+
+@pytest.mark.parametrize("value, shown", [('"0.95"', '"0.95"'), ("[0.95]", "[0.95]"), ("true", "true"),
+                                          ("NaN", "NaN"), ("Infinity", "Infinity"), ("1.5", "1.5")])
+def test_compare_refuses_a_metric_that_is_not_a_number_in_0_1(tmp_path, capsys, value, shown):
+    m = {k: 0.9 for k in fm.METRICS}
+    text = json.dumps({"bottle": m, fm.MEAN: m}).replace('"image_ap": 0.9', f'"image_ap": {value}', 1)
+    (tmp_path / "metrics.json").write_text(text)
+    assert fm.main(["compare", str(tmp_path / "metrics.json"), "--dataset", "mvtec"]) == 2
+    one_line(capsys.readouterr().err, "metrics.json", "'bottle.image_ap'", shown)
+
+
+def write_1cls(root, rows, encoding="utf-8"):
+    (root / "split_csv").mkdir(parents=True, exist_ok=True)
+    text = "object,split,label,image,mask\n" + "".join(r + "\n" for r in rows)
+    (root / "split_csv" / "1cls.csv").write_bytes(text.encode(encoding))
+
+
+@pytest.mark.parametrize("rows, encoding, needle", [
+    (["candle,train,normal,candle/Data/Images/Normal/caf\xe9.JPG,"], "latin-1", "not a UTF-8 CSV table"),
+    (["candle,train,normal"], "utf-8", "line 2 does not hold the 5 cells"),
+    (["candle,train,normal,a.JPG,,extra"], "utf-8", "line 2 does not hold the 5 cells"),
+    (["candle,train,normal,,"], "utf-8", "line 2 does not hold the 5 cells"),
+    (["candle,train,bad,a.JPG,"], "utf-8", "line 2: split 'train' or label 'bad'"),
+])
+def test_a_damaged_1cls_csv_names_the_file_and_the_row(tmp_path, rows, encoding, needle):
+    write_1cls(tmp_path, rows, encoding)
+    with pytest.raises(fm.UserError, match=f"1cls.csv: {needle}"):
+        fm.visa_categories(tmp_path)
+
+
+def test_a_damaged_train_log_is_rebuilt_with_one_warning_on_resume(trained, mvtec, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained.parent, run)
+    log = run / "train_log.csv"
+    log.write_bytes(log.read_bytes() + b"garbage\xff,row\n4,abc,0.1,1,1\n")
+    r = run_cli("train", "--resume", run, "--steps", 8, "--device", "cpu")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    [line] = [x for x in r.stderr.splitlines() if "train_log.csv" in x]
+    assert "2 damaged line(s) dropped" in line
+    rows = list(csv.reader(io.StringIO(log.read_text())))
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, 9)) and (run / "loss.png").stat().st_size > 0
+
+
+def test_loss_png_is_drawn_from_a_damaged_log_with_one_warning(tmp_path, capsys):
+    (tmp_path / "train_log.csv").write_text("step,loss,lr,images_per_s,wall_s\n"
+                                            "1,0.5,1e-3,1,1\n2,x,1,1,1\n3,0.4,1e-3,1,2\n")
+    fm.plot_loss(tmp_path)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    one_line(capsys.readouterr().err, "train_log.csv", "1 damaged line(s) dropped", "2 rows")
+
+
+def test_the_training_log_is_readable_as_each_step_ends(mvtec, tmp_path, monkeypatch):
+    seen, step = [], fm.cfm_step
+
+    def spying(*args, **kw):  # before each step: the rows of the steps already done
+        seen.append((tmp_path / "run" / "train_log.csv").read_text().splitlines()[1:])
+        return step(*args, **kw)
+
+    monkeypatch.setattr(fm, "cfm_step", spying)
+    fm.train(mvtec, fm.train_config("tiny", image_size=16, steps=3, batch_size=2), tmp_path / "run", "cpu",
+             log=lambda line: None)
+    assert [len(rows) for rows in seen] == [0, 1, 2]
+
+
+# From Python -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("images, chunk, needle", [
+    (torch.rand(0, 3, 32, 32), 32, "images: Tensor of shape (0, 3, 32, 32) holds no pixels"),
+    (np.zeros((10, 0, 3), np.uint8), 32, "images: ndarray of shape (10, 0, 3) holds no pixels"),
+    (np.zeros((0, 8, 8, 3), np.uint8), 32, "holds no pixels"),
+    (Image.new("RGB", (0, 4)), 32, "images: a PIL image of size (0, 4) holds no pixels"),
+    (np.zeros((8, 8, 3), np.uint8), -1, "chunk: images scored at a time must be a positive integer, got -1"),
+    (np.zeros((8, 8, 3), np.uint8), 0, "chunk: "),
+    (np.zeros((8, 8, 3), np.uint8), 1.5, "chunk: "),
+    (np.zeros((8, 8, 3), np.uint8), True, "chunk: "),
+])
+def test_predict_refuses_what_the_cli_would_with_user_error(trained, images, chunk, needle):
+    detector = fm.load(trained, "cpu")
+    with pytest.raises(fm.UserError) as e:
+        detector.predict(images, category="weave", chunk=chunk, K=1, T=1)
+    assert needle in str(e.value), str(e.value)
