@@ -441,7 +441,7 @@ def aggregator_rank(aggregator: str, K: int):
 
 
 def seed_mix(*ints) -> int:
-    """One 63-bit seed from integers (seed, image id, path, ...): each is folded in with the splitmix64
+    """One 63-bit seed from integers (seed, place, path, ...): each is folded in with the splitmix64
     finaliser (Steele, Lea and Flood 2014), so neighbouring inputs give unrelated seeds, the same on
     every run, machine and Python."""
     h = 0
@@ -453,15 +453,15 @@ def seed_mix(*ints) -> int:
     return h >> 1
 
 
-def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
-    """x0 of path k for the images `ids`, (len(ids), *shape): a function of (seed, image id, k)
-    only, so a heatmap does not depend on batching, chunking or the number of processes."""
-    gen = torch.Generator(device=device)
-    x0 = torch.empty((len(ids), *shape), device=device)
-    for i, image_id in enumerate(ids):
-        gen.manual_seed(seed_mix(seed, image_id, k))
-        x0[i] = torch.randn(shape, generator=gen, device=device)
-    return x0
+def path_noise(seed: int, places, k: int, shape, device) -> torch.Tensor:
+    """x0 of path k for images at `places`, (len(places), *shape): a function of (seed, place, k)
+    only, where the place is 0 for a whole image (a tile's place in its image for tiles), so an
+    image's heatmap is a function of the image alone, wherever it stands in a folder, batch or call."""
+    gen, x0 = torch.Generator(device=device), {}
+    for place in dict.fromkeys(places):
+        gen.manual_seed(seed_mix(seed, place, k))
+        x0[place] = torch.randn(shape, generator=gen, device=device)
+    return torch.stack([x0[place] for place in places])
 
 
 def interior_times(T: int, device=None) -> torch.Tensor:
@@ -487,7 +487,7 @@ def autocast(device: torch.device, precision="auto"):
 
 
 @torch.no_grad()
-def mismatch_delta(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+def mismatch_delta(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), places=None) -> torch.Tensor:
     """Path-aggregated mismatch delta_t of Eq. (3) at every interior time, for normalised
     images y (B, C, H, W) -> (B, T, H, W) float32.
 
@@ -496,7 +496,7 @@ def mismatch_delta(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=
     statistic (running min by default) once its B*T maps are done, so memory does not grow with K."""
     B, C, H, W = y.shape
     K, T, device = cfg.K, cfg.T, y.device
-    ids = list(range(B)) if ids is None else ids
+    places = [0] * B if places is None else places
     t = interior_times(T, device)
     m = aggregator_rank(cfg.aggregator, K)
     n, max_batch = B * T, forward_batch(cfg, model, y)  # n: inputs per path
@@ -506,7 +506,7 @@ def mismatch_delta(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=
         ks = range(s // n, (e - 1) // n + 1)  # the paths inputs s..e-1 belong to
         for k in ks:
             if k not in open_paths:
-                x0 = path_noise(cfg.seed, ids, k, (C, H, W), device)
+                x0 = path_noise(cfg.seed, places, k, (C, H, W), device)
                 open_paths[k] = (x0, torch.empty(B, T, H, W, device=device))
         sl = torch.arange(s, e, device=device)
         ki, bi, ji = sl // n - ks[0], sl // T % B, sl % T
@@ -530,10 +530,10 @@ def mismatch_delta(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=
     return total / K if m is None else low.amax(0)  # (B, T, H, W)
 
 
-def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+def mismatch_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), places=None) -> torch.Tensor:
     """Heatmap H of Eq. (4) for normalised images y (B, C, H, W) -> (B, H, W) float32."""
     w = WEIGHTS[cfg.weight](interior_times(cfg.T, y.device)).view(1, -1, 1, 1)
-    return (w * mismatch_delta(model, y, labels, cfg, ids)).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
+    return (w * mismatch_delta(model, y, labels, cfg, places)).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
 
 
 class Compiled(nn.Module):
@@ -566,11 +566,11 @@ class Compiled(nn.Module):
 
 
 @torch.no_grad()
-def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), places=None) -> torch.Tensor:
     """Eqs. (2)-(4) as written, one path, one time, one forward at a time: the readable definition
     the batched mismatch_heat is checked against."""
     B, C, H, W = y.shape
-    ids = list(range(B)) if ids is None else ids
+    places = [0] * B if places is None else places
     m = aggregator_rank(cfg.aggregator, cfg.K)
     heat = torch.zeros(B, H, W, device=y.device)
     for b in range(B):
@@ -578,7 +578,7 @@ def mismatch_heat_naive(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(),
             t = torch.tensor([j / (cfg.T + 1)], device=y.device)
             zs = []
             for k in range(cfg.K):
-                x0 = path_noise(cfg.seed, ids[b:b + 1], k, (C, H, W), y.device)
+                x0 = path_noise(cfg.seed, places[b:b + 1], k, (C, H, W), y.device)
                 xt = (1 - t) * x0 + t * y[b:b + 1]
                 with autocast(y.device, cfg.precision):
                     v = model(xt, t, None if labels is None else labels[b:b + 1]).float()
@@ -606,10 +606,9 @@ def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
 # Tiles (train --tile N): an image larger than the model's input is covered by overlapping N x N
 # tiles, the last of each row and column aligned to the border; every tile is scored as an image of
 # its own and the tile maps are blended with a window that fades to ~0 at a tile's border, so the
-# stitched map has the image's own size and no seam. Tile j of image i draws its paths as image
-# i + j * TILE_IDS: tile 0 as the image itself, so an image of exactly one tile scores as untiled.
-
-TILE_IDS = 1 << 41  # above the calibration ids (CALIB_IDS + i)
+# stitched map has the image's own size and no seam. A tile draws its paths from its place in the
+# image, (top, left) as top * 2^32 + left: the tile at (0, 0) as a whole image, so an image of exactly
+# one tile scores as untiled.
 
 
 def tile_grid(H: int, W: int, N: int, stride: int) -> list:
@@ -642,9 +641,9 @@ def position_labels(labels, cells, G: int):
 
 
 @torch.no_grad()
-def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=None, grid=0) -> list:
+def tiled_maps(fn, images, N: int, stride: int, per_call: int, progress=None, grid=0) -> list:
     """Maps of images larger than a tile: every N x N tile of every image ((3, H, W) each) goes
-    through fn(tiles (n, 3, N, N), tile ids, cells) -> (n, *, N, N) in flat batches of per_call
+    through fn(tiles (n, 3, N, N), tile places, cells) -> (n, *, N, N) in flat batches of per_call
     tiles (cells: tile_cells on a grid x grid grid, None for grid 0), and the tile maps are stitched
     as sum(window * map) / sum(window) into (*, H, W) per image. Only per_call tiles are in flight
     at once: memory beyond the maps does not grow with the image."""
@@ -659,7 +658,7 @@ def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=Non
         chunk = jobs[c:c + per_call]
         tiles = torch.stack([images[i][:, top:top + N, left:left + N] for i, _, top, left in chunk])
         cells = tile_cells([(top, left, *images[i].shape[-2:]) for i, _, top, left in chunk], N, grid) if grid else None
-        maps = fn(tiles, [ids[i] + j * TILE_IDS for i, j, _, _ in chunk], cells).cpu()  # (n, *, N, N)
+        maps = fn(tiles, [top << 32 | left for _, _, top, left in chunk], cells).cpu()  # (n, *, N, N)
         for (i, _, top, left), m in zip(chunk, maps):
             if acc[i] is None:
                 acc[i] = torch.zeros(*m.shape[:-2], *images[i].shape[-2:])
@@ -1196,7 +1195,7 @@ def inference_model(model: UNet, device, compile=False, channels_last=None):
 
 # ----------------------------------------------------------------------------
 # Baselines on the same trained model (Table 2): only the test-time rule changes. Both start
-# from K noisy copies y_t0 = (1 - t0) x0 + t0 y of the image, with x0 = path_noise(seed, i, k),
+# from K noisy copies y_t0 = (1 - t0) x0 + t0 y of the image, with x0 = path_noise(seed, place, k),
 # and keep the order statistic of `aggregator` over the K per-path maps (min by default).
 
 
@@ -1207,11 +1206,11 @@ def aggregate_paths(h: torch.Tensor, aggregator: str, K: int) -> torch.Tensor:
     return h.mean(0) if m is None else h.sort(0).values[m - 1]
 
 
-def noisy_copies(y, cfg: ScoreConfig, ids):
+def noisy_copies(y, cfg: ScoreConfig, places):
     """(K*B, C, H, W) path-major copies y_t0 = (1 - t0) x0 + t0 y (Eq. 28), and t0 per row."""
     B, C, H, W = y.shape
-    ids = list(range(B)) if ids is None else ids
-    x0 = torch.cat([path_noise(cfg.seed, ids, k, (C, H, W), y.device) for k in range(cfg.K)])
+    places = [0] * B if places is None else places
+    x0 = torch.cat([path_noise(cfg.seed, places, k, (C, H, W), y.device) for k in range(cfg.K)])
     return (1 - cfg.t0) * x0 + cfg.t0 * y.repeat(cfg.K, 1, 1, 1), torch.full((cfg.K * B,), cfg.t0, device=y.device)
 
 
@@ -1224,10 +1223,10 @@ def velocity(model, x, t, labels, cfg: ScoreConfig, y) -> torch.Tensor:
 
 
 @torch.no_grad()
-def recon_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+def recon_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), places=None) -> torch.Tensor:
     """ReconFlow (App. C.2): Euler-integrate the learned ODE from y_t0 to t = 1 for y_hat and map
     the reconstruction error, (B, C, H, W) -> (B, H, W)."""
-    x, t = noisy_copies(y, cfg, ids)
+    x, t = noisy_copies(y, cfg, places)
     dt = (1 - cfg.t0) / cfg.ode_steps
     for _ in range(cfg.ode_steps):
         x, t = x + dt * velocity(model, x, t, labels, cfg, y), t + dt
@@ -1236,12 +1235,12 @@ def recon_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None
 
 
 @torch.no_grad()
-def onestep_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), ids=None) -> torch.Tensor:
+def onestep_heat(model, y, labels=None, cfg: ScoreConfig = ScoreConfig(), places=None) -> torch.Tensor:
     """RADAR-style, reconstruction-free: one velocity at t0 gives the clean-image estimate
     y_hat = x_t + (1 - t) v (on a straight path y = x_t + (1 - t)(y - x0), with v in place of
     y - x0); the map is ||y - y_hat||_2 plus the same norm of the difference of Sobel gradients,
     (B, C, H, W) -> (B, H, W)."""
-    xt, t = noisy_copies(y, cfg, ids)
+    xt, t = noisy_copies(y, cfg, places)
     d = y.repeat(cfg.K, 1, 1, 1) - (xt + (1 - cfg.t0) * velocity(model, xt, t, labels, cfg, y))  # y - y_hat
     h = d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt()
     return aggregate_paths(h, cfg.aggregator, cfg.K)
@@ -1767,9 +1766,9 @@ class Progress:
 
 
 def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, progress=None,
-                  first_id=0, tile=0, grid=0):
+                  tile=0, grid=0):
     """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores
-    every world-th image and rank 0 gathers them. Image i draws its paths as image first_id + i.
+    every world-th image and rank 0 gathers them.
     With tile > 0 (a tiled checkpoint) each image is scored in tiles (tiled_maps) and its map has
     the image's own size: a (N, H, W) tensor, or a list of (H, W) maps if the sizes differ; with
     grid > 0 each tile's label also names its cell (position_labels)."""
@@ -1777,17 +1776,17 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
     inputs_per_image = cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K
     mine = list(range(rank, len(data), world))
 
-    def heat_of(x, ids, cells=None):  # uint8 (n, 3, h, w) -> (n, h, w)
+    def heat_of(x, places=None, cells=None):  # uint8 (n, 3, h, w) -> (n, h, w)
         y = normalise(x.to(device), mean, std)
         labels = None if labels_for is None else torch.full((len(x),), labels_for)
         labels = position_labels(labels, cells, grid)
-        return SCORERS[cfg.score](model, y, None if labels is None else labels.to(device), cfg, ids)
+        return SCORERS[cfg.score](model, y, None if labels is None else labels.to(device), cfg, places)
 
     probe = torch.empty(1, 3, *((tile, tile) if tile else data.images[0].shape[-2:]), device=device)
     per_call = max(1, forward_batch(cfg, model, probe) // inputs_per_image)
     if tile:
         maps = tiled_maps(heat_of, [data.images[i] for i in mine], tile, cfg.stride or tile // 2,
-                          [first_id + i for i in mine], per_call, progress and (lambda n: progress(n * world)), grid)
+                          per_call, progress and (lambda n: progress(n * world)), grid)
         heat = [torch.zeros(x.shape[-2:]) for x in data.images]
         for i, m in zip(mine, maps):
             heat[i] = m
@@ -1797,7 +1796,7 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
         heat = torch.zeros(len(data), *data.images.shape[2:])
         for i in range(0, len(mine), per_call):
             ids = mine[i:i + per_call]
-            heat[ids] = heat_of(data.images[ids], [first_id + i for i in ids]).cpu()
+            heat[ids] = heat_of(data.images[ids]).cpu()
             if progress is not None:
                 progress(len(ids) * world)
     if world > 1:  # each image was scored by exactly one rank
@@ -2180,9 +2179,11 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
 # rate is Beta(floor((n + 1) A), n + 1 - floor((n + 1) A)) distributed, sd about sqrt(A (1 - A) / (n + 2)).
 # k <= n needs A >= 1/(n + 1). The defect masks apply the same rule to the heatmap maxima max H:
 # pixels above tau_A(maxima), so a normal image shows any flagged pixel with probability <= A.
-# Calibration images draw their paths as images CALIB_IDS + i, so no scored image shares their noise.
+# Exchangeability needs one rule for both: a calibration image is scored as any image is, its paths
+# drawn from (seed, k) alone. Calibrations record it as noise = NOISE_RULE; older ones drew the paths
+# from the image's position among the calibration images and are refused.
 
-CALIB_IDS = 1 << 40
+NOISE_RULE = "seed-path"
 SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score", "stride")  # shared by both
 OPERATING = ("false_alarm_rate", "detection_rate", "pixel_precision", "pixel_recall")
 
@@ -2210,9 +2211,10 @@ def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labe
                  grid=0) -> dict:
     """Scores and heatmap maxima of normal images the model was not trained on, bound to what made
     them: the images (data.paths, absolute, and their sha256), the rule, the weights' step."""
-    heat, scores = score_dataset(model, data, cfg, mean, std, device, label, first_id=CALIB_IDS, tile=tile, grid=grid)
+    heat, scores = score_dataset(model, data, cfg, mean, std, device, label, tile=tile, grid=grid)
     return dict(scores=scores.tolist(), maxima=[float(h.max()) for h in heat], paths=list(data.paths),
-                sha256=image_hashes(data.images), rule={f: getattr(cfg, f) for f in SCORE_RULE}, step=step)
+                sha256=image_hashes(data.images), rule={f: getattr(cfg, f) for f in SCORE_RULE}, step=step,
+                noise=NOISE_RULE)
 
 
 def bound_images(record: dict, size, scale=1.0, known=None) -> torch.Tensor:
@@ -2257,6 +2259,10 @@ def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) 
     if cal is None:
         raise UserError(f"--alarm-rate: {ckpt_path} holds no calibration of {category}; train with --calib-fraction "
                         f"or run: calibrate --ckpt {ckpt_path} --data FOLDER_OF_NORMAL_IMAGES")
+    if cal.get("noise") != NOISE_RULE:
+        raise UserError(f"--alarm-rate: the calibration of {category} in {ckpt_path} drew its path noise from each "
+                        f"image's position, an older rule than scoring's; recalibrate: calibrate --ckpt {ckpt_path} "
+                        f"--category {category} (rescores the run's hold-out; --data FOLDER for other normal images)")
     if cal.get("step") != ckpt["step"]:
         raise UserError(f"--alarm-rate: the calibration of {category} in {ckpt_path} was scored on the weights of "
                         f"step {cal.get('step')}, not on these (step {ckpt['step']}); run calibrate --ckpt {ckpt_path} "
@@ -2299,14 +2305,14 @@ def explain_maps(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0,
     w = WEIGHTS[cfg.weight](t).view(1, -1, 1, 1)
 
     def delta_of(c):  # (1, T, H, W)
-        def fn(x, ids, cells=None):
+        def fn(x, places, cells=None):
             labels = position_labels(None if label is None else torch.full((len(x),), label), cells, grid)
-            return mismatch_delta(model, x, None if labels is None else labels.to(y.device), c, ids)
+            return mismatch_delta(model, x, None if labels is None else labels.to(y.device), c, places)
 
         if not tile:
-            return fn(y, [0])
+            return fn(y, None)
         per_call = max(1, forward_batch(c, model, y[:, :, :tile, :tile]) // (c.K * c.T))
-        return tiled_maps(fn, [y[0]], tile, c.stride or tile // 2, [0], per_call, grid=grid)[0][None].to(y.device)
+        return tiled_maps(fn, [y[0]], tile, c.stride or tile // 2, per_call, grid=grid)[0][None].to(y.device)
 
     delta = delta_of(cfg)
     maps = w * delta
@@ -2765,11 +2771,11 @@ class Detector:
         """(Prediction, data, heat) per chunk of at most `chunk` images, each read when its chunk is
         scored, so memory does not grow with the number of images; data: the chunk at the model's
         size, heat: its maps there, as score_dataset returns them. With skip, an unreadable file is
-        named and left out. Image i draws its paths as image i of the readable ones, as `score` does."""
+        named and left out."""
         cfg = ScoreConfig(**overrides)
         label = category_label(self.ckpt, category)
         cal = None if alarm_rate is None else calibration_of(self.ckpt, category, cfg, self.path, alarm_rate)
-        (size, scale, tile), inputs, done = self.geometry, image_inputs(images), 0
+        (size, scale, tile), inputs = self.geometry, image_inputs(images)
         while items := list(itertools.islice(inputs, chunk)):
             read = [(r, p) for r, (_, p) in zip(_load([x for x, _ in items], size, skip=skip, scale=scale, tile=tile),
                                                 items) if r is not None]
@@ -2782,8 +2788,7 @@ class Detector:
                            [p for _, p in read], np.zeros(len(read), int),
                            [np.zeros(a.shape[:2], np.uint8) for a in arrays], sizes=[s for (_, s), _ in read])
             heat, scores = score_dataset(self.model, data, cfg, self.mean, self.std, self.device, label, progress,
-                                         first_id=done, tile=tile, grid=self.grid)
-            done += len(read)
+                                         tile=tile, grid=self.grid)
             maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
             pred = Prediction(scores.numpy(), maps, data.paths)
             if cal is not None:
