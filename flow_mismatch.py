@@ -32,11 +32,13 @@ The machinery:
     Evaluation          scoring test sets, progress, overlays, maps at the original size (official TIFF
                         layouts), tables, report.html; ablation sweeps (Tables 6-9)
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
+    Export              the whole calibrated scorer of one category as one torch.export archive (.pt2) that runs
+                        with torch alone; archives read without unpickling, parity checked on every export
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
     Speed               bench: U-Net before/eager/compiled, latency and throughput, training, the naive loop
     The paper's numbers Tables 1, 4, 5 for `compare`
     From Python         fm.load(ckpt).predict(images); train, evaluate, calibrate, score as functions
-    CLI                 train, test, score, calibrate, explain, demo, compare, bench
+    CLI                 train, test, score, calibrate, explain, demo, compare, bench, export
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import sys
 import tempfile
 import time
 import types
+import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -2292,6 +2295,205 @@ def operating_point(cal: dict, A: float, scores, anomalous, heat, masks) -> dict
 
 
 # ----------------------------------------------------------------------------
+# Export: the whole scorer of one category as one torch.export archive (.pt2) that runs with torch
+# alone. Its module takes uint8 images (B, 3, S, S) at the model's size S, any B >= 1, and returns
+# anomalib's fields: pred_score (B,), anomaly_map (B, S, S) and, calibrated, p_value (B,), pred_label
+# (B,) and pred_mask (B, S, S). Under the noise rule every image is scored with the same K noises, so
+# they are buffers; the loop over paths is unrolled; the calibration is a sorted buffer the p-value
+# counts in. Resizing stays outside (README, "Deploying"). The archive's metadata.json says what it
+# holds, and every export is loaded back and checked against the scorer above before it is kept.
+
+EXPORT_FORMAT = "flow-mismatch export 1"
+EXPORT_RULE = ("score", "K", "T", "aggregator", "weight", "image_score", "seed")  # what an archive fixes
+ARCHIVE_PLAIN = ("archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id")
+
+
+class WholeScorer(nn.Module):
+    """Normalisation, Eqs. (2)-(4) with K fixed noises and T fixed times, S and, given a calibration
+    cal and a rate A, the conformal p-value, decision and mask, as one module of one category."""
+
+    def __init__(self, model: UNet, cfg: ScoreConfig, mean, std, label, size: int, cal=None, A=None):
+        super().__init__()
+        self.model, self.label, self.rank, self.rule, self.A = model, label, aggregator_rank(cfg.aggregator, cfg.K), \
+            cfg.image_score, A
+        t = interior_times(cfg.T)
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("x0", torch.cat([path_noise(cfg.seed, [0], k, (3, size, size), "cpu")
+                                              for k in range(cfg.K)]))  # (K, 3, S, S)
+        self.register_buffer("t", t)
+        self.register_buffer("w", WEIGHTS[cfg.weight](t))
+        if cal is not None:
+            self.register_buffer("calib", torch.tensor(sorted(cal["scores"]), dtype=torch.float64))
+            self.register_buffer("tau", torch.tensor(conformal_threshold(cal["maxima"], A)))
+
+    def forward(self, images):  # uint8 (B, 3, S, S)
+        y = (images.float() / 255 - self.mean) / self.std  # as normalise
+        B, T = y.shape[0], len(self.t)  # len(y) would fix B at export
+        t = self.t.view(T, 1).expand(T, B).reshape(-1)  # (T*B,) time-major
+        ys = y.repeat(T, 1, 1, 1)  # (T*B, 3, S, S)
+        labels = None if self.label is None else torch.full_like(t, self.label, dtype=torch.long)
+        z = []
+        for x0 in self.x0:  # one path at a time, unrolled
+            xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * ys  # Eq. (2)
+            z.append((self.model(xt, t, labels) - (ys - x0)).square().sum(1))  # Eq. (3): Z_t^(k), (T*B, S, S)
+        z = torch.stack(z)  # (K, T*B, S, S)
+        delta = z.mean(0) if self.rank is None else z.sort(0).values[self.rank - 1]  # Eq. (3) over paths
+        heat = (self.w.view(-1, 1, 1, 1) * delta.view(T, B, *delta.shape[1:])).mean(0)  # Eq. (4), (B, S, S)
+        s = image_score(heat, self.rule)
+        out = dict(pred_score=s, anomaly_map=heat)
+        if self.A is not None:  # p_values and conformal_threshold, in torch
+            p = (1 + (self.calib >= s.double()[:, None]).sum(1)).double() / (len(self.calib) + 1)
+            out.update(p_value=p, pred_label=p <= self.A, pred_mask=heat > self.tau)
+        return out
+
+
+def export_program(module: WholeScorer, images) -> torch.export.ExportedProgram:
+    """torch.export of the module for any batch B >= 1 (traced on two of the uint8 `images`), without
+    the sample inputs, which the archive would hold pickled."""
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), (images[:2].repeat(2 // min(2, len(images)), 1, 1, 1),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=2**20)},))
+    program.example_inputs = None
+    return program
+
+
+def check_archive(path, flag="--ckpt") -> dict:
+    """metadata.json of an export archive, after checking that its entries hold no pickle: JSON,
+    plain text, empty sample inputs and the raw tensor bytes its configs list as not pickled. Anything
+    else refuses the file: torch.export.load unpickles what it finds, without weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag}: no archive at {path}")
+    refuse = f"{flag}: {path} refused: its entry %s is not plain data (loading it could run code)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            entries = {name.split("/", 1)[-1]: z.read(name) for name in z.namelist() if not name.endswith("/")}
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{flag}: {path} is not a readable export archive ({str(e)[:80]})")
+    raw = set()
+    for name, body in entries.items():
+        if name.startswith(("data/weights/", "data/constants/")) and name.endswith("_config.json"):
+            try:
+                config = json.loads(body)["config"].values()
+            except (ValueError, KeyError, AttributeError):
+                raise UserError(refuse % name)
+            if any(c.get("use_pickle", True) for c in config):
+                raise UserError(refuse % name)
+            raw |= {name.rsplit("/", 1)[0] + "/" + c["path_name"] for c in config}
+    for name, body in entries.items():
+        if not (name.endswith(".json") or name in ARCHIVE_PLAIN or name in raw
+                or (name.startswith("data/sample_inputs/") and not body)):
+            raise UserError(refuse % name)
+    try:
+        meta = json.loads(entries["extra/metadata.json"])
+        assert meta["format"] == EXPORT_FORMAT
+    except Exception:
+        raise UserError(f"{flag}: {path} is not a flow-mismatch export (no metadata.json of format "
+                        f"{EXPORT_FORMAT!r}); write one with: export --ckpt RUN/ckpt.pt")
+    return meta
+
+
+def parity_images(detector: Detector, ckpt_path, cal, category, data) -> torch.Tensor:
+    """The images an export is checked on: --data, else the calibration's or the run's hold-out."""
+    size = detector.size
+    if data is not None:
+        files = image_files(Path(data)) if Path(data).is_dir() else []
+        if not files:
+            raise UserError(f"--data: {data} is not a folder of images")
+        return uint8_batch([a for a, _ in _load(files, size)])
+    record = cal or (detector.ckpt.get("calibration") or {}).get(category) or \
+        (detector.ckpt.get("held_out") or {}).get(category)
+    if not record:
+        raise UserError(f"--data: give a folder of images to check the archive on; {ckpt_path} records no "
+                        f"calibration or hold-out images of {category}")
+    return bound_images(record, size)
+
+
+def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = ScoreConfig(), data=None,
+           log=print) -> dict:
+    """Write the archive of `category` to `out` (default RUN/<category>.pt2) after checking it:
+    loaded back, it must give the maps and scores of score_dataset on the parity images to 1e-5
+    relative, at batch 1 and at all of them, and the same p-values, decisions and masks. Returns its
+    metadata, parity figures included."""
+    ckpt_path = Path(ckpt)
+    detector = Detector(load_checkpoint(ckpt_path), ckpt_path, "cpu")
+    if detector.geometry[2]:
+        raise UserError(f"--ckpt: {ckpt_path} is tiled (train --tile); export holds one model-size input, so "
+                        f"score tiled checkpoints from the checkpoint")
+    if cfg.score != "mismatch":
+        raise UserError(f"--score: export holds the mismatch scorer (Eqs. 2-4), not {cfg.score}")
+    names = detector.categories
+    category = category or (names[0] if len(names) == 1 else None)
+    if category not in names:
+        raise UserError(f"--category: give one of {names}; an archive holds one category")
+    out = Path(out or ckpt_path.parent / f"{category}.pt2")
+    if out.suffix != ".pt2" or out.is_dir():
+        raise UserError(f"--out: {out} must be a file ending in .pt2")
+    check_out_dir(out.parent)
+    cfg, label, size = replace(cfg, precision="fp32"), category_label(detector.ckpt, category), detector.size
+    cal = None if alarm_rate is None else calibration_of(detector.ckpt, category, cfg, ckpt_path, alarm_rate)
+    images = parity_images(detector, ckpt_path, cal, category, data)
+    t0 = time.perf_counter()
+    program = export_program(WholeScorer(detector.model, cfg, detector.mean, detector.std, label, size, cal, alarm_rate),
+                             images)
+    meta = dict(format=EXPORT_FORMAT, category=category, image_size=size, mean=detector.ckpt["mean"],
+                std=detector.ckpt["std"], rule={f: getattr(cfg, f) for f in EXPORT_RULE}, precision="fp32",
+                alarm_rate=alarm_rate, calibration_size=None if cal is None else len(cal["scores"]),
+                calibration_scores=None if cal is None else cal["scores"],
+                mask_threshold=None if cal is None else conformal_threshold(cal["maxima"], alarm_rate),
+                ckpt=str(ckpt_path.resolve()), ckpt_sha256=hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
+                step=detector.ckpt["step"], torch=torch.__version__,
+                inputs="uint8 (B, 3, S, S), RGB, resized to S x S (Pillow bilinear)",
+                outputs=["pred_score", "anomaly_map"] + ["p_value", "pred_label", "pred_mask"] * (cal is not None))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.export.save(program, Path(tmp) / out.name, extra_files={"metadata.json": json.dumps(meta)})
+        meta["export_s"] = time.perf_counter() - t0
+        meta["parity"] = parity(Archive(Path(tmp) / out.name), detector, cfg, images, label, cal, alarm_rate)
+    with run_lock(out.parent, "--out", "export", wait=True), atomic_write(out, "wb") as f:
+        torch.export.save(program, f, extra_files={"metadata.json": json.dumps(meta, indent=1)})
+    meta["file_bytes"] = out.stat().st_size
+    p = meta["parity"]
+    log(f"wrote {out} ({meta['file_bytes'] / 1e6:.2f} MB, exported in {meta['export_s']:.1f} s); parity with the "
+        f"scorer on {p['images']} images at batches 1 and {p['batch']}: maps {p['map_max_rel_diff']:.1e}, scores "
+        f"{p['score_max_rel_diff']:.1e} relative" + (f"; decisions by the calibration's rule, {p['labels_differing_at_ties']} "
+        f"label(s) and {p['mask_pixels_differing_at_ties']} mask pixel(s) differing at ties" if cal is not None else ""))
+    return meta
+
+
+def parity(archive, detector: Detector, cfg: ScoreConfig, images, label, cal, A) -> dict:
+    """How the archive's outputs differ from score_dataset's at batch 1 and at up to 16 images per
+    call. UserError (status 1) unless maps and scores agree to 1e-5 relative and the archive's p-values,
+    decisions and masks are exactly p_values' and the thresholds' on its own maps and scores. A decision
+    can then differ from the scorer's only where the scorer's number lies within 1e-5 of the threshold:
+    such ties are counted (on calibration images one image's score is the threshold itself)."""
+    data = Dataset(images, torch.zeros(len(images), dtype=torch.long), [], [""] * len(images))
+    heat, scores = score_dataset(detector.model, data, cfg, detector.mean, detector.std, detector.device, label)
+    batch, agree = min(16, len(images)), True
+    figures = dict(images=len(images), batch=batch, map_max_rel_diff=0.0, score_max_rel_diff=0.0)
+    figures.update(dict(decisions_by_rule=None, labels_differing_at_ties=0, mask_pixels_differing_at_ties=0)
+                   if cal is not None else {})
+    for b in (1, batch):
+        got = [archive.run(images[i:i + b]) for i in range(0, len(images), b)]
+        got = {k: torch.cat([g[k] for g in got]) for k in got[0]}
+        h, s = got["anomaly_map"], got["pred_score"]
+        figures["map_max_rel_diff"] = max(figures["map_max_rel_diff"], float(
+            ((h - heat).abs().flatten(1).amax(1) / heat.flatten(1).amax(1)).max()))
+        figures["score_max_rel_diff"] = max(figures["score_max_rel_diff"], float(((s - scores).abs() / scores).max()))
+        if cal is not None:
+            p, tau = p_values(cal["scores"], s.numpy()), conformal_threshold(cal["maxima"], A)
+            agree &= bool(np.array_equal(got["p_value"].numpy(), p) and np.array_equal(got["pred_label"].numpy(), p <= A)
+                          and torch.equal(got["pred_mask"], h > tau))
+            figures["labels_differing_at_ties"] += int(
+                (torch.from_numpy(p_values(cal["scores"], scores.numpy()) <= A) != got["pred_label"]).sum())
+            figures["mask_pixels_differing_at_ties"] += int(((heat > tau) != got["pred_mask"]).sum())
+            figures["decisions_by_rule"] = agree
+    if max(figures["map_max_rel_diff"], figures["score_max_rel_diff"]) > 1e-5 or not agree:
+        raise UserError(f"export: the archive disagrees with the scorer ({figures}); nothing written", status=1)
+    return figures
+
+
+# ----------------------------------------------------------------------------
 # Explain: inside the scorer for one image; the per-time maps that Eq. (4) averages into H.
 
 def explain_maps(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0, grid=0) -> dict:
@@ -2755,6 +2957,24 @@ def category_label(ckpt, category):
     return None
 
 
+def image_chunks(images, chunk: int, geometry, skip=False, progress=None):
+    """Datasets of at most `chunk` of `images` (image_inputs), each read when it is needed, as a model
+    of `geometry` (image_geometry) reads them. With skip, an unreadable file is named, left out and
+    counted as done."""
+    (size, scale, tile), inputs = geometry, image_inputs(images)
+    while items := list(itertools.islice(inputs, chunk)):
+        read = [(r, p) for r, (_, p) in zip(_load([x for x, _ in items], size, skip=skip, scale=scale, tile=tile),
+                                            items) if r is not None]
+        if progress and len(read) < len(items):  # a skipped file counts as done
+            progress(len(items) - len(read))
+        if not read:
+            continue
+        arrays = [a for (a, _), _ in read]
+        yield Dataset(uint8_batch(arrays), torch.zeros(len(read), dtype=torch.long), [], [p for _, p in read],
+                      np.zeros(len(read), int), [np.zeros(a.shape[:2], np.uint8) for a in arrays],
+                      sizes=[s for (_, s), _ in read])
+
+
 class Detector:
     """A trained model ready to score, from fm.load(ckpt): in eval mode on its device, with its
     categories, training normalisation and size, and its calibration."""
@@ -2775,20 +2995,9 @@ class Detector:
         cfg = ScoreConfig(**overrides)
         label = category_label(self.ckpt, category)
         cal = None if alarm_rate is None else calibration_of(self.ckpt, category, cfg, self.path, alarm_rate)
-        (size, scale, tile), inputs = self.geometry, image_inputs(images)
-        while items := list(itertools.islice(inputs, chunk)):
-            read = [(r, p) for r, (_, p) in zip(_load([x for x, _ in items], size, skip=skip, scale=scale, tile=tile),
-                                                items) if r is not None]
-            if progress and len(read) < len(items):  # a skipped file counts as done
-                progress(len(items) - len(read))
-            if not read:
-                continue
-            arrays = [a for (a, _), _ in read]
-            data = Dataset(uint8_batch(arrays), torch.zeros(len(read), dtype=torch.long), [],
-                           [p for _, p in read], np.zeros(len(read), int),
-                           [np.zeros(a.shape[:2], np.uint8) for a in arrays], sizes=[s for (_, s), _ in read])
+        for data in image_chunks(images, chunk, self.geometry, skip, progress):
             heat, scores = score_dataset(self.model, data, cfg, self.mean, self.std, self.device, label, progress,
-                                         tile=tile, grid=self.grid)
+                                         tile=self.geometry[2], grid=self.grid)
             maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
             pred = Prediction(scores.numpy(), maps, data.paths)
             if cal is not None:
@@ -2808,18 +3017,67 @@ class Detector:
                                  [getattr(p, f.name) for p in parts]) for f in fields(Prediction)})
 
 
+class Archive(Detector):
+    """fm.load("x.pt2"): an export's program (Export) behind Detector's interface, its entries checked
+    to hold no pickle before it is loaded. It scores one category with the rule and alarm rate it was
+    exported with, on the CPU; self.ckpt holds what score reads of a checkpoint."""
+
+    def __init__(self, path, device="auto"):
+        self.meta, self.path = check_archive(path), Path(path)
+        if pick_device(device).type != "cpu":
+            note(f"{path}: an export archive runs on the CPU")
+        cat, self.size, self.device, self.grid = self.meta["category"], self.meta["image_size"], torch.device("cpu"), 0
+        self.program, self.categories, self.geometry = torch.export.load(self.path).module(), [cat], (self.size, 1.0, 0)
+        self.mean, self.std = torch.tensor(self.meta["mean"]), torch.tensor(self.meta["std"])
+        self.ckpt = dict(class_names=[cat], calibration={cat: dict(scores=self.meta["calibration_scores"])})
+
+    def run(self, images) -> dict:
+        """The program's outputs for uint8 images (B, 3, S, S)."""
+        with torch.no_grad():
+            return self.program(images)
+
+    def stream(self, images, category=None, alarm_rate=None, chunk=32, skip=False, progress=None, **overrides):
+        """As Detector.stream, by the program; a category, rule or alarm rate other than the archive's is refused."""
+        meta, flags = self.meta, {f.name: f for f in fields(ScoreConfig)}
+        if category not in (None, meta["category"]):
+            raise UserError(f"--category: {self.path} scores {meta['category']} only")
+        if alarm_rate is not None and alarm_rate != meta["alarm_rate"]:
+            raise UserError(f"--alarm-rate: {self.path} decides at " + (
+                f"{meta['alarm_rate']}, fixed when it was exported" if meta["alarm_rate"] else
+                "no rate: export it with --alarm-rate"))
+        for f in EXPORT_RULE:
+            if f in overrides and overrides[f] != meta["rule"][f]:
+                flag = flag_of(flags[f])
+                raise UserError(f"{flag}: {self.path} scores with {flag} {meta['rule'][f]}, fixed when it was exported")
+        for data in image_chunks(images, chunk, self.geometry, skip, progress):
+            out = self.run(data.images)
+            if progress:
+                progress(len(data))
+            heat = out["anomaly_map"]
+            maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
+            pred = Prediction(out["pred_score"].numpy(), maps, data.paths)
+            if alarm_rate is not None:
+                pred.p_value, pred.pred_label = out["p_value"].numpy(), out["pred_label"].numpy()
+                pred.pred_mask = [m > meta["mask_threshold"] for m in maps]
+            yield pred, data, heat
+
+
 def load(ckpt, device="auto", compile=False) -> Detector:
-    """The Detector of a checkpoint file (read without running anything in it)."""
+    """The Detector of a checkpoint file, or the Archive of an export (.pt2); neither read runs
+    anything in the file."""
+    if Path(ckpt).suffix == ".pt2":
+        return Archive(ckpt, device)
     return Detector(load_checkpoint(ckpt), ckpt, device, compile)
 
 
-def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, alarm_rate=None, device="auto",
+def score(ckpt, images, out, cfg: ScoreConfig = None, category=None, alarm_rate=None, device="auto",
           compile=False, chunk=32, log=print) -> list:
     """Score an image or a folder of them into `out`: scores.csv (path, score and, with alarm_rate,
     p_value and anomalous; empty for an unreadable file, which is named and skipped), heatmaps/ (an
     overlay per image, one colour range: the first chunk's), maps/ (each map as a float32 TIFF at its
     image's original size, named like its overlay) and with alarm_rate masks/ (defect masks at each
-    image's original size). Returns the rows of scores.csv."""
+    image's original size). cfg None: the defaults, or an export archive's own rule. Returns the rows
+    of scores.csv."""
     out = Path(out)
     with run_lock(out, "--out", "score"):
         detector = load(ckpt, device, compile)
@@ -2827,7 +3085,7 @@ def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, al
         rows, span = {}, None
         with staged(out, stale=() if alarm_rate else ("masks",)) as new:
             for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,
-                                                    progress=Progress(len(files)), **asdict(cfg)):
+                                                    progress=Progress(len(files)), **asdict(cfg) if cfg else {}):
                 span = write_overlays(new / "heatmaps", data, [h.numpy() for h in heat], span)
                 for i, path in enumerate(pred.image_path):
                     rows[path] = [pred.pred_score[i]] + ([] if pred.p_value is None else
@@ -2992,7 +3250,9 @@ def cmd_test(args):
 
 
 def cmd_score(args):
-    cfg = ScoreConfig(**given(ScoreConfig, args))
+    flags = given(ScoreConfig, args)
+    base = check_archive(args.ckpt)["rule"] if Path(args.ckpt).suffix == ".pt2" else {}  # an archive's rule is fixed
+    cfg = ScoreConfig(**{**base, **flags})
     out = Path(args.out or Path("scored") / Path(args.images).resolve().name)
     rows = score(args.ckpt, args.images, out, cfg, args.category, args.alarm_rate, args.device, args.compile)
     print(f"wrote {out}")
@@ -3001,6 +3261,10 @@ def cmd_score(args):
 
 def cmd_calibrate(args):
     calibrate(args.ckpt, args.data, args.category, ScoreConfig(**given(ScoreConfig, args)), args.device, args.compile)
+
+
+def cmd_export(args):
+    export(args.ckpt, args.out, args.category, args.alarm_rate, ScoreConfig(**given(ScoreConfig, args)), args.data)
 
 
 def cmd_demo(args):
@@ -3128,6 +3392,17 @@ def build_parser() -> Parser:
                                   "--calib-fraction hold-out, rescored with the options below)")
     p.add_argument("--category", help="the category these images belong to (several-category models)")
     scoring(p)
+
+    p = command("export", cmd_export, "the whole scorer of one category as one torch.export archive (.pt2) that "
+                                      "runs with torch alone (README, Deploying)", device=False)
+    p.add_argument("--ckpt", required=True, help="checkpoint of an untiled run")
+    p.add_argument("--category", help="the category it scores (several-category models)")
+    p.add_argument("--alarm-rate", type=float, metavar="A",
+                   help="also hold the calibration: outputs p_value, pred_label (p <= A) and pred_mask")
+    p.add_argument("--data", help="a folder of images the archive is checked on against the scorer (default: the "
+                                  "calibration's images, else the run's hold-out)")
+    p.add_argument("--out", help="the archive, .pt2 (default: RUN/<category>.pt2)")
+    knob_flags(p, ScoreConfig, EXPORT_RULE[1:])
 
     p = command("demo", cmd_demo, "generate textures with defects, train `tiny` on CPU, test")
     p.add_argument("--out", default="demo_out", help="its data, run and evaluation (default demo_out)")
