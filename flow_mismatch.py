@@ -35,7 +35,8 @@ The machinery:
     Export              the whole calibrated scorer of one category as one torch.export archive (.pt2) that runs
                         with torch alone; archives read without unpickling, parity checked on every export
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
-    Speed               bench: U-Net before/eager/compiled, latency and throughput, training, the naive loop
+    Speed               bench: U-Net before/eager/compiled, latency and throughput, training, the naive loop,
+                        the exported scorer
     The paper's numbers Tables 1, 4, 5 for `compare`
     From Python         fm.load(ckpt).predict(images); train, evaluate, calibrate, score as functions
     CLI                 train, test, score, calibrate, explain, demo, compare, bench, export
@@ -2669,6 +2670,8 @@ class BenchConfig:
     no_naive: bool = knob(False, "skip the naive loop (slow for large K*T)")
     train: bool = knob(False, "time training steps instead (batch = --images)")
     compile: bool = knob(False, "also time the compiled U-Net (and training step)")
+    export: bool = knob(False, "also time the whole scorer exported (torch.export, as `export` writes it) against "
+                               "eager, with the export time and the archive's size")
     layout: str = knob("auto", "memory layout; auto: channels_last for training and CPU scoring, NCHW for GPU "
                                "scoring", choices=("auto", "channels_last", "nchw"))
 
@@ -2770,12 +2773,41 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, faste
     out.update(bf16_heat_max_rel_diff=float((h16 - h32).abs().max() / h32.abs().max()),
                bf16_score_max_rel_diff=float(((s16 - s32).abs() / s32.abs()).max()),
                bf16_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
+    if bc.export:
+        out.update(bench_export(model, y, replace(cfg, precision="fp32"), fastest))
     if not bc.no_naive:
         ref = mismatch_heat_naive(model, y, cfg=cfg)  # also the warm-up
         seconds_naive = fastest({"naive": lambda: mismatch_heat_naive(model, y, cfg=cfg)})["naive"]
         out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / sec,
                    max_abs_diff=float((heat - ref).abs().max()))
     return out
+
+
+def bench_export(model: UNet, y, cfg: ScoreConfig, fastest) -> dict:
+    """The exported whole scorer (WholeScorer, saved and loaded back as `export` does) against the eager
+    scorer (normalisation and mismatch_heat, fp32) on the same uint8 images: export time (trace, save,
+    load), archive size, images/s, latency and the largest relative difference of the maps."""
+    S, mean, std = y.shape[-1], [0.5] * 3, [0.25] * 3
+    images = (y.clamp(-2, 2) * 63 + 127).round().byte()  # (N, 3, S, S) uint8
+    t0 = time.perf_counter()
+    program = export_program(WholeScorer(model, cfg, mean, std, None, S).to(y.device), images)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.export.save(program, Path(tmp) / "bench.pt2")
+        size = (Path(tmp) / "bench.pt2").stat().st_size
+        exported = torch.export.load(Path(tmp) / "bench.pt2").module()
+    export_s = time.perf_counter() - t0
+
+    def eager(x):
+        return mismatch_heat(model, normalise(x, torch.tensor(mean), torch.tensor(std)), cfg=cfg)
+
+    with torch.no_grad():
+        heat, got = eager(images), exported(images)["anomaly_map"]
+        best = fastest({"eager": lambda: eager(images), "exported": lambda: exported(images),
+                        "eager_latency": lambda: eager(images[:1]), "exported_latency": lambda: exported(images[:1])})
+    return dict(export_s=export_s, export_bytes=size, exported_fps=len(images) / best["exported"],
+                exported_latency_ms=1e3 * best["exported_latency"], exported_vs_eager=best["eager"] / best["exported"],
+                exported_latency_vs_eager=best["eager_latency"] / best["exported_latency"],
+                exported_max_rel_diff=float((got - heat).abs().max() / heat.abs().max()))
 
 
 def bench_train(model: UNet, y, device, bc: BenchConfig, fastest, out: dict) -> dict:
