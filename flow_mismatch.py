@@ -2413,10 +2413,10 @@ def parity_images(detector: Detector, ckpt_path, cal, category, data) -> torch.T
 
 def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = ScoreConfig(), data=None,
            log=print) -> dict:
-    """Write the archive of `category` to `out` (default RUN/<category>.pt2) after checking it:
-    loaded back, it must give the maps and scores of score_dataset on the parity images to 1e-5
-    relative, at batch 1 and at all of them, and the same p-values, decisions and masks. Returns its
-    metadata, parity figures included."""
+    """Write the archive of `category` to `out` (default RUN/<category>.pt2) after checking it (parity):
+    loaded back, it must give score_dataset's maps and scores on the parity images to 1e-5 relative,
+    and decide by the calibration's rule. The archive written is saved from the program checked, with
+    the figures in its metadata. Returns the metadata."""
     ckpt_path = Path(ckpt)
     detector = Detector(load_checkpoint(ckpt_path), ckpt_path, "cpu")
     if detector.geometry[2]:
