@@ -2436,8 +2436,8 @@ def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = Sc
     cal = None if alarm_rate is None else calibration_of(detector.ckpt, category, cfg, ckpt_path, alarm_rate)
     images = parity_images(detector, ckpt_path, cal, category, data)
     t0 = time.perf_counter()
-    program = export_program(WholeScorer(detector.model, cfg, detector.mean, detector.std, label, size, cal, alarm_rate),
-                             images)
+    model = model_from_checkpoint(detector.ckpt, ckpt_path).eval()  # NCHW: the archive's weights contiguous
+    program = export_program(WholeScorer(model, cfg, detector.mean, detector.std, label, size, cal, alarm_rate), images)
     meta = dict(format=EXPORT_FORMAT, category=category, image_size=size, mean=detector.ckpt["mean"],
                 std=detector.ckpt["std"], rule={f: getattr(cfg, f) for f in EXPORT_RULE}, precision="fp32",
                 alarm_rate=alarm_rate, calibration_size=None if cal is None else len(cal["scores"]),
