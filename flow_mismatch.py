@@ -28,12 +28,14 @@ The machinery:
     Data                benchmark layouts read in place, every mask encoding; native-size images, tiles; demo data
     Evaluation          test sets scored, overlays, maps at the original size, tables, report.html; sweeps
     Calibration         split-conformal p-values, thresholds and masks with a false-alarm guarantee
+    Export              the whole calibrated scorer of one category as one torch.export archive (.pt2) that runs
+                        with torch alone; archives read without unpickling, parity checked on every export
     Explain             one image inside the scorer: x_t, w(t) delta_t per t, min vs mean over paths, H
     Speed               bench: U-Net before/eager/compiled, bf16 weights, CUDA graphs, latency and throughput,
-                        training, the naive loop
+                        training, the naive loop, the exported scorer
     The paper's numbers  Tables 1, 4, 5 for `compare`
     From Python         fm.load(ckpt).predict(images); train, evaluate, calibrate, score as functions
-    CLI                 train, test, score, calibrate, explain, demo, compare, bench
+    CLI                 train, test, score, calibrate, explain, demo, compare, bench, export
 """
 
 from __future__ import annotations
@@ -384,7 +386,7 @@ def path_aggregate(acc, m, K: int) -> torch.Tensor:
 
 
 def seed_mix(*ints) -> int:
-    """One 63-bit seed from integers (seed, image id, path, ...): each is folded in with the splitmix64
+    """One 63-bit seed from integers (seed, place, path, ...): each is folded in with the splitmix64
     finaliser (Steele, Lea and Flood 2014), so neighbouring inputs give unrelated seeds, the same on
     every run, machine and Python."""
     h = 0
@@ -396,15 +398,15 @@ def seed_mix(*ints) -> int:
     return h >> 1
 
 
-def path_noise(seed: int, ids, k: int, shape, device) -> torch.Tensor:
-    """x0 of path k for the images `ids`, (len(ids), *shape): a function of (seed, image id, k)
-    only, so a heatmap does not depend on batching, chunking or the number of processes."""
-    gen = torch.Generator(device=device)
-    x0 = torch.empty((len(ids), *shape), device=device)
-    for i, image_id in enumerate(ids):
-        gen.manual_seed(seed_mix(seed, image_id, k))
-        x0[i] = torch.randn(shape, generator=gen, device=device)
-    return x0
+def path_noise(seed: int, places, k: int, shape, device) -> torch.Tensor:
+    """x0 of path k for images at `places`, (len(places), *shape): a function of (seed, place, k)
+    only, where the place is 0 for a whole image (a tile's place in its image for tiles), so an
+    image's heatmap is a function of the image alone, wherever it stands in a folder, batch or call."""
+    gen, x0 = torch.Generator(device=device), {}
+    for place in dict.fromkeys(places):
+        gen.manual_seed(seed_mix(seed, place, k))
+        x0[place] = torch.randn(shape, generator=gen, device=device)
+    return torch.stack([x0[place] for place in places])
 
 
 def interior_times(T: int, device=None) -> torch.Tensor:
@@ -413,12 +415,12 @@ def interior_times(T: int, device=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mismatch_heat_naive(model, y, labels=None, cfg: MethodConfig = MethodConfig(), ids=None,
+def mismatch_heat_naive(model, y, labels=None, cfg: MethodConfig = MethodConfig(), places=None,
                         amp=contextlib.nullcontext) -> torch.Tensor:
     """Heatmap H of Eqs. (2)-(4) as written, one path, one time, one forward at a time, for normalised images
     y (B, C, H, W) -> (B, H, W) float32: the definition. amp: the context of each forward (fp32 unless given)."""
     B, C, H, W = y.shape
-    ids = list(range(B)) if ids is None else ids
+    places = [0] * B if places is None else places
     m = aggregator_rank(cfg.aggregator, cfg.K)
     heat = torch.zeros(B, H, W, device=y.device)
     for b in range(B):
@@ -426,7 +428,7 @@ def mismatch_heat_naive(model, y, labels=None, cfg: MethodConfig = MethodConfig(
             t = torch.tensor([j / (cfg.T + 1)], device=y.device)
             acc = None
             for k in range(cfg.K):
-                x0 = path_noise(cfg.seed, ids[b:b + 1], k, (C, H, W), y.device)
+                x0 = path_noise(cfg.seed, places[b:b + 1], k, (C, H, W), y.device)
                 xt = (1 - t) * x0 + t * y[b:b + 1]  # Eq. (2): x_t = (1 - t) x0 + t y
                 with amp():
                     v = model(xt, t, None if labels is None else labels[b:b + 1]).float()
@@ -437,17 +439,17 @@ def mismatch_heat_naive(model, y, labels=None, cfg: MethodConfig = MethodConfig(
 
 
 @torch.no_grad()
-def mismatch_delta(model, y, labels=None, cfg: MethodConfig = MethodConfig(), ids=None, batch=64,
+def mismatch_delta(model, y, labels=None, cfg: MethodConfig = MethodConfig(), places=None, batch=64,
                    amp=contextlib.nullcontext) -> torch.Tensor:
     """delta_t of Eq. (3) at every interior time for normalised images y (B, C, H, W) -> (B, T, H, W) float32,
     batched: the K*B*T inputs run as one flat (path, image, time) sequence cut into forwards of `batch`
     inputs, and each path is folded in by fold_path once its B*T maps are done. It equals the sums of
     mismatch_heat_naive: each input (k, b, t) is the same x_t of the same x0 (path_noise: a function of
-    seed, image id and k), the U-Net in eval mode computes each row of a batch on its own, and paths are
+    seed, place and k), the U-Net in eval mode computes each row of a batch on its own, and paths are
     folded in the same order; only the float rounding of batched kernels differs (tests/test_scorer.py)."""
     B, C, H, W = y.shape
     K, T, device = cfg.K, cfg.T, y.device
-    ids = list(range(B)) if ids is None else ids
+    places = [0] * B if places is None else places
     t = interior_times(T, device)
     m = aggregator_rank(cfg.aggregator, K)
     n = B * T  # inputs per path
@@ -457,7 +459,7 @@ def mismatch_delta(model, y, labels=None, cfg: MethodConfig = MethodConfig(), id
         ks = range(s // n, (e - 1) // n + 1)  # the paths inputs s..e-1 belong to
         for k in ks:
             if k not in x0s:
-                x0s[k] = path_noise(cfg.seed, ids, k, (C, H, W), device)
+                x0s[k] = path_noise(cfg.seed, places, k, (C, H, W), device)
         sl = torch.arange(s, e, device=device)
         ki, bi, ji = sl // n - ks[0], sl // T % B, sl % T
         x0 = torch.stack([x0s[k] for k in ks])[ki, bi]
@@ -473,11 +475,11 @@ def mismatch_delta(model, y, labels=None, cfg: MethodConfig = MethodConfig(), id
     return path_aggregate(acc, m, K)  # (B, T, H, W)
 
 
-def mismatch_heat(model, y, labels=None, cfg: MethodConfig = MethodConfig(), ids=None, batch=64,
+def mismatch_heat(model, y, labels=None, cfg: MethodConfig = MethodConfig(), places=None, batch=64,
                   amp=contextlib.nullcontext) -> torch.Tensor:
     """Heatmap H of Eq. (4) for normalised images y (B, C, H, W) -> (B, H, W) float32, batched."""
     w = WEIGHTS[cfg.weight](interior_times(cfg.T, y.device)).view(1, -1, 1, 1)
-    return (w * mismatch_delta(model, y, labels, cfg, ids, batch, amp)).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
+    return (w * mismatch_delta(model, y, labels, cfg, places, batch, amp)).mean(1)  # Eq. (4): H = mean_t w(t) delta_t
 
 
 def image_score(heat: torch.Tensor, rule="paper") -> torch.Tensor:
@@ -549,9 +551,9 @@ def run_options(cfg: ScoreConfig, model, y) -> dict:
     return dict(batch=forward_batch(cfg, model, y), amp=lambda: autocast(y.device, cfg.precision))
 
 
-def run_mismatch_heat(model, y, labels, cfg: ScoreConfig, ids=None) -> torch.Tensor:
+def run_mismatch_heat(model, y, labels, cfg: ScoreConfig, places=None) -> torch.Tensor:
     """mismatch_heat with the run's forward batch (--max-batch) and precision (--precision)."""
-    return mismatch_heat(model, y, labels, cfg, ids, **run_options(cfg, model, y))
+    return mismatch_heat(model, y, labels, cfg, places, **run_options(cfg, model, y))
 
 
 # ----------------------------------------------------------------------------
@@ -568,11 +570,11 @@ def aggregate_paths(h: torch.Tensor, aggregator: str, K: int) -> torch.Tensor:
     return path_aggregate(acc, m, K)
 
 
-def noisy_copies(y, cfg: ScoreConfig, ids):
+def noisy_copies(y, cfg: ScoreConfig, places):
     """(K*B, C, H, W) path-major copies y_t0 = (1 - t0) x0 + t0 y (Eq. 28), and t0 per row."""
     B, C, H, W = y.shape
-    ids = list(range(B)) if ids is None else ids
-    x0 = torch.cat([path_noise(cfg.seed, ids, k, (C, H, W), y.device) for k in range(cfg.K)])
+    places = [0] * B if places is None else places
+    x0 = torch.cat([path_noise(cfg.seed, places, k, (C, H, W), y.device) for k in range(cfg.K)])
     return (1 - cfg.t0) * x0 + cfg.t0 * y.repeat(cfg.K, 1, 1, 1), torch.full((cfg.K * B,), cfg.t0, device=y.device)
 
 
@@ -585,10 +587,10 @@ def velocity(model, x, t, labels, cfg: ScoreConfig, y) -> torch.Tensor:
 
 
 @torch.no_grad()
-def recon_heat(model, y, labels, cfg: ScoreConfig, ids=None) -> torch.Tensor:
+def recon_heat(model, y, labels, cfg: ScoreConfig, places=None) -> torch.Tensor:
     """ReconFlow (App. C.2): Euler-integrate the learned ODE from y_t0 to t = 1 for y_hat and map
     the reconstruction error, (B, C, H, W) -> (B, H, W)."""
-    x, t = noisy_copies(y, cfg, ids)
+    x, t = noisy_copies(y, cfg, places)
     dt = (1 - cfg.t0) / cfg.ode_steps
     for _ in range(cfg.ode_steps):
         x, t = x + dt * velocity(model, x, t, labels, cfg, y), t + dt
@@ -597,12 +599,12 @@ def recon_heat(model, y, labels, cfg: ScoreConfig, ids=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def onestep_heat(model, y, labels, cfg: ScoreConfig, ids=None) -> torch.Tensor:
+def onestep_heat(model, y, labels, cfg: ScoreConfig, places=None) -> torch.Tensor:
     """RADAR-style, reconstruction-free: one velocity at t0 gives the clean-image estimate
     y_hat = x_t + (1 - t) v (on a straight path y = x_t + (1 - t)(y - x0), with v in place of
     y - x0); the map is ||y - y_hat||_2 plus the same norm of the difference of Sobel gradients,
     (B, C, H, W) -> (B, H, W)."""
-    xt, t = noisy_copies(y, cfg, ids)
+    xt, t = noisy_copies(y, cfg, places)
     d = y.repeat(cfg.K, 1, 1, 1) - (xt + (1 - cfg.t0) * velocity(model, xt, t, labels, cfg, y))  # y - y_hat
     h = d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt()
     return aggregate_paths(h, cfg.aggregator, cfg.K)
@@ -718,11 +720,10 @@ class ScoreConfig(MethodConfig):
 # Tiles (train --tile N): an image larger than the model's input is covered by overlapping N x N
 # tiles, the last of each row and column aligned to the border; every tile is scored as an image of
 # its own and the tile maps are blended with a window that fades to ~0 at a tile's border, so the
-# stitched map has the image's own size and no seam. Tile j of image i draws its paths as image
-# i + j * TILE_IDS: tile 0 as the image itself, so an image of exactly one tile scores as untiled.
+# stitched map has the image's own size and no seam. A tile draws its paths from its place in the
+# image, (top, left) as top * 2^32 + left: the tile at (0, 0) as a whole image, so an image of exactly
+# one tile scores as untiled.
 # Last, smooth_maps: the Gaussian smoothing of any map (--smooth), applied where the maps are made.
-
-TILE_IDS = 1 << 41  # above the calibration ids (CALIB_IDS + i)
 
 
 def tile_grid(H: int, W: int, N: int, stride: int) -> list:
@@ -755,9 +756,9 @@ def position_labels(labels, cells, G: int):
 
 
 @torch.no_grad()
-def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=None, grid=0) -> list:
+def tiled_maps(fn, images, N: int, stride: int, per_call: int, progress=None, grid=0) -> list:
     """Maps of images larger than a tile: every N x N tile of every image ((3, H, W) each) goes
-    through fn(tiles (n, 3, N, N), tile ids, cells) -> (n, *, N, N) in flat batches of per_call
+    through fn(tiles (n, 3, N, N), tile places, cells) -> (n, *, N, N) in flat batches of per_call
     tiles (cells: tile_cells on a grid x grid grid, None for grid 0), and the tile maps are stitched
     as sum(window * map) / sum(window) into (*, H, W) per image. Only per_call tiles are in flight
     at once: memory beyond the maps does not grow with the image."""
@@ -772,7 +773,7 @@ def tiled_maps(fn, images, N: int, stride: int, ids, per_call: int, progress=Non
         chunk = jobs[c:c + per_call]
         tiles = torch.stack([images[i][:, top:top + N, left:left + N] for i, _, top, left in chunk])
         cells = tile_cells([(top, left, *images[i].shape[-2:]) for i, _, top, left in chunk], N, grid) if grid else None
-        maps = fn(tiles, [ids[i] + j * TILE_IDS for i, j, _, _ in chunk], cells).cpu()  # (n, *, N, N)
+        maps = fn(tiles, [top << 32 | left for _, _, top, left in chunk], cells).cpu()  # (n, *, N, N)
         for (i, _, top, left), m in zip(chunk, maps):
             if acc[i] is None:
                 acc[i] = torch.zeros(*m.shape[:-2], *images[i].shape[-2:])
@@ -2237,9 +2238,9 @@ class Progress:
 
 
 def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, progress=None,
-                  first_id=0, tile=0, grid=0):
+                  tile=0, grid=0):
     """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores
-    every world-th image and rank 0 gathers them. Image i draws its paths as image first_id + i.
+    every world-th image and rank 0 gathers them.
     With tile > 0 (a tiled checkpoint) each image is scored in tiles (tiled_maps) and its map has
     the image's own size: a (N, H, W) tensor, or a list of (H, W) maps if the sizes differ; with
     grid > 0 each tile's label also names its cell (position_labels)."""
@@ -2247,17 +2248,17 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
     inputs_per_image = cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K
     mine = list(range(rank, len(data), world))
 
-    def heat_of(x, ids, cells=None):  # uint8 (n, 3, h, w) -> (n, h, w)
+    def heat_of(x, places=None, cells=None):  # uint8 (n, 3, h, w) -> (n, h, w)
         y = normalise(x.to(device), mean, std)
         labels = None if labels_for is None else torch.full((len(x),), labels_for)
         labels = position_labels(labels, cells, grid)
-        return SCORERS[cfg.score](model, y, None if labels is None else labels.to(device), cfg, ids)
+        return SCORERS[cfg.score](model, y, None if labels is None else labels.to(device), cfg, places)
 
     probe = torch.empty(1, 3, *((tile, tile) if tile else data.images[0].shape[-2:]), device=device)
     per_call = max(1, forward_batch(cfg, model, probe) // inputs_per_image)
     if tile:
         maps = tiled_maps(heat_of, [data.images[i] for i in mine], tile, cfg.stride or tile // 2,
-                          [first_id + i for i in mine], per_call, progress and (lambda n: progress(n * world)), grid)
+                          per_call, progress and (lambda n: progress(n * world)), grid)
         heat = [torch.zeros(x.shape[-2:]) for x in data.images]
         for i, m in zip(mine, maps):
             heat[i] = m
@@ -2267,7 +2268,7 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
         heat = torch.zeros(len(data), *data.images.shape[2:])
         for i in range(0, len(mine), per_call):
             ids = mine[i:i + per_call]
-            heat[ids] = heat_of(data.images[ids], [first_id + i for i in ids]).cpu()
+            heat[ids] = heat_of(data.images[ids]).cpu()
             if progress is not None:
                 progress(len(ids) * world)
     if world > 1:  # each image was scored by exactly one rank
@@ -2680,9 +2681,11 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
 # rate is Beta(floor((n + 1) A), n + 1 - floor((n + 1) A)) distributed, sd about sqrt(A (1 - A) / (n + 2)).
 # k <= n needs A >= 1/(n + 1). The defect masks apply the same rule to the heatmap maxima max H:
 # pixels above tau_A(maxima), so a normal image shows any flagged pixel with probability <= A.
-# Calibration images draw their paths as images CALIB_IDS + i, so no scored image shares their noise.
+# Exchangeability needs one rule for both: a calibration image is scored as any image is, its paths
+# drawn from (seed, k) alone. Calibrations record it as noise = NOISE_RULE; older ones drew the paths
+# from the image's position among the calibration images and are refused.
 
-CALIB_IDS = 1 << 40
+NOISE_RULE = "seed-path"
 SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score", "stride",
               "smooth")  # shared by both
 OPERATING = ("false_alarm_rate", "detection_rate", "pixel_precision", "pixel_recall")
@@ -2711,9 +2714,10 @@ def calibrate_on(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labe
                  grid=0) -> dict:
     """Scores and heatmap maxima of normal images the model was not trained on, bound to what made
     them: the images (data.paths, absolute, and their sha256), the rule, the weights' step."""
-    heat, scores = score_dataset(model, data, cfg, mean, std, device, label, first_id=CALIB_IDS, tile=tile, grid=grid)
+    heat, scores = score_dataset(model, data, cfg, mean, std, device, label, tile=tile, grid=grid)
     return dict(scores=scores.tolist(), maxima=[float(h.max()) for h in heat], paths=list(data.paths),
-                sha256=image_hashes(data.images), rule={f: getattr(cfg, f) for f in SCORE_RULE}, step=step)
+                sha256=image_hashes(data.images), rule={f: getattr(cfg, f) for f in SCORE_RULE}, step=step,
+                noise=NOISE_RULE)
 
 
 def check_calibration(record, at: str) -> None:
@@ -2783,6 +2787,10 @@ def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) 
     if cal is None:
         raise UserError(f"--alarm-rate: {ckpt_path} holds no calibration of {category}; train with --calib-fraction "
                         f"or run: calibrate --ckpt {ckpt_path} --data FOLDER_OF_NORMAL_IMAGES")
+    if cal.get("noise") != NOISE_RULE:
+        raise UserError(f"--alarm-rate: the calibration of {category} in {ckpt_path} drew its path noise from each "
+                        f"image's position, an older rule than scoring's; recalibrate: calibrate --ckpt {ckpt_path} "
+                        f"--category {category} (rescores the run's hold-out; --data FOLDER for other normal images)")
     if cal.get("step") != ckpt["step"]:
         raise UserError(f"--alarm-rate: the calibration of {category} in {ckpt_path} was scored on the weights of "
                         f"step {cal.get('step')}, not on these (step {ckpt['step']}); run calibrate --ckpt {ckpt_path} "
@@ -2812,6 +2820,205 @@ def operating_point(cal: dict, A: float, scores, anomalous, heat, masks) -> dict
 
 
 # ----------------------------------------------------------------------------
+# Export: the whole scorer of one category as one torch.export archive (.pt2) that runs with torch
+# alone. Its module takes uint8 images (B, 3, S, S) at the model's size S, any B >= 1, and returns
+# anomalib's fields: pred_score (B,), anomaly_map (B, S, S) and, calibrated, p_value (B,), pred_label
+# (B,) and pred_mask (B, S, S). Under the noise rule every image is scored with the same K noises, so
+# they are buffers; the loop over paths is unrolled; the calibration is a sorted buffer the p-value
+# counts in. Resizing stays outside (README, "Deploying"). The archive's metadata.json says what it
+# holds, and every export is loaded back and checked against the scorer above before it is kept.
+
+EXPORT_FORMAT = "flow-mismatch export 1"
+EXPORT_RULE = ("score", "K", "T", "aggregator", "weight", "image_score", "seed")  # what an archive fixes
+ARCHIVE_PLAIN = ("archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id")
+
+
+class WholeScorer(nn.Module):
+    """Normalisation, Eqs. (2)-(4) with K fixed noises and T fixed times, S and, given a calibration
+    cal and a rate A, the conformal p-value, decision and mask, as one module of one category."""
+
+    def __init__(self, model: UNet, cfg: ScoreConfig, mean, std, label, size: int, cal=None, A=None):
+        super().__init__()
+        self.model, self.label, self.rank, self.rule, self.A = model, label, aggregator_rank(cfg.aggregator, cfg.K), \
+            cfg.image_score, A
+        t = interior_times(cfg.T)
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("x0", torch.cat([path_noise(cfg.seed, [0], k, (3, size, size), "cpu")
+                                              for k in range(cfg.K)]))  # (K, 3, S, S)
+        self.register_buffer("t", t)
+        self.register_buffer("w", WEIGHTS[cfg.weight](t))
+        if cal is not None:
+            self.register_buffer("calib", torch.tensor(sorted(cal["scores"]), dtype=torch.float64))
+            self.register_buffer("tau", torch.tensor(conformal_threshold(cal["maxima"], A)))
+
+    def forward(self, images):  # uint8 (B, 3, S, S)
+        y = (images.float() / 255 - self.mean) / self.std  # as normalise
+        B, T = y.shape[0], len(self.t)  # len(y) would fix B at export
+        t = self.t.view(T, 1).expand(T, B).reshape(-1)  # (T*B,) time-major
+        ys = y.repeat(T, 1, 1, 1)  # (T*B, 3, S, S)
+        labels = None if self.label is None else torch.full_like(t, self.label, dtype=torch.long)
+        z = []
+        for x0 in self.x0:  # one path at a time, unrolled
+            xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * ys  # Eq. (2)
+            z.append((self.model(xt, t, labels) - (ys - x0)).square().sum(1))  # Eq. (3): Z_t^(k), (T*B, S, S)
+        z = torch.stack(z)  # (K, T*B, S, S)
+        delta = z.mean(0) if self.rank is None else z.sort(0).values[self.rank - 1]  # Eq. (3) over paths
+        heat = (self.w.view(-1, 1, 1, 1) * delta.view(T, B, *delta.shape[1:])).mean(0)  # Eq. (4), (B, S, S)
+        s = image_score(heat, self.rule)
+        out = dict(pred_score=s, anomaly_map=heat)
+        if self.A is not None:  # p_values and conformal_threshold, in torch
+            p = (1 + (self.calib >= s.double()[:, None]).sum(1)).double() / (len(self.calib) + 1)
+            out.update(p_value=p, pred_label=p <= self.A, pred_mask=heat > self.tau)
+        return out
+
+
+def export_program(module: WholeScorer, images) -> torch.export.ExportedProgram:
+    """torch.export of the module for any batch B >= 1 (traced on two of the uint8 `images`), without
+    the sample inputs, which the archive would hold pickled."""
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), (images[:2].repeat(2 // min(2, len(images)), 1, 1, 1),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=2**20)},))
+    program.example_inputs = None
+    return program
+
+
+def check_archive(path, flag="--ckpt") -> dict:
+    """metadata.json of an export archive, after checking that its entries hold no pickle: JSON,
+    plain text, empty sample inputs and the raw tensor bytes its configs list as not pickled. Anything
+    else refuses the file: torch.export.load unpickles what it finds, without weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag}: no archive at {path}")
+    refuse = f"{flag}: {path} refused: its entry %s is not plain data (loading it could run code)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            entries = {name.split("/", 1)[-1]: z.read(name) for name in z.namelist() if not name.endswith("/")}
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{flag}: {path} is not a readable export archive ({str(e)[:80]})")
+    raw = set()
+    for name, body in entries.items():
+        if name.startswith(("data/weights/", "data/constants/")) and name.endswith("_config.json"):
+            try:
+                config = json.loads(body)["config"].values()
+            except (ValueError, KeyError, AttributeError):
+                raise UserError(refuse % name)
+            if any(c.get("use_pickle", True) for c in config):
+                raise UserError(refuse % name)
+            raw |= {name.rsplit("/", 1)[0] + "/" + c["path_name"] for c in config}
+    for name, body in entries.items():
+        if not (name.endswith(".json") or name in ARCHIVE_PLAIN or name in raw
+                or (name.startswith("data/sample_inputs/") and not body)):
+            raise UserError(refuse % name)
+    try:
+        meta = json.loads(entries["extra/metadata.json"])
+        assert meta["format"] == EXPORT_FORMAT
+    except Exception:
+        raise UserError(f"{flag}: {path} is not a flow-mismatch export (no metadata.json of format "
+                        f"{EXPORT_FORMAT!r}); write one with: export --ckpt RUN/ckpt.pt")
+    return meta
+
+
+def parity_images(detector: Detector, ckpt_path, cal, category, data) -> torch.Tensor:
+    """The images an export is checked on: --data, else the calibration's or the run's hold-out."""
+    size = detector.size
+    if data is not None:
+        files = image_files(Path(data)) if Path(data).is_dir() else []
+        if not files:
+            raise UserError(f"--data: {data} is not a folder of images")
+        return uint8_batch([a for a, _ in _load(files, size)])
+    record = cal or (detector.ckpt.get("calibration") or {}).get(category) or \
+        (detector.ckpt.get("held_out") or {}).get(category)
+    if not record:
+        raise UserError(f"--data: give a folder of images to check the archive on; {ckpt_path} records no "
+                        f"calibration or hold-out images of {category}")
+    return bound_images(record, size)
+
+
+def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = ScoreConfig(), data=None,
+           log=print) -> dict:
+    """Write the archive of `category` to `out` (default RUN/<category>.pt2) after checking it (parity):
+    loaded back, it must give score_dataset's maps and scores on the parity images to 1e-5 relative,
+    and decide by the calibration's rule. The archive written is saved from the program checked, with
+    the figures in its metadata. Returns the metadata."""
+    ckpt_path = Path(ckpt)
+    detector = Detector(load_checkpoint(ckpt_path), ckpt_path, "cpu")
+    if detector.geometry[2]:
+        raise UserError(f"--ckpt: {ckpt_path} is tiled (train --tile); export holds one model-size input, so "
+                        f"score tiled checkpoints from the checkpoint")
+    if cfg.score != "mismatch":
+        raise UserError(f"--score: export holds the mismatch scorer (Eqs. 2-4), not {cfg.score}")
+    names = detector.categories
+    category = category or (names[0] if len(names) == 1 else None)
+    if category not in names:
+        raise UserError(f"--category: give one of {names}; an archive holds one category")
+    out = Path(out or ckpt_path.parent / f"{category}.pt2")
+    if out.suffix != ".pt2" or out.is_dir():
+        raise UserError(f"--out: {out} must be a file ending in .pt2")
+    check_out_dir(out.parent)
+    cfg, label, size = replace(cfg, precision="fp32"), category_label(detector.ckpt, category), detector.size
+    cal = None if alarm_rate is None else calibration_of(detector.ckpt, category, cfg, ckpt_path, alarm_rate)
+    images = parity_images(detector, ckpt_path, cal, category, data)
+    t0 = time.perf_counter()
+    model = model_from_checkpoint(detector.ckpt, ckpt_path).eval()  # NCHW: the archive's weights contiguous
+    program = export_program(WholeScorer(model, cfg, detector.mean, detector.std, label, size, cal, alarm_rate), images)
+    meta = dict(format=EXPORT_FORMAT, category=category, image_size=size, mean=detector.ckpt["mean"],
+                std=detector.ckpt["std"], rule={f: getattr(cfg, f) for f in EXPORT_RULE}, precision="fp32",
+                alarm_rate=alarm_rate, calibration_size=None if cal is None else len(cal["scores"]),
+                calibration_scores=None if cal is None else cal["scores"],
+                mask_threshold=None if cal is None else conformal_threshold(cal["maxima"], alarm_rate),
+                ckpt=str(ckpt_path.resolve()), ckpt_sha256=hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
+                step=detector.ckpt["step"], torch=torch.__version__,
+                inputs="uint8 (B, 3, S, S), RGB, resized to S x S (Pillow bilinear)",
+                outputs=["pred_score", "anomaly_map"] + ["p_value", "pred_label", "pred_mask"] * (cal is not None))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.export.save(program, Path(tmp) / out.name, extra_files={"metadata.json": json.dumps(meta)})
+        meta["export_s"] = time.perf_counter() - t0
+        meta["parity"] = parity(Archive(Path(tmp) / out.name), detector, cfg, images, label, cal, alarm_rate)
+    with run_lock(out.parent, "--out", "export", wait=True), atomic_write(out, "wb") as f:
+        torch.export.save(program, f, extra_files={"metadata.json": json.dumps(meta, indent=1)})
+    meta["file_bytes"] = out.stat().st_size
+    p = meta["parity"]
+    log(f"wrote {out} ({meta['file_bytes'] / 1e6:.2f} MB, exported in {meta['export_s']:.1f} s); parity with the "
+        f"scorer on {p['images']} images at batches 1 and {p['batch']}: maps {p['map_max_rel_diff']:.1e}, scores "
+        f"{p['score_max_rel_diff']:.1e} relative" + (f"; decisions by the calibration's rule, {p['labels_differing_at_ties']} "
+        f"label(s) and {p['mask_pixels_differing_at_ties']} mask pixel(s) differing at ties" if cal is not None else ""))
+    return meta
+
+
+def parity(archive, detector: Detector, cfg: ScoreConfig, images, label, cal, A) -> dict:
+    """How the archive's outputs differ from score_dataset's at batch 1 and at up to 16 images per
+    call. UserError (status 1) unless maps and scores agree to 1e-5 relative and the archive's p-values,
+    decisions and masks are exactly p_values' and the thresholds' on its own maps and scores. A decision
+    can then differ from the scorer's only where the scorer's number lies within 1e-5 of the threshold:
+    such ties are counted (on calibration images one image's score is the threshold itself)."""
+    data = Dataset(images, torch.zeros(len(images), dtype=torch.long), [], [""] * len(images))
+    heat, scores = score_dataset(detector.model, data, cfg, detector.mean, detector.std, detector.device, label)
+    batch, agree = min(16, len(images)), True
+    figures = dict(images=len(images), batch=batch, map_max_rel_diff=0.0, score_max_rel_diff=0.0)
+    figures.update(dict(decisions_by_rule=None, labels_differing_at_ties=0, mask_pixels_differing_at_ties=0)
+                   if cal is not None else {})
+    for b in (1, batch):
+        got = [archive.run(images[i:i + b]) for i in range(0, len(images), b)]
+        got = {k: torch.cat([g[k] for g in got]) for k in got[0]}
+        h, s = got["anomaly_map"], got["pred_score"]
+        figures["map_max_rel_diff"] = max(figures["map_max_rel_diff"], float(
+            ((h - heat).abs().flatten(1).amax(1) / heat.flatten(1).amax(1)).max()))
+        figures["score_max_rel_diff"] = max(figures["score_max_rel_diff"], float(((s - scores).abs() / scores).max()))
+        if cal is not None:
+            p, tau = p_values(cal["scores"], s.numpy()), conformal_threshold(cal["maxima"], A)
+            agree &= bool(np.array_equal(got["p_value"].numpy(), p) and np.array_equal(got["pred_label"].numpy(), p <= A)
+                          and torch.equal(got["pred_mask"], h > tau))
+            figures["labels_differing_at_ties"] += int(
+                (torch.from_numpy(p_values(cal["scores"], scores.numpy()) <= A) != got["pred_label"]).sum())
+            figures["mask_pixels_differing_at_ties"] += int(((heat > tau) != got["pred_mask"]).sum())
+            figures["decisions_by_rule"] = agree
+    if max(figures["map_max_rel_diff"], figures["score_max_rel_diff"]) > 1e-5 or not agree:
+        raise UserError(f"export: the archive disagrees with the scorer ({figures}); nothing written", status=1)
+    return figures
+
+
+# ----------------------------------------------------------------------------
 # Explain: inside the scorer for one image; the per-time maps that Eq. (4) averages into H.
 
 def explain_maps(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0, grid=0) -> dict:
@@ -2825,15 +3032,15 @@ def explain_maps(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0,
     w = WEIGHTS[cfg.weight](t).view(1, -1, 1, 1)
 
     def delta_of(c):  # (1, T, H, W)
-        def fn(x, ids, cells=None):
+        def fn(x, places, cells=None):
             labels = position_labels(None if label is None else torch.full((len(x),), label), cells, grid)
-            return mismatch_delta(model, x, None if labels is None else labels.to(y.device), c, ids,
+            return mismatch_delta(model, x, None if labels is None else labels.to(y.device), c, places,
                                   **run_options(c, model, x))
 
         if not tile:
-            return fn(y, [0])
+            return fn(y, None)
         per_call = max(1, forward_batch(c, model, y[:, :, :tile, :tile]) // (c.K * c.T))
-        return tiled_maps(fn, [y[0]], tile, c.stride or tile // 2, [0], per_call, grid=grid)[0][None].to(y.device)
+        return tiled_maps(fn, [y[0]], tile, c.stride or tile // 2, per_call, grid=grid)[0][None].to(y.device)
 
     delta = delta_of(cfg)
     maps = w * delta
@@ -3036,6 +3243,8 @@ class BenchConfig:
     no_naive: bool = knob(False, "skip the naive loop (slow for large K*T)")
     train: bool = knob(False, "time training steps instead (batch = --images)")
     compile: bool = knob(False, "also time the compiled U-Net (and training step)")
+    export: bool = knob(False, "also time the whole scorer exported (torch.export, as `export` writes it) against "
+                               "eager, with the export time and the archive's size")
     layout: str = knob("auto", "memory layout; auto: channels_last for training and CPU scoring, NCHW for GPU "
                                "scoring", choices=("auto", "channels_last", "nchw"))
     bf16_weights: bool = knob(False, "also time the U-Net with its weights in bf16 (with --compile, compiled too)")
@@ -3154,12 +3363,41 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, faste
         out.update(bf16w_heat_max_rel_diff=float((heats["eager_bf16w"] - h32).abs().max() / h32.abs().max()),
                    bf16w_score_max_rel_diff=float(((s16 - s32).abs() / s32.abs()).max()),
                    bf16w_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
+    if bc.export:
+        out.update(bench_export(model, y, replace(cfg, precision="fp32"), fastest))
     if not bc.no_naive:
         ref = mismatch_heat_naive(model, y, None, cfg, amp=run_options(cfg, model, y)["amp"])  # also the warm-up
         seconds_naive = fastest({"naive": lambda: mismatch_heat_naive(model, y, None, cfg, amp=run_options(cfg, model, y)["amp"])})["naive"]
         out.update(naive_fps=images / seconds_naive, speedup=seconds_naive / sec,
                    max_abs_diff=float((heat - ref).abs().max()))
     return out
+
+
+def bench_export(model: UNet, y, cfg: ScoreConfig, fastest) -> dict:
+    """The exported whole scorer (WholeScorer, saved and loaded back as `export` does) against the eager
+    scorer (normalisation and mismatch_heat, fp32) on the same uint8 images: export time (trace, save,
+    load), archive size, images/s, latency and the largest relative difference of the maps."""
+    S, mean, std = y.shape[-1], [0.5] * 3, [0.25] * 3
+    images = (y.clamp(-2, 2) * 63 + 127).round().byte()  # (N, 3, S, S) uint8
+    t0 = time.perf_counter()
+    program = export_program(WholeScorer(model, cfg, mean, std, None, S).to(y.device), images)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.export.save(program, Path(tmp) / "bench.pt2")
+        size = (Path(tmp) / "bench.pt2").stat().st_size
+        exported = torch.export.load(Path(tmp) / "bench.pt2").module()
+    export_s = time.perf_counter() - t0
+
+    def eager(x):
+        return mismatch_heat(model, normalise(x, torch.tensor(mean), torch.tensor(std)), cfg=cfg)
+
+    with torch.no_grad():
+        heat, got = eager(images), exported(images)["anomaly_map"]
+        best = fastest({"eager": lambda: eager(images), "exported": lambda: exported(images),
+                        "eager_latency": lambda: eager(images[:1]), "exported_latency": lambda: exported(images[:1])})
+    return dict(export_s=export_s, export_bytes=size, exported_fps=len(images) / best["exported"],
+                exported_latency_ms=1e3 * best["exported_latency"], exported_vs_eager=best["eager"] / best["exported"],
+                exported_latency_vs_eager=best["eager_latency"] / best["exported_latency"],
+                exported_max_rel_diff=float((got - heat).abs().max() / heat.abs().max()))
 
 
 def bench_train(model: UNet, y, device, bc: BenchConfig, fastest, out: dict) -> dict:
@@ -3348,6 +3586,24 @@ def category_label(ckpt, category):
     return None
 
 
+def image_chunks(images, chunk: int, geometry, skip=False, progress=None):
+    """Datasets of at most `chunk` of `images` (image_inputs), each read when it is needed, as a model
+    of `geometry` (image_geometry) reads them. With skip, an unreadable file is named, left out and
+    counted as done."""
+    (size, scale, tile), inputs = geometry, image_inputs(images)
+    while items := list(itertools.islice(inputs, chunk)):
+        read = [(r, p) for r, (_, p) in zip(_load([x for x, _ in items], size, skip=skip, scale=scale, tile=tile),
+                                            items) if r is not None]
+        if progress and len(read) < len(items):  # a skipped file counts as done
+            progress(len(items) - len(read))
+        if not read:
+            continue
+        arrays = [a for (a, _), _ in read]
+        yield Dataset(uint8_batch(arrays), torch.zeros(len(read), dtype=torch.long), [], [p for _, p in read],
+                      np.zeros(len(read), int), [np.zeros(a.shape[:2], np.uint8) for a in arrays],
+                      sizes=[s for (_, s), _ in read])
+
+
 class Detector:
     """A trained model ready to score, from fm.load(ckpt): in eval mode on its device, with its
     categories, training normalisation and size, and its calibration."""
@@ -3364,27 +3620,15 @@ class Detector:
         """(Prediction, data, heat) per chunk of at most `chunk` images, each read when its chunk is
         scored, so memory does not grow with the number of images; data: the chunk at the model's
         size, heat: its maps there, as score_dataset returns them. With skip, an unreadable file is
-        named and left out. Image i draws its paths as image i of the readable ones, as `score` does."""
+        named and left out."""
         if type(chunk) is not int or chunk < 1:
             raise UserError(f"chunk: images scored at a time must be a positive integer, got {chunk!r}")
         cfg = ScoreConfig(**overrides)
         label = category_label(self.ckpt, category)
         cal = None if alarm_rate is None else calibration_of(self.ckpt, category, cfg, self.path, alarm_rate)
-        (size, scale, tile), inputs, done = self.geometry, image_inputs(images), 0
-        while items := list(itertools.islice(inputs, chunk)):
-            read = [(r, p) for r, (_, p) in zip(_load([x for x, _ in items], size, skip=skip, scale=scale, tile=tile),
-                                                items) if r is not None]
-            if progress and len(read) < len(items):  # a skipped file counts as done
-                progress(len(items) - len(read))
-            if not read:
-                continue
-            arrays = [a for (a, _), _ in read]
-            data = Dataset(uint8_batch(arrays), torch.zeros(len(read), dtype=torch.long), [],
-                           [p for _, p in read], np.zeros(len(read), int),
-                           [np.zeros(a.shape[:2], np.uint8) for a in arrays], sizes=[s for (_, s), _ in read])
+        for data in image_chunks(images, chunk, self.geometry, skip, progress):
             heat, scores = score_dataset(self.model, data, cfg, self.mean, self.std, self.device, label, progress,
-                                         first_id=done, tile=tile, grid=self.grid)
-            done += len(read)
+                                         tile=self.geometry[2], grid=self.grid)
             maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
             pred = Prediction(scores.numpy(), maps, data.paths)
             if cal is not None:
@@ -3404,18 +3648,67 @@ class Detector:
                                  [getattr(p, f.name) for p in parts]) for f in fields(Prediction)})
 
 
+class Archive(Detector):
+    """fm.load("x.pt2"): an export's program (Export) behind Detector's interface, its entries checked
+    to hold no pickle before it is loaded. It scores one category with the rule and alarm rate it was
+    exported with, on the CPU; self.ckpt holds what score reads of a checkpoint."""
+
+    def __init__(self, path, device="auto"):
+        self.meta, self.path = check_archive(path), Path(path)
+        if pick_device(device).type != "cpu":
+            note(f"{path}: an export archive runs on the CPU")
+        cat, self.size, self.device, self.grid = self.meta["category"], self.meta["image_size"], torch.device("cpu"), 0
+        self.program, self.categories, self.geometry = torch.export.load(self.path).module(), [cat], (self.size, 1.0, 0)
+        self.mean, self.std = torch.tensor(self.meta["mean"]), torch.tensor(self.meta["std"])
+        self.ckpt = dict(class_names=[cat], calibration={cat: dict(scores=self.meta["calibration_scores"])})
+
+    def run(self, images) -> dict:
+        """The program's outputs for uint8 images (B, 3, S, S)."""
+        with torch.no_grad():
+            return self.program(images)
+
+    def stream(self, images, category=None, alarm_rate=None, chunk=32, skip=False, progress=None, **overrides):
+        """As Detector.stream, by the program; a category, rule or alarm rate other than the archive's is refused."""
+        meta, flags = self.meta, {f.name: f for f in fields(ScoreConfig)}
+        if category not in (None, meta["category"]):
+            raise UserError(f"--category: {self.path} scores {meta['category']} only")
+        if alarm_rate is not None and alarm_rate != meta["alarm_rate"]:
+            raise UserError(f"--alarm-rate: {self.path} decides at " + (
+                f"{meta['alarm_rate']}, fixed when it was exported" if meta["alarm_rate"] else
+                "no rate: export it with --alarm-rate"))
+        for f in EXPORT_RULE:
+            if f in overrides and overrides[f] != meta["rule"][f]:
+                flag = flag_of(flags[f])
+                raise UserError(f"{flag}: {self.path} scores with {flag} {meta['rule'][f]}, fixed when it was exported")
+        for data in image_chunks(images, chunk, self.geometry, skip, progress):
+            out = self.run(data.images)
+            if progress:
+                progress(len(data))
+            heat = out["anomaly_map"]
+            maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
+            pred = Prediction(out["pred_score"].numpy(), maps, data.paths)
+            if alarm_rate is not None:
+                pred.p_value, pred.pred_label = out["p_value"].numpy(), out["pred_label"].numpy()
+                pred.pred_mask = [m > meta["mask_threshold"] for m in maps]
+            yield pred, data, heat
+
+
 def load(ckpt, device="auto", compile=False) -> Detector:
-    """The Detector of a checkpoint file (read without running anything in it)."""
+    """The Detector of a checkpoint file, or the Archive of an export (.pt2); neither read runs
+    anything in the file."""
+    if Path(ckpt).suffix == ".pt2":
+        return Archive(ckpt, device)
     return Detector(load_checkpoint(ckpt), ckpt, device, compile)
 
 
-def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, alarm_rate=None, device="auto",
+def score(ckpt, images, out, cfg: ScoreConfig = None, category=None, alarm_rate=None, device="auto",
           compile=False, chunk=32, log=print) -> list:
     """Score an image or a folder of them into `out`: scores.csv (path, score and, with alarm_rate,
     p_value and anomalous; empty for an unreadable file, which is named and skipped), heatmaps/ (an
     overlay per image, one colour range: the first chunk's), maps/ (each map as a float32 TIFF at its
     image's original size, named like its overlay) and with alarm_rate masks/ (defect masks at each
-    image's original size). Returns the rows of scores.csv."""
+    image's original size). cfg None: the defaults, or an export archive's own rule. Returns the rows
+    of scores.csv."""
     out = Path(out)
     check_paths({"--out": out}, {"images": images})
     with run_lock(out, "--out", "score"):
@@ -3427,7 +3720,7 @@ def score(ckpt, images, out, cfg: ScoreConfig = ScoreConfig(), category=None, al
         rows, span = {}, None
         with staged(out, stale=() if alarm_rate else ("masks",)) as new:
             for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,
-                                                    progress=Progress(len(files)), **asdict(cfg)):
+                                                    progress=Progress(len(files)), **asdict(cfg) if cfg else {}):
                 span = write_overlays(new / "heatmaps", data, [h.numpy() for h in heat], span)
                 for i, path in enumerate(pred.image_path):
                     rows[path] = [pred.pred_score[i]] + ([] if pred.p_value is None else
@@ -3604,7 +3897,9 @@ def cmd_test(args):
 
 
 def cmd_score(args):
-    cfg = ScoreConfig(**given(ScoreConfig, args))
+    flags = given(ScoreConfig, args)
+    base = check_archive(args.ckpt)["rule"] if Path(args.ckpt).suffix == ".pt2" else {}  # an archive's rule is fixed
+    cfg = ScoreConfig(**{**base, **flags})
     out = Path(args.out or Path("scored") / Path(args.images).resolve().name)
     rows = score(args.ckpt, args.images, out, cfg, args.category, args.alarm_rate, args.device, args.compile)
     print(f"wrote {out}")
@@ -3617,6 +3912,10 @@ def cmd_score(args):
 
 def cmd_calibrate(args):
     calibrate(args.ckpt, args.data, args.category, ScoreConfig(**given(ScoreConfig, args)), args.device, args.compile)
+
+
+def cmd_export(args):
+    export(args.ckpt, args.out, args.category, args.alarm_rate, ScoreConfig(**given(ScoreConfig, args)), args.data)
 
 
 def cmd_demo(args):
@@ -3756,6 +4055,17 @@ def build_parser() -> Parser:
                                   "--calib-fraction hold-out, rescored with the options below)")
     p.add_argument("--category", help="the category these images belong to (several-category models)")
     scoring(p)
+
+    p = command("export", cmd_export, "the whole scorer of one category as one torch.export archive (.pt2) that "
+                                      "runs with torch alone (README, Deploying)", device=False)
+    p.add_argument("--ckpt", required=True, help="checkpoint of an untiled run")
+    p.add_argument("--category", help="the category it scores (several-category models)")
+    p.add_argument("--alarm-rate", type=float, metavar="A",
+                   help="also hold the calibration: outputs p_value, pred_label (p <= A) and pred_mask")
+    p.add_argument("--data", help="a folder of images the archive is checked on against the scorer (default: the "
+                                  "calibration's images, else the run's hold-out)")
+    p.add_argument("--out", help="the archive, .pt2 (default: RUN/<category>.pt2)")
+    knob_flags(p, ScoreConfig, EXPORT_RULE[1:])
 
     p = command("demo", cmd_demo, "generate textures with defects, train `tiny` on CPU, test")
     p.add_argument("--out", default="demo_out", help="its data, run and evaluation (default demo_out)")

@@ -257,3 +257,28 @@ def test_a_model_without_calibration_is_told_what_to_do(line, tmp_path):
     assert_user_error(run_cli("score", "--ckpt", tmp_path / "bare.pt", data / "test" / "good", "--out",
                               tmp_path / "o", "--alarm-rate", 0.1), "no calibration", "--calib-fraction", "calibrate")
     assert not (tmp_path / "o").exists()
+
+
+def test_false_alarm_rate_holds_frame_by_frame(trained, tmp_path):
+    """The guarantee as a line uses it: normal images scored by calibrate, and fresh frames scored
+    one predict call each. Both give an image the same score (the noise rule), and over R random
+    splits of the 120 images into n = 19 calibration images and one new frame the frame's
+    p-value is <= A at the rate floor((n + 1) A) / (n + 1) = 0.1 exactly: given the images, the
+    frame's rank among the n + 1 is uniform. So the count of alarms is Binomial(R, 0.1); checked
+    within Z standard errors."""
+    root = fm.make_demo_dataset(tmp_path / "fresh", size=16, n_train=120, n_test=0, seed=11)
+    data = fm.load_train(root / "weave", 16)
+    detector, cfg, n, A, runs = fm.load(trained, "cpu"), fm.ScoreConfig(K=2, T=2), 19, 0.1, 4000
+    label = detector.categories.index("weave")
+    calib = np.array(fm.calibrate_on(detector.model, data, cfg, detector.mean, detector.std, detector.device, label,
+                                     detector.ckpt["step"])["scores"])
+    frames = np.array([detector.predict(x.permute(1, 2, 0).numpy(), "weave", K=2, T=2).pred_score[0]
+                       for x in data.images])  # one call per frame
+    np.testing.assert_allclose(frames, calib, rtol=1e-5)
+    rng = np.random.default_rng(0)
+    alarms = 0
+    for _ in range(runs):
+        pick = rng.choice(len(data), n + 1, replace=False)
+        alarms += bool(fm.p_values(calib[pick[:n]], frames[pick[n:]])[0] <= A)
+    expected = math.floor((n + 1) * A + 1e-12) / (n + 1)
+    assert abs(alarms / runs - expected) <= Z * math.sqrt(expected * (1 - expected) / runs), alarms / runs

@@ -63,7 +63,7 @@ def test_cli_writes_figure_json_and_arrays(trained, mvtec, tmp_path, capsys):
                     "-K", "2", "-T", "3", "--device", "cpu", "--out", str(tmp_path / "ids.png")]) == 0
     assert json.loads((tmp_path / "ids.json").read_text())["heat_in_mask"] == numbers["heat_in_mask"]
     assert numbers["heat_in_mask"]["inside"] is not None
-    # the same image through `score` (the production path: loading, normalisation, path ids) gives the same S
+    # the same image through `score` (the production path: loading, normalisation, path noise) gives the same S
     capsys.readouterr()
     assert fm.main(["score", "--ckpt", str(trained), str(image), "--category", "weave", "-K", "2", "-T", "3",
                     "--device", "cpu", "--out", str(tmp_path / "score")]) == 0

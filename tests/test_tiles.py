@@ -43,7 +43,7 @@ def test_tile_grid_covers_the_image_with_edge_tiles_at_the_border():
 
 def test_stitching_a_constant_tile_map_gives_a_constant_map():
     images = [torch.zeros(3, 37, 50, dtype=torch.uint8), torch.zeros(3, 16, 16, dtype=torch.uint8)]
-    maps = fm.tiled_maps(lambda x, ids, cells: torch.full((len(x), 16, 16), 2.5), images, 16, 8, [0, 1], per_call=5)
+    maps = fm.tiled_maps(lambda x, ids, cells: torch.full((len(x), 16, 16), 2.5), images, 16, 8, per_call=5)
     assert [m.shape for m in maps] == [(37, 50), (16, 16)]
     for m in maps:
         assert torch.allclose(m, torch.full_like(m, 2.5), rtol=1e-6)
@@ -66,8 +66,8 @@ def test_stitched_map_of_a_tile_periodic_image_is_tile_periodic(monkeypatch):
 def test_tiles_with_different_levels_leave_no_seam(monkeypatch):
     """Each tile's map a random constant: the window blends them, so neighbouring pixels differ by a
     small part of the tiles' spread, never by a jump at a tile's edge (a plain average jumps by 1/4)."""
-    monkeypatch.setitem(fm.SCORERS, "mismatch", lambda model, y, labels, cfg, ids: torch.stack(
-        [torch.full(y.shape[-2:], np.random.default_rng(i).uniform()) for i in ids]))
+    monkeypatch.setitem(fm.SCORERS, "mismatch", lambda model, y, labels, cfg, places: torch.stack(
+        [torch.full(y.shape[-2:], np.random.default_rng(p).uniform()) for p in places]))
     heat, _ = score(None, torch.zeros(1, 3, 96, 96, dtype=torch.uint8), 32, max_batch=1000)
     jumps = max(heat[0].diff(dim=0).abs().max(), heat[0].diff(dim=1).abs().max())
     assert jumps < 0.1
@@ -88,10 +88,10 @@ def test_tile_order_and_batch_composition_do_not_change_the_map(model):
         assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
     y = images.float() * 64 / 255
 
-    def fn(x, ids, cells):
-        return fm.mismatch_heat(model, x, None, fm.ScoreConfig(K=2, T=2), ids)
+    def fn(x, places, cells):
+        return fm.mismatch_heat(model, x, None, fm.ScoreConfig(K=2, T=2), places)
 
-    backwards = fm.tiled_maps(fn, [y[1], y[0]], 16, 8, [1, 0], per_call=7)  # images, and so tiles, reversed
+    backwards = fm.tiled_maps(fn, [y[1], y[0]], 16, 8, per_call=7)  # images, and so tiles, reversed
     assert torch.allclose(backwards[0], ref[1], rtol=1e-5, atol=1e-6)
     assert torch.allclose(backwards[1], ref[0], rtol=1e-5, atol=1e-6)
 

@@ -120,7 +120,7 @@ def mismatch_at(model, y: torch.Tensor, t: float, cfg: ScoreConfig = ScoreConfig
     """delta_t of Eq. (3) at one time t for points y (B, 2) -> (B,): the path aggregate of
     Z_t^(k) = |v(x_t^k, t) - (y - x0^k)|^2 over the same K noise draws as mismatch_heat."""
     B = len(y)
-    x0 = torch.stack([path_noise(cfg.seed, range(B), k, (2,), y.device) for k in range(cfg.K)])  # (K, B, 2)
+    x0 = torch.stack([path_noise(cfg.seed, [0] * B, k, (2,), y.device) for k in range(cfg.K)])  # (K, B, 2)
     xt = (1 - t) * x0 + t * y  # Eq. (2)
     v = model(xt.reshape(-1, 2), torch.full((cfg.K * B,), t)).reshape(cfg.K, B, 2)
     z = (v - (y - x0)).square().sum(-1)  # (K, B), Eq. (3)

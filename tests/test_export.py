@@ -1,0 +1,154 @@
+"""One scoring rule everywhere, and `export`: an image's score does not depend on where it stands
+or how it is called, and the exported archive gives `score --alarm-rate`'s numbers with torch alone."""
+
+import csv
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import flow_mismatch as fm
+
+A, RULE = 0.2, fm.ScoreConfig(K=2, T=2)
+
+
+@pytest.fixture(scope="module")
+def calibrated(trained, tmp_path_factory):
+    """A copy of the tiny trained run, calibrated for weave at K = T = 2 on 9 fresh normal images,
+    and 4 more fresh normal images plus one defective one to score."""
+    tmp = tmp_path_factory.mktemp("export")
+    shutil.copy(trained, tmp / "ckpt.pt")
+    fresh = fm.make_demo_dataset(tmp / "fresh", size=16, n_train=13, n_test=2, seed=3) / "weave"
+    calib, new = tmp / "calib", tmp / "new"
+    for i, f in enumerate(sorted((fresh / "train/good").glob("*.png"))):
+        (calib if i < 9 else new).mkdir(exist_ok=True)
+        shutil.copy(f, (calib if i < 9 else new) / f.name)
+    shutil.copy(next((fresh / "test/stain").glob("*.png")), new / "stain.png")
+    fm.calibrate(tmp / "ckpt.pt", calib, "weave", RULE, "cpu", log=lambda s: None)
+    return tmp / "ckpt.pt", new
+
+
+@pytest.fixture(scope="module")
+def exported(calibrated):
+    ckpt, _ = calibrated
+    meta = fm.export(ckpt, ckpt.parent / "weave.pt2", "weave", A, RULE, log=lambda s: None)
+    return ckpt.parent / "weave.pt2", meta
+
+
+def scores_csv(folder):
+    with open(folder / "scores.csv") as f:
+        return {Path(r["path"]).name: r for r in csv.DictReader(f)}
+
+
+def test_an_image_scores_the_same_alone_in_a_folder_at_any_position_and_frame_by_frame(calibrated, tmp_path):
+    ckpt, new = calibrated
+    files = sorted(new.glob("*.png"))
+    target = files[0]
+    got = []
+    for position in range(3):  # the target as the 1st, 2nd and 3rd file of a folder
+        folder = tmp_path / f"at{position}"
+        folder.mkdir()
+        others = iter(files[1:])
+        for i in range(3):
+            shutil.copy(target if i == position else next(others), folder / f"{i}.png")
+        fm.score(ckpt, folder, tmp_path / f"out{position}", RULE, "weave", log=lambda s: None)
+        got.append(float(scores_csv(tmp_path / f"out{position}")[f"{position}.png"]["score"]))
+    detector = fm.load(ckpt, "cpu")
+    alone = detector.predict(target, "weave", K=2, T=2).pred_score[0]
+    frames = [detector.predict(f, "weave", K=2, T=2).pred_score[0] for f in files]  # one call per frame
+    together = detector.predict(files, "weave", K=2, T=2).pred_score
+    np.testing.assert_allclose(got, alone, rtol=1e-5)  # forward batches of other sizes: float rounding only
+    np.testing.assert_allclose(frames, together, rtol=1e-5)
+    assert frames[0] == alone
+
+
+def test_export_alone_gives_score_alarm_rate_results_at_two_batch_sizes(calibrated, exported, tmp_path):
+    ckpt, new = calibrated
+    archive, meta = exported
+    fm.score(ckpt, new, tmp_path / "ref", RULE, "weave", A, log=lambda s: None)
+    rows = scores_csv(tmp_path / "ref")
+    assert meta["parity"]["map_max_rel_diff"] <= 1e-5 and meta["parity"]["decisions_by_rule"] is True
+    assert meta["calibration_size"] == 9 and meta["rule"]["K"] == 2 and meta["alarm_rate"] == A
+    code = f"""
+import importlib.util, json, sys, numpy as np, torch
+from PIL import Image
+assert importlib.util.find_spec("flow_mismatch") is None, "flow_mismatch is importable"
+meta = {{"metadata.json": ""}}
+program = torch.export.load({str(archive)!r}, extra_files=meta).module()
+S = json.loads(meta["metadata.json"])["image_size"]
+names = {sorted(rows)!r}
+x = torch.stack([torch.from_numpy(np.asarray(Image.open({str(new)!r} + "/" + n).convert("RGB")
+                 .resize((S, S), Image.BILINEAR))).permute(2, 0, 1) for n in names])
+out = {{}}
+with torch.no_grad():
+    for b in (1, 3):
+        parts = [program(x[i:i + b]) for i in range(0, len(x), b)]
+        out[b] = {{k: torch.cat([p[k] for p in parts]).tolist() for k in ("pred_score", "p_value", "pred_label")}}
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    for got in json.loads(r.stdout).values():
+        for i, name in enumerate(sorted(rows)):
+            assert got["pred_score"][i] == pytest.approx(float(rows[name]["score"]), rel=1e-5)
+            assert got["p_value"][i] == pytest.approx(float(rows[name]["p_value"]), abs=1e-12)
+            assert int(got["pred_label"][i]) == int(rows[name]["anomalous"])
+    # the archive through the project: fm.load(...).predict and `score --ckpt x.pt2`, the same numbers
+    pred = fm.load(archive).predict(new, alarm_rate=A)
+    fm.score(archive, new, tmp_path / "arch", log=lambda s: None)  # the archive's own rule
+    scored = scores_csv(tmp_path / "arch")
+    for i, path in enumerate(pred.image_path):
+        name = Path(path).name
+        assert pred.pred_score[i] == pytest.approx(float(rows[name]["score"]), rel=1e-5)
+        assert int(pred.pred_label[i]) == int(rows[name]["anomalous"])
+        assert float(scored[name]["score"]) == pytest.approx(float(rows[name]["score"]), rel=1e-5)
+    with pytest.raises(fm.UserError, match="-K"):
+        fm.load(archive).predict(new, K=3)
+
+
+def test_a_calibration_of_the_old_noise_rule_is_refused(calibrated, tmp_path):
+    ckpt, new = calibrated
+    state = torch.load(ckpt, weights_only=True)
+    del state["calibration"]["weave"]["noise"]  # as recorded before the rule
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(fm.UserError, match=r"older rule .* calibrate --ckpt"):
+        fm.load(tmp_path / "old.pt", "cpu").predict(new, "weave", A, K=2, T=2)
+
+
+class Marker:
+    """Unpickling this creates a file: code run while loading."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.parametrize("how", ["sample_inputs", "extra_entry"])
+def test_an_archive_with_pickled_entries_is_refused_before_anything_is_loaded(exported, tmp_path, how):
+    archive, _ = exported
+    marker, bad = tmp_path / "ran", tmp_path / "bad.pt2"
+    payload = pickle.dumps(Marker(marker))
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(bad, "w") as dst:
+        root = src.namelist()[0].split("/")[0]
+        for item in src.infolist():
+            body = src.read(item)
+            if how == "sample_inputs" and "/data/sample_inputs/" in item.filename:
+                body = payload
+            dst.writestr(item, body)
+        if how == "extra_entry":
+            dst.writestr(f"{root}/data/evil.pkl", payload)
+    with pytest.raises(fm.UserError, match="refused"):
+        fm.load(bad)
+    assert not marker.exists()
