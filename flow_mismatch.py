@@ -1464,14 +1464,8 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks, heat) -> dict
 
 # ----------------------------------------------------------------------------
 # Data: the benchmark layouts as downloaded, read in place and told apart per category folder,
-# resized to --image-size. A root may hold categories of different layouts.
-#   MVTec-AD, MPDD      <cat>/train/good  <cat>/test/<defect or good>  <cat>/ground_truth/<defect>/<name>_mask.png
-#   VisA (1cls split)   <cat>/test/{good,bad}  <cat>/ground_truth/bad/<name>.png
-#   raw VisA            split_csv/1cls.csv (the split)  <object>/Data/{Images/{Normal,Anomaly},Masks/Anomaly}
-#   MVTec AD 2          <cat>/test_public/{good,bad}  <cat>/test_public/ground_truth/bad/<name>_mask.png
-#   BTAD                <cat>/train/ok  <cat>/test/{ok,ko}  <cat>/ground_truth/ko/<name>.png|bmp
-#   MVTec LOCO          <cat>/ground_truth/<defect>/<name>/*.png: several masks per image, their union
-#   a folder of one's own: train/good and labelled test folders, no ground_truth (no pixel metrics)
+# resized to --image-size. A root may hold categories of different layouts (the table of layouts
+# is below, each row beside the recogniser that reads it).
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 NORMAL = ("good", "ok")  # the normal folders' names (BTAD: ok)
@@ -1616,12 +1610,40 @@ def match_masks(images: list, index: dict) -> list:
     return out
 
 
+# The layouts, each a recogniser beside its row: a category folder -> its (train, test) folders if it
+# looks like that layout, else None. A new layout is one more in LAYOUTS. Ground truth, in any of
+# them, is <cat>/ground_truth or <test>/ground_truth, its masks named as mask_index reads them.
+
+#   MVTec AD 2          <cat>/test_public/{good,bad}  <cat>/test_public/ground_truth/bad/<name>_mask.png
+def mvtec_ad2(cat: Path):
+    if (cat / "test_public").is_dir() and not (cat / "test").is_dir():  # validation/, test_private/: not test data
+        return cat / "train" / "good", cat / "test_public"
+
+
+#   BTAD                <cat>/train/ok  <cat>/test/{ok,ko}  <cat>/ground_truth/ko/<name>.png|bmp
+def btad(cat: Path):
+    if (cat / "train" / "ok").is_dir() and not (cat / "train" / "good").is_dir():
+        return cat / "train" / "ok", cat / "test"
+
+
+#   MVTec-AD, MPDD      <cat>/train/good  <cat>/test/<defect or good>  <cat>/ground_truth/<defect>/<name>_mask.png
+#   VisA (1cls split)   <cat>/test/{good,bad}  <cat>/ground_truth/bad/<name>.png
+#   MVTec LOCO          <cat>/ground_truth/<defect>/<name>/*.png: several masks per image, their union
+#   a folder of one's own: train/good and labelled test folders, no ground_truth (no pixel metrics)
+def mvtec(cat: Path):
+    if (cat / "train").is_dir() or (cat / "test").is_dir():
+        return cat / "train" / "good", cat / "test"
+
+
+LAYOUTS = [mvtec_ad2, btad, mvtec]  # in order: the first that recognises a folder reads it
+
+
 def folder_category(cat: Path):
-    """A category in one of the folder layouts, or None if `cat` holds none."""
-    train_dir = next((cat / "train" / n for n in NORMAL if (cat / "train" / n).is_dir()), cat / "train" / "good")
-    test_dir = next((cat / n for n in ("test", "test_public") if (cat / n).is_dir()), cat / "test")
-    if not (cat / "train").is_dir() and not test_dir.is_dir():
+    """A category in the first of LAYOUTS that recognises `cat`, or None if none does."""
+    folders = next((f for layout in LAYOUTS if (f := layout(cat))), None)
+    if folders is None:
         return None
+    train_dir, test_dir = folders
     gt = next((d for d in (cat / "ground_truth", test_dir / "ground_truth") if d.is_dir()), None)
     test = []
     for defect in subfolders(test_dir):
@@ -1638,6 +1660,7 @@ def folder_category(cat: Path):
                     image_files(train_dir) if train_dir.is_dir() else [], test, has_masks=gt is not None)
 
 
+#   raw VisA            split_csv/1cls.csv (the split)  <object>/Data/{Images/{Normal,Anomaly},Masks/Anomaly}
 def visa_categories(root: Path, only=None) -> list:
     """Raw VisA: the objects of root/split_csv/1cls.csv (columns object, split, label, image, mask;
     paths relative to root), or only the object `only`."""
