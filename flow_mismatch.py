@@ -418,7 +418,7 @@ def interior_times(T: int, device=None) -> torch.Tensor:
 def mismatch_heat_naive(model, y, labels=None, cfg: MethodConfig = MethodConfig(), places=None,
                         amp=contextlib.nullcontext) -> torch.Tensor:
     """Heatmap H of Eqs. (2)-(4) as written, one path, one time, one forward at a time, for normalised images
-    y (B, C, H, W) -> (B, H, W) float32: the definition. amp: the context of each forward (fp32 unless given)."""
+    y (B, C, H, W) -> (B, H, W) float32: the definition. amp: the context of each forward (fp32 by default)."""
     B, C, H, W = y.shape
     places = [0] * B if places is None else places
     m = aggregator_rank(cfg.aggregator, cfg.K)
@@ -692,11 +692,11 @@ class TrainConfig:
                 raise UserError(f"{flag}: give it with --tile N")
 
 
-def train_config(preset="paper", **given) -> TrainConfig:
-    """The TrainConfig of `preset`: a CPU preset's recipe (CPU_RECIPES) wherever `given` is silent;
-    epochs given without steps train for those epochs."""
-    recipe = {k: v for k, v in CPU_RECIPES.get(preset, {}).items() if not (k == "steps" and "epochs" in given)}
-    return TrainConfig(preset=preset, **{**recipe, **given})
+def train_config(preset="paper", **overrides) -> TrainConfig:
+    """The TrainConfig of `preset`: a CPU preset's recipe (CPU_RECIPES) wherever `overrides` is silent;
+    epochs without steps train for those epochs."""
+    recipe = {k: v for k, v in CPU_RECIPES.get(preset, {}).items() if not (k == "steps" and "epochs" in overrides)}
+    return TrainConfig(preset=preset, **{**recipe, **overrides})
 
 
 @dataclass(frozen=True)
@@ -852,12 +852,12 @@ def train_config_of(ckpt: dict) -> TrainConfig:
 
 
 def resumed_config(ckpt: dict, cfg: TrainConfig, log=note, given=None) -> TrainConfig:
-    """The run's own TrainConfig with the RESUMABLE fields of cfg that were given (given: the flags'
-    names; None: each field not at TrainConfig's default), each change logged; --epochs alone trains
-    that many. Any other field given that differs from the run's is refused, naming its flag."""
+    """The run's own TrainConfig with the RESUMABLE fields of cfg that were given (given: see `given`;
+    None: each field not at TrainConfig's default), each change logged; --epochs alone trains that
+    many. Any other field given that differs from the run's is refused, naming its flag."""
     saved, default = train_config_of(ckpt), TrainConfig()
     if given is None:
-        given = {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+        given = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
     for name in sorted(set(given) - set(RESUMABLE)):
         if getattr(cfg, name) != getattr(saved, name):
             raise UserError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} differs from the run's "
@@ -869,6 +869,34 @@ def resumed_config(ckpt: dict, cfg: TrainConfig, log=note, given=None) -> TrainC
     if changed:
         log(f"resuming with {', '.join(changed)}")
     return new
+
+
+@dataclass
+class Run:
+    """What a training run holds between its steps; train_setup builds it."""
+
+    cfg: TrainConfig  # the run's own (the checkpoint's, on resume), steps = total
+    data: Dataset  # the training images
+    held: Dataset  # the calibration hold-out, never drawn into a batch
+    conditional: bool
+    model: UNet
+    opt: StableAdamW
+    ddp: torch.nn.Module  # the model as a step calls it: DDP-wrapped with several ranks, maybe compiled
+    compiled: bool
+    mean: torch.Tensor  # (3,) the normalisation of the training images
+    std: torch.Tensor
+    step: int  # steps done
+    total: int
+    steps_per_epoch: int
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    trained_on: list  # see bound_record
+    held_out: dict
+    calibration: dict
+    train_log: object = None  # out/train_log.csv open for appending (os.devnull on other ranks)
+    rows: object = None  # its csv writer
 
 
 def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resume=False, log=note,
@@ -895,10 +923,10 @@ def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resum
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-            run["log"].close()
-        if run["rank"] == 0:
+            run.train_log.close()
+        if run.rank == 0:
             plot_loss(out)
-    if run["world"] > 1:
+    if run.world > 1:
         dist.barrier()  # the other ranks wait for rank 0's last checkpoint before they exit
     return out / "ckpt.pt"
 
@@ -913,40 +941,40 @@ def cfm_step(model, opt, y, labels=None, generator=None) -> float:
     return loss.item()
 
 
-def train_loop(run: dict, stop: list, log) -> None:
-    """Steps run["step"] + 1 .. total: batch, seeds, cfm_step; then log, checkpoint, stop on a signal."""
-    cfg, out, total, device, world = run["cfg"], run["out"], run["total"], run["device"], run["world"]
-    gen, step0, t_start = torch.Generator(device=device), run["step"], time.time()
-    progress = Progress(total, "step", run["step"], per=cfg.batch_size * world, log=log) if run["rank"] == 0 else None
-    run["model"].train()
-    while run["step"] < total:
-        step = run["step"]
+def train_loop(run: Run, stop: list, log) -> None:
+    """Steps run.step + 1 .. total: batch, seeds, cfm_step; then log, checkpoint, stop on a signal."""
+    cfg, out, total, device, world = run.cfg, run.out, run.total, run.device, run.world
+    gen, step0, t_start = torch.Generator(device=device), run.step, time.time()
+    progress = Progress(total, "step", run.step, per=cfg.batch_size * world, log=log) if run.rank == 0 else None
+    run.model.train()
+    while run.step < total:
+        step = run.step
         y, labels = train_batch(run, step)
-        torch.manual_seed(seed_mix(cfg.seed, step, run["rank"]))  # dropout
-        gen.manual_seed(seed_mix(cfg.seed, step, run["rank"], 1))  # x0, t
+        torch.manual_seed(seed_mix(cfg.seed, step, run.rank))  # dropout
+        gen.manual_seed(seed_mix(cfg.seed, step, run.rank, 1))  # x0, t
         t0 = time.perf_counter()
-        loss = cfm_step(run["ddp"], run["opt"], y, labels, gen)
-        if run["compiled"] and step == step0 and run["rank"] == 0:
+        loss = cfm_step(run.ddp, run.opt, y, labels, gen)
+        if run.compiled and step == step0 and run.rank == 0:
             log(f"torch.compile: the training step compiled in {time.perf_counter() - t0:.1f} s (its first run)")
         if not math.isfinite(loss):
             raise UserError(f"training diverged: non-finite loss ({loss}) at step {step + 1}; {kept(out)}", status=1)
-        run["step"] = step = step + 1
+        run.step = step = step + 1
         wall = time.time() - t_start
-        run["rows"].writerow([step, f"{loss:.6g}", run["opt"].param_groups[0]["lr"],
+        run.rows.writerow([step, f"{loss:.6g}", run.opt.param_groups[0]["lr"],
                               f"{(step - step0) * cfg.batch_size * world / wall:.2f}", f"{wall:.2f}"])
-        run["log"].flush()  # a row is readable (tail -f, a live plot) as soon as its step is done
+        run.train_log.flush()  # a row is readable (tail -f, a live plot) as soon as its step is done
         signum = stop[-1] if stop else 0
         if world > 1:  # every rank stops at the same step
             flag = torch.tensor([signum], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             signum = int(flag.item())
-        per_epoch = run["steps_per_epoch"]
+        per_epoch = run.steps_per_epoch
         if step % cfg.save_every == 0 or step == total or signum:
             save_run(run, out / "ckpt.pt")
         if step % per_epoch == 0 and step // per_epoch in cfg.save_epochs:
             save_run(run, out / f"ckpt_epoch{step // per_epoch}.pt")
         if signum:
-            if run["rank"] == 0:
+            if run.rank == 0:
                 log(f"interrupted by {signal.Signals(signum).name} at step {step}/{total}; "
                     f"checkpoint saved, continue with: train --resume {out}")
             raise SystemExit(128 + signum)
@@ -954,12 +982,12 @@ def train_loop(run: dict, stop: list, log) -> None:
             progress(1, f"epoch {step / per_epoch:.1f}  loss {loss:.4f}  ")
 
 
-def cpu_estimate(run: dict, data, given, log) -> None:
+def cpu_estimate(run: Run, data, given, log) -> None:
     """On a CPU with a preset meant for GPUs, before the first step: the run's duration from one
     image's timed forward and backward and, where it is hours, the CPU preset's command into a
     folder of its own. The weights and the seeds of every step are untouched."""
-    cfg, model, out = run["cfg"], run["model"], run["out"]
-    if run["device"].type != "cpu" or cfg.preset in CPU_RECIPES or run["rank"] != 0:
+    cfg, model, out = run.cfg, run.model, run.out
+    if run.device.type != "cpu" or cfg.preset in CPU_RECIPES or run.rank != 0:
         return
     side = cfg.tile or cfg.image_size
     y = torch.zeros(1, 3, side, side).to(memory_format=torch.channels_last)
@@ -968,15 +996,15 @@ def cpu_estimate(run: dict, data, given, log) -> None:
     cfm_loss(model, y, labels, torch.Generator().manual_seed(0)).backward()
     per_image = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
-    hours = per_image * cfg.batch_size * run["world"] * (run["total"] - run["step"]) / 3600
-    line = (f"preset {cfg.preset} on a CPU: about {hours:,.1f} h for {run['total'] - run['step']:,} steps "
+    hours = per_image * cfg.batch_size * run.world * (run.total - run.step) / 3600
+    line = (f"preset {cfg.preset} on a CPU: about {hours:,.1f} h for {run.total - run.step:,} steps "
             f"({per_image:.2f} s per image, timed before the first step)")
     if hours >= 1:
         keep = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else " " + (
             ",".join(map(str, v)) if isinstance(v, tuple) else str(v)))
                         for k, v in (given or {}).items() if k not in (*CPU_RECIPES["tiny"], "epochs", "preset")
                         and v is not False)
-        where = data.root if isinstance(data, Dataset) else data or run["data"].root
+        where = data.root if isinstance(data, Dataset) else data or run.data.root
         line += (f"; the CPU preset trains in minutes: python flow_mismatch.py train --data {where} --preset tiny "
                  f"{keep + ' ' if keep else ''}--out {free_folder(out, 'tiny')} (--preset small on more cores); "
                  f"continuing, Ctrl-C saves a checkpoint and stops")
@@ -992,20 +1020,22 @@ def free_folder(out: Path, preset: str) -> Path:
     return path
 
 
-def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=False, given=None) -> dict:
-    """What a run holds: its configuration (the checkpoint's, on resume), data and hold-out, model,
-    optimiser, DDP wrapper (under torch.compile with `compile`: every step has the same batch, so it
-    compiles once), normalisation, step and total; out/train_log.csv opened, rows past the
-    checkpoint's step dropped."""
-    rank, world, local_rank = distributed()
+def checkpoint_to_resume(out: Path, cfg: TrainConfig, resume, given) -> tuple:
+    """(checkpoint or None, the run's TrainConfig, the lines that say what resuming changed); a new
+    run refuses a folder that holds a checkpoint."""
     if resume and not (out / "ckpt.pt").is_file():
         raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
     ckpt, said = load_checkpoint(out / "ckpt.pt") if resume else None, []
     if ckpt is not None:
-        cfg = resumed_config(ckpt, cfg, said.append, given)  # said below, once the data is checked too
+        cfg = resumed_config(ckpt, cfg, said.append, given)  # said later, once the data is checked too
     elif (out / "ckpt.pt").exists():
         raise UserError(f"--out: {out} already holds a checkpoint; train into a folder of its own "
                         f"(--out {free_folder(out, cfg.preset)}), or continue that run with --resume {out}")
+    return ckpt, cfg, said
+
+
+def training_data(data, cfg: TrainConfig, ckpt) -> tuple:
+    """(training images, calibration hold-out) of `data` (a folder, or a resumed run's own data)."""
     if not isinstance(data, Dataset):
         data = load_train(data or ckpt.get("data"), *image_geometry(asdict(cfg)))
     if ckpt is not None and ckpt.get("data") and data.root != ckpt["data"]:
@@ -1013,32 +1043,56 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
                         f"trains on what it began with (start a new run for other data)")
     if ckpt is not None and ckpt["class_names"] != data.class_names:
         raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
-    data, held = split_calibration(data, cfg.calib_fraction, cfg.seed)
-    conditional = len(data.class_names) > 1 and not cfg.pooled
+    return split_calibration(data, cfg.calib_fraction, cfg.seed)
+
+
+def model_and_optimiser(cfg: TrainConfig, n_labels: int, ckpt, device) -> tuple:
+    """The U-Net (seeded initial weights, or the checkpoint's) on `device` and its StableAdamW."""
     torch.manual_seed(cfg.seed)  # initial weights
-    n_labels = len(data.class_names) if conditional else 0
     model = build_model(cfg.preset, max(1, n_labels) * cfg.tile_grid ** 2 if cfg.tile_grid else n_labels)
     opt = StableAdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, clip=cfg.update_rms_clip)
-    mean, std = data.normalisation() if ckpt is None else (torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(device, memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])  # its moments go to the parameters' device
+    return model, opt
+
+
+def run_summary(run: Run) -> str:
+    """The line a run starts with: the model's size, its conditioning, the images and steps."""
+    cfg, nparams, n = run.cfg, sum(p.numel() for p in run.model.parameters()), len(run.data.class_names)
+    return (f"preset {cfg.preset}: {nparams:,} parameters ({nparams / 1e6:.1f} M); "
+            f"{'class-conditional on ' + str(n) + ' categories' if run.conditional else 'unconditional'}; "
+            f"{len(run.data)} images{f' ({len(run.held)} more held out for calibration)' * (len(run.held) > 0)}"
+            f"{f', random {cfg.tile}x{cfg.tile} tiles at scale {cfg.tile_scale}' * (cfg.tile > 0)}, "
+            f"{run.steps_per_epoch} step{'s' * (run.steps_per_epoch != 1)}/epoch, {run.total} steps on "
+            f"{run.device} x{run.world}")
+
+
+def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=False, given=None) -> Run:
+    """A run in named steps: the checkpoint to resume and the configuration, the data and hold-out,
+    the model and optimiser, the DDP wrapper (under torch.compile with `compile`: every step has the
+    same batch, so it compiles once), normalisation, step and total; out/train_log.csv opened, rows
+    past the checkpoint's step dropped."""
+    rank, world, local_rank = distributed()
+    ckpt, cfg, said = checkpoint_to_resume(out, cfg, resume, given)
+    data, held = training_data(data, cfg, ckpt)
+    conditional = len(data.class_names) > 1 and not cfg.pooled
+    model, opt = model_and_optimiser(cfg, len(data.class_names) if conditional else 0, ckpt, device)
+    mean, std = data.normalisation() if ckpt is None else (torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if world > 1 else model
     steps_per_epoch = max(1, len(data) // (cfg.batch_size * world))
     total, step = cfg.steps or cfg.epochs * steps_per_epoch, 0 if ckpt is None else ckpt["step"]
+    run = Run(cfg=replace(cfg, steps=total), data=data, held=held, conditional=conditional, model=model, opt=opt,
+              ddp=torch.compile(ddp, dynamic=False) if compile else ddp, compiled=compile, mean=mean, std=std,
+              step=step, total=total, steps_per_epoch=steps_per_epoch, out=out, rank=rank, world=world,
+              device=device, **bound_record(ckpt, data, held))
     if rank == 0:
-        for line in said:
+        for line in said + [run_summary(run)]:
             log(line)
-        nparams = sum(p.numel() for p in model.parameters())
-        log(f"preset {cfg.preset}: {nparams:,} parameters ({nparams / 1e6:.1f} M); "
-            f"{'class-conditional on ' + str(len(data.class_names)) + ' categories' if conditional else 'unconditional'}; "
-            f"{len(data)} images{f' ({len(held)} more held out for calibration)' * (len(held) > 0)}"
-            f"{f', random {cfg.tile}x{cfg.tile} tiles at scale {cfg.tile_scale}' * (cfg.tile > 0)}, "
-            f"{steps_per_epoch} step{'s' * (steps_per_epoch != 1)}/epoch, {total} steps on {device} x{world}")
     path = out / "train_log.csv"
     names = ["train_log.csv", "loss.png", *(f"ckpt_epoch{e}.pt" for e in cfg.save_epochs)]
     check_ours(out, names + ["ckpt.pt"] * (ckpt is None), flag="--resume" if resume else "--out")
@@ -1050,12 +1104,9 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
             rows = [r for r in log_rows(path) if int(r[0]) <= step]
         with atomic_write(path, newline="") as f:
             csv.writer(f).writerows([LOG_HEAD] + rows)
-    log_file = open(path if rank == 0 else os.devnull, "a", newline="")
-    writer = csv.writer(log_file)
-    return dict(cfg=replace(cfg, steps=total), data=data, held=held, conditional=conditional, model=model, opt=opt,
-                ddp=torch.compile(ddp, dynamic=False) if compile else ddp, compiled=compile, mean=mean, std=std, step=step,
-                total=total, steps_per_epoch=steps_per_epoch, out=out,
-                rank=rank, world=world, device=device, log=log_file, rows=writer, **bound_record(ckpt, data, held))
+    run.train_log = open(path if rank == 0 else os.devnull, "a", newline="")
+    run.rows = csv.writer(run.train_log)
+    return run
 
 
 def bound_record(ckpt, data: Dataset, held: Dataset) -> dict:
@@ -1073,18 +1124,18 @@ def bound_record(ckpt, data: Dataset, held: Dataset) -> dict:
     return dict(trained_on=trained_on, held_out=held_out, calibration=calibration)
 
 
-def train_batch(run: dict, step: int) -> tuple:
+def train_batch(run: Run, step: int) -> tuple:
     """Step `step`'s normalised images (B, 3, S, S) and labels: epoch e's order is drawn from (seed, e),
     this rank's slice of it from the step."""
-    cfg, data, world, n = run["cfg"], run["data"], run["world"], len(run["data"])
-    epoch, i = divmod(step, run["steps_per_epoch"])
+    cfg, data, world, n = run.cfg, run.data, run.world, len(run.data)
+    epoch, i = divmod(step, run.steps_per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_mix(cfg.seed, epoch)))
-    start = (i * world + run["rank"]) * cfg.batch_size
+    start = (i * world + run.rank) * cfg.batch_size
     idx = perm[torch.arange(start, start + cfg.batch_size) % n]
     x, cells = random_tiles(data.images, idx, cfg.tile, torch.Generator().manual_seed(
-        seed_mix(cfg.seed, step, run["rank"], 2)), cfg.tile_grid) if cfg.tile else (data.images[idx], None)
-    labels = position_labels(data.labels[idx] if run["conditional"] else None, cells, cfg.tile_grid)
-    return normalise(x.to(run["device"]), run["mean"], run["std"]), None if labels is None else labels.to(run["device"])
+        seed_mix(cfg.seed, step, run.rank, 2)), cfg.tile_grid) if cfg.tile else (data.images[idx], None)
+    labels = position_labels(data.labels[idx] if run.conditional else None, cells, cfg.tile_grid)
+    return normalise(x.to(run.device), run.mean, run.std), None if labels is None else labels.to(run.device)
 
 
 def kept(out: Path) -> str:
@@ -1092,52 +1143,52 @@ def kept(out: Path) -> str:
             "no checkpoint had been written yet")
 
 
-def save_run(run: dict, path: Path) -> None:
+def save_run(run: Run, path: Path) -> None:
     """Rank 0 writes the run's checkpoint once its weights are checked finite, and flushes the log."""
-    if run["rank"] != 0:
+    if run.rank != 0:
         return
-    model, data = run["model"], run["data"]
+    model, data = run.model, run.data
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"training diverged before step {run['step']}: weights are not finite; {kept(run['out'])}",
+        raise UserError(f"training diverged before step {run.step}: weights are not finite; {kept(run.out)}",
                         status=1)
     try:
-        save_checkpoint(path, dict(model=model.state_dict(), optimizer=run["opt"].state_dict(),
-                                   model_config=asdict(model.cfg), train_config=asdict(run["cfg"]),
-                                   mean=run["mean"].tolist(), std=run["std"].tolist(), class_names=data.class_names,
-                                   conditional=run["conditional"], step=run["step"], data=data.root,
-                                   trained_on=run["trained_on"], held_out=run["held_out"],
-                                   calibration=run["calibration"]))
-        run["log"].flush()
+        save_checkpoint(path, dict(model=model.state_dict(), optimizer=run.opt.state_dict(),
+                                   model_config=asdict(model.cfg), train_config=asdict(run.cfg),
+                                   mean=run.mean.tolist(), std=run.std.tolist(), class_names=data.class_names,
+                                   conditional=run.conditional, step=run.step, data=data.root,
+                                   trained_on=run.trained_on, held_out=run.held_out,
+                                   calibration=run.calibration))
+        run.train_log.flush()
     except OSError as e:
         raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact", status=1)
 
 
-def calibrate_held_out(run: dict) -> None:
+def calibrate_held_out(run: Run) -> None:
     """Each calibration scored again on the final weights: the resumed checkpoint's, with its own
     images (checked by sha256) and rule, and for the other categories the hold-out with the default
     rule. One whose images changed, vanished or were trained on is dropped, with a warning."""
-    data, held, trained = run["data"], run["held"], set(run["trained_on"])
-    sources = {name: run["held_out"][name] for name in data.class_names if run["held_out"][name]["paths"]}
-    sources.update({name: cal for name, cal in run["calibration"].items() if name in data.class_names})
+    data, held, trained = run.data, run.held, set(run.trained_on)
+    sources = {name: run.held_out[name] for name in data.class_names if run.held_out[name]["paths"]}
+    sources.update({name: cal for name, cal in run.calibration.items() if name in data.class_names})
     if not sources:
         return
-    run["model"].eval()
-    run["calibration"] = {}
+    run.model.eval()
+    run.calibration = {}
     known = dict(zip((str(Path(p).resolve()) for p in held.paths), held.images))
     for name, record in sources.items():
         try:
-            images = bound_images(record, *image_geometry(asdict(run["cfg"]))[:2], known)
+            images = bound_images(record, *image_geometry(asdict(run.cfg))[:2], known)
             if set(record["sha256"]) & trained:
                 raise UserError("some of its images are now training images")
         except UserError as e:
             note(f"warning: the calibration of {name} is dropped ({e}); calibrate it again")
             continue
         c = data.class_names.index(name)
-        run["calibration"][name] = calibrate_on(
-            run["model"], Dataset(images, torch.full((len(images),), c), data.class_names, record["paths"]),
-            replace(ScoreConfig(), **record.get("rule", {})), run["mean"], run["std"], run["device"],
-            c if run["conditional"] else None, run["step"], run["cfg"].tile, run["cfg"].tile_grid)
-    save_run(run, run["out"] / "ckpt.pt")
+        run.calibration[name] = calibrate_on(
+            run.model, Dataset(images, torch.full((len(images),), c), data.class_names, record["paths"]),
+            replace(ScoreConfig(), **record.get("rule", {})), run.mean, run.std, run.device,
+            c if run.conditional else None, run.step, run.cfg.tile, run.cfg.tile_grid)
+    save_run(run, run.out / "ckpt.pt")
 
 
 LOG_HEAD = ["step", "loss", "lr", "images_per_s", "wall_s"]  # the columns of train_log.csv
@@ -1761,14 +1812,8 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks, heat) -> dict
 
 # ----------------------------------------------------------------------------
 # Data: the benchmark layouts as downloaded, read in place and told apart per category folder,
-# resized to --image-size. A root may hold categories of different layouts.
-#   MVTec-AD, MPDD      <cat>/train/good  <cat>/test/<defect or good>  <cat>/ground_truth/<defect>/<name>_mask.png
-#   VisA (1cls split)   <cat>/test/{good,bad}  <cat>/ground_truth/bad/<name>.png
-#   raw VisA            split_csv/1cls.csv (the split)  <object>/Data/{Images/{Normal,Anomaly},Masks/Anomaly}
-#   MVTec AD 2          <cat>/test_public/{good,bad}  <cat>/test_public/ground_truth/bad/<name>_mask.png
-#   BTAD                <cat>/train/ok  <cat>/test/{ok,ko}  <cat>/ground_truth/ko/<name>.png|bmp
-#   MVTec LOCO          <cat>/ground_truth/<defect>/<name>/*.png: several masks per image, their union
-#   a folder of one's own: train/good and labelled test folders, no ground_truth (no pixel metrics)
+# resized to --image-size. A root may hold categories of different layouts (the table of layouts
+# is below, each row beside the recogniser that reads it).
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # the only decoders Pillow may use, whatever a file's extension
@@ -1955,12 +2000,40 @@ def match_masks(images: list, index: dict) -> list:
     return out
 
 
+# The layouts, each a recogniser beside its row: a category folder -> its (train, test) folders if it
+# looks like that layout, else None. A new layout is one more in LAYOUTS. Ground truth, in any of
+# them, is <cat>/ground_truth or <test>/ground_truth, its masks named as mask_index reads them.
+
+#   MVTec AD 2          <cat>/test_public/{good,bad}  <cat>/test_public/ground_truth/bad/<name>_mask.png
+def mvtec_ad2(cat: Path):
+    if (cat / "test_public").is_dir() and not (cat / "test").is_dir():  # validation/, test_private/: not test data
+        return cat / "train" / "good", cat / "test_public"
+
+
+#   BTAD                <cat>/train/ok  <cat>/test/{ok,ko}  <cat>/ground_truth/ko/<name>.png|bmp
+def btad(cat: Path):
+    if (cat / "train" / "ok").is_dir() and not (cat / "train" / "good").is_dir():
+        return cat / "train" / "ok", cat / "test"
+
+
+#   MVTec-AD, MPDD      <cat>/train/good  <cat>/test/<defect or good>  <cat>/ground_truth/<defect>/<name>_mask.png
+#   VisA (1cls split)   <cat>/test/{good,bad}  <cat>/ground_truth/bad/<name>.png
+#   MVTec LOCO          <cat>/ground_truth/<defect>/<name>/*.png: several masks per image, their union
+#   a folder of one's own: train/good and labelled test folders, no ground_truth (no pixel metrics)
+def mvtec(cat: Path):
+    if (cat / "train").is_dir() or (cat / "test").is_dir():
+        return cat / "train" / "good", cat / "test"
+
+
+LAYOUTS = [mvtec_ad2, btad, mvtec]  # in order: the first that recognises a folder reads it
+
+
 def folder_category(cat: Path):
-    """A category in one of the folder layouts, or None if `cat` holds none."""
-    train_dir = next((cat / "train" / n for n in NORMAL if (cat / "train" / n).is_dir()), cat / "train" / "good")
-    test_dir = next((cat / n for n in ("test", "test_public") if (cat / n).is_dir()), cat / "test")
-    if not (cat / "train").is_dir() and not test_dir.is_dir():
+    """A category in the first of LAYOUTS that recognises `cat`, or None if none does."""
+    folders = next((f for layout in LAYOUTS if (f := layout(cat))), None)
+    if folders is None:
         return None
+    train_dir, test_dir = folders
     gt = next((d for d in (cat / "ground_truth", test_dir / "ground_truth") if d.is_dir()), None)
     test = []
     for defect in subfolders(test_dir):
@@ -1977,6 +2050,7 @@ def folder_category(cat: Path):
                     image_files(train_dir) if train_dir.is_dir() else [], test, has_masks=gt is not None)
 
 
+#   raw VisA            split_csv/1cls.csv (the split)  <object>/Data/{Images/{Normal,Anomaly},Masks/Anomaly}
 def visa_categories(root: Path, only=None) -> list:
     """Raw VisA: the objects of root/split_csv/1cls.csv (columns object, split, label, image, mask;
     paths relative to root), or only the object `only`."""
@@ -2629,7 +2703,7 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
 def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, device="auto", compile=False,
               log=print, eval_size=None) -> list:
     """Every checkpoint x the Cartesian product of `grid` ({ScoreConfig field: values}, fields not
-    given stay as in `base`); writes out/sweep.md and out/sweep.json (per-category results too)."""
+    in it stay as in `base`); writes out/sweep.md and out/sweep.json (per-category results too)."""
     eval_size = None if eval_size is None else parse_eval_size(eval_size)
     check_paths({"--out": out}, {"--data": data_root})
     with run_lock(out, "--out", "test"):
@@ -3055,15 +3129,13 @@ def explain_maps(model, y, label=None, cfg: ScoreConfig = ScoreConfig(), tile=0,
                 spread={cfg.aggregator: delta[0, j].cpu(), "mean": mean.cpu()})
 
 
-def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about: dict) -> dict:
-    """One figure of explain_maps's output to `out`, the numbers of each panel to out.json (returned)
-    and its maps to out.npz. image: (H, W, 3) uint8; mask: (H, W) bool or None; mean, std: (3,)."""
+def explain_figure(e: dict, image: np.ndarray, mask, mean, std, shown: list, share: np.ndarray, title: str):
+    """The figure of write_explain: image, x_t at the times `shown`, H; each time's map; the spread over K."""
     from matplotlib.figure import Figure
 
     T = len(e["t"])
     rows = -(-T // 10)  # w(t) delta_t in rows of at most 10
     cols = -(-T // rows)
-    shown = sorted({round(i) for i in np.linspace(0, T - 1, 4)})
     width = max(cols, 3 + len(shown), 7)
     fig = Figure(figsize=(1.7 * width, 2.1 * (2 + rows)), layout="constrained")
     top, middle, bottom = fig.subfigures(3, 1, height_ratios=[1, rows, 1.1])
@@ -3088,7 +3160,6 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
     axes[-1].imshow(heat, cmap=COLOURS, alpha=0.55)
     top.colorbar(im, ax=axes[-2:], shrink=0.8, label="H").ax.tick_params(labelsize=7)
     hi = float(maps.max())
-    share = maps.sum((1, 2)) / max(float(maps.sum()), 1e-30)  # (T,): each time's part of H
     grid = middle.subplots(rows, cols, squeeze=False).flat
     for j, ax in enumerate(grid):
         if j >= T:
@@ -3111,7 +3182,17 @@ def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about:
     ax.set_title("w(t) δ_t against t: which times carry the evidence", fontsize=8)
     ax.legend(fontsize=7)
     ax.tick_params(labelsize=7)
-    fig.suptitle(f"{about['image']}: S = {e['score']:.4g}", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def write_explain(out: Path, e: dict, image: np.ndarray, mask, mean, std, about: dict) -> dict:
+    """One figure of explain_maps's output to `out`, the numbers of each panel to out.json (returned)
+    and its maps to out.npz. image: (H, W, 3) uint8; mask: (H, W) bool or None; mean, std: (3,)."""
+    heat, maps, T = e["heat"].numpy(), e["maps"].numpy(), len(e["t"])
+    shown = sorted({round(i) for i in np.linspace(0, T - 1, 4)})
+    share = maps.sum((1, 2)) / max(float(maps.sum()), 1e-30)  # (T,): each time's part of H
+    fig = explain_figure(e, image, mask, mean, std, shown, share, f"{about['image']}: S = {e['score']:.4g}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, "wb") as f:
         fig.savefig(f, format=out.suffix[1:].lower(), dpi=80)
@@ -3301,6 +3382,20 @@ def bench(cfg: BenchConfig = BenchConfig(), preset="paper", image_size=128, scor
     return bench_score(model, y, score, device, cfg, fastest, dict(mode="score", **out), peak)
 
 
+def bf16_drift(heats: dict, main: str) -> dict:
+    """How far bf16 moves the numbers: the eager scorer's heats in both precisions (and, if measured,
+    with the weights in bf16) against fp32, on the same images."""
+    h32, h16 = (heats["eager"], heats["eager_bf16"]) if main == "fp32" else (heats["eager_fp32"], heats["eager"])
+    s32, out = image_score(h32), {}
+    for name, h in (("bf16", h16), ("bf16w", heats.get("eager_bf16w"))):
+        if h is not None:
+            s16 = image_score(h)
+            out.update({f"{name}_heat_max_rel_diff": float((h - h32).abs().max() / h32.abs().max()),
+                        f"{name}_score_max_rel_diff": float(((s16 - s32).abs() / s32.abs()).max()),
+                        f"{name}_same_ranking": bool(torch.equal(s16.argsort(), s32.argsort()))})
+    return out
+
+
 def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, fastest, out: dict, peak=None) -> dict:
     """The scoring figures of `bench` on images y (see there); peak: the device's dense bf16 TFLOP/s."""
     images, image_size, K, T, layout, compile = len(y), y.shape[-1], cfg.K, cfg.T, bc.layout, bc.compile
@@ -3352,17 +3447,7 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, faste
             out.update({f"{v}_compile_s": c, f"{v}_pays_after_images": c / gain if gain > 0 else None})
     if peak:
         out["fraction_of_bf16_peak"] = out["achieved_tflops"] / peak
-    # How far bf16 moves the numbers: the eager scorer in both precisions, on the same images.
-    h32, h16 = (heats["eager"], heats["eager_bf16"]) if main == "fp32" else (heats["eager_fp32"], heats["eager"])
-    s32, s16 = image_score(h32), image_score(h16)
-    out.update(bf16_heat_max_rel_diff=float((h16 - h32).abs().max() / h32.abs().max()),
-               bf16_score_max_rel_diff=float(((s16 - s32).abs() / s32.abs()).max()),
-               bf16_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
-    if bc.bf16_weights:  # the same against fp32 for the weights in bf16
-        s16 = image_score(heats["eager_bf16w"])
-        out.update(bf16w_heat_max_rel_diff=float((heats["eager_bf16w"] - h32).abs().max() / h32.abs().max()),
-                   bf16w_score_max_rel_diff=float(((s16 - s32).abs() / s32.abs()).max()),
-                   bf16w_same_ranking=bool(torch.equal(s16.argsort(), s32.argsort())))
+    out.update(bf16_drift(heats, main))
     if bc.export:
         out.update(bench_export(model, y, replace(cfg, precision="fp32"), fastest))
     if not bc.no_naive:
@@ -3863,7 +3948,8 @@ def scoring(p):
 
 
 def given(cls, args) -> dict:
-    """The fields of config dataclass cls that were given as flags."""
+    """The fields of config dataclass cls that were given as flags, {name: value}: what `given` means
+    wherever it is a parameter (train, resumed_config, cpu_estimate)."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
@@ -3989,19 +4075,7 @@ def cmd_bench(args):
             write_text(args.json, json.dumps(r, indent=2))
 
 
-def build_parser() -> Parser:
-    ap = Parser(prog="flow_mismatch.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    def command(name, func, help, device=True, **kw):
-        p = sub.add_parser(name, help=help, **kw)
-        p.set_defaults(func=func)
-        if device:
-            p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if a GPU is visible (default auto)")
-        return p
-
-    p = command("train", cmd_train, "train the flow on normal images (Eq. 1)")
+def train_flags(p) -> None:
     p.add_argument("--data", help="a category folder (mvtec/bottle) or a root of categories (mvtec)")
     p.add_argument("--out", help="run folder; writes RUN_DIR/ckpt.pt (default: runs/<name of the data folder>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
@@ -4010,10 +4084,8 @@ def build_parser() -> Parser:
     pixel_budget(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (BENCHMARKS.md: when it pays)")
 
-    p = command("test", cmd_test, "score the test split and print the seven metrics",
-                epilog="Any of --scores, --grid-K, --grid-T, --aggregators, --weights, or several --ckpt, turns "
-                       "`test` into an ablation: one row per setting (mean over categories, images/s) in "
-                       "OUT/sweep.md and OUT/sweep.json.")
+
+def test_flags(p) -> None:
     p.add_argument("--ckpt", required=True, action="append",
                    help="checkpoint; repeat it for a row per checkpoint (Table 8: pooled vs conditional, "
                         "Table 9: ckpt_epochE.pt)")
@@ -4039,7 +4111,8 @@ def build_parser() -> Parser:
                    help="also report, per category, the false-alarm and detection rates of the calibrated decision "
                         "p <= A and the pixel precision and recall of its masks")
 
-    p = command("score", cmd_score, "heatmaps and scores for new, unlabelled images")
+
+def score_flags(p):
     p.add_argument("--ckpt", required=True, help="checkpoint to score with (RUN_DIR/ckpt.pt)")
     p.add_argument("images", help="an image or a folder of images")
     p.add_argument("--out", help="output folder (default: scored/<name of the folder or image>)")
@@ -4049,15 +4122,16 @@ def build_parser() -> Parser:
                         "defect mask per image; at most a fraction A of normal images is flagged (README)")
     scoring(p)
 
-    p = command("calibrate", cmd_calibrate, "score normal images the model has not seen: the thresholds of --alarm-rate")
+
+def calibrate_flags(p):
     p.add_argument("--ckpt", required=True, help="checkpoint; the calibration is stored in it")
     p.add_argument("--data", help="a folder of normal images not used in training (default: the run's "
                                   "--calib-fraction hold-out, rescored with the options below)")
     p.add_argument("--category", help="the category these images belong to (several-category models)")
     scoring(p)
 
-    p = command("export", cmd_export, "the whole scorer of one category as one torch.export archive (.pt2) that "
-                                      "runs with torch alone (README, Deploying)", device=False)
+
+def export_flags(p):
     p.add_argument("--ckpt", required=True, help="checkpoint of an untiled run")
     p.add_argument("--category", help="the category it scores (several-category models)")
     p.add_argument("--alarm-rate", type=float, metavar="A",
@@ -4066,6 +4140,38 @@ def build_parser() -> Parser:
                                   "calibration's images, else the run's hold-out)")
     p.add_argument("--out", help="the archive, .pt2 (default: RUN/<category>.pt2)")
     knob_flags(p, ScoreConfig, EXPORT_RULE[1:])
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="flow_mismatch.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def command(name, func, help, device=True, **kw):
+        p = sub.add_parser(name, help=help, **kw)
+        p.set_defaults(func=func)
+        if device:
+            p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if a GPU is visible (default auto)")
+        return p
+
+    p = command("train", cmd_train, "train the flow on normal images (Eq. 1)")
+    train_flags(p)
+
+    p = command("test", cmd_test, "score the test split and print the seven metrics",
+                epilog="Any of --scores, --grid-K, --grid-T, --aggregators, --weights, or several --ckpt, turns "
+                       "`test` into an ablation: one row per setting (mean over categories, images/s) in "
+                       "OUT/sweep.md and OUT/sweep.json.")
+    test_flags(p)
+
+    p = command("score", cmd_score, "heatmaps and scores for new, unlabelled images")
+    score_flags(p)
+
+    p = command("calibrate", cmd_calibrate, "score normal images the model has not seen: the thresholds of --alarm-rate")
+    calibrate_flags(p)
+
+    p = command("export", cmd_export, "the whole scorer of one category as one torch.export archive (.pt2) that "
+                                      "runs with torch alone (README, Deploying)", device=False)
+    export_flags(p)
 
     p = command("demo", cmd_demo, "generate textures with defects, train `tiny` on CPU, test")
     p.add_argument("--out", default="demo_out", help="its data, run and evaluation (default demo_out)")

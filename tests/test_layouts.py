@@ -230,6 +230,36 @@ def test_a_root_may_mix_layouts(tmp_path):
     assert all(tests[n].masks.sum() > 0 for n in ("01", "candle", "juice_bottle"))
 
 
+@pytest.mark.parametrize("layout, recogniser", [("mvtec", "mvtec"), ("visa_1cls", "mvtec"), ("ad2", "mvtec_ad2"),
+                                                  ("btad", "btad"), ("loco", "mvtec")])
+def test_each_layout_is_read_by_its_own_recogniser(layout, recogniser, tmp_path):
+    """LAYOUTS is tried in order: the first recogniser that accepts the folder is the one of its row
+    (raw VisA is told by its split_csv at the root instead)."""
+    cat = LAYOUTS[layout](tmp_path / "root")
+    first = next(r for r in fm.LAYOUTS if r(cat))
+    assert first.__name__ == recogniser
+    train_dir, test_dir = first(cat)
+    assert fm.folder_category(cat).train == fm.image_files(train_dir) and len(fm.image_files(train_dir)) == 4
+
+
+def test_a_new_layout_is_one_recogniser(reference, tmp_path, monkeypatch):
+    """A layout none of LAYOUTS knows (normal/, evaluation/) is read once one recogniser names its folders."""
+    _, ref = reference
+    cat = write_mvtec(tmp_path / "part")
+    (cat / "train" / "good").rename(cat / "normal")
+    (cat / "train").rmdir()
+    (cat / "test").rename(cat / "evaluation")
+    with pytest.raises(fm.UserError, match="holds no category"):
+        fm.load_train(cat, 16)
+
+    def normal_evaluation(c):
+        return (c / "normal", c / "evaluation") if (c / "evaluation").is_dir() else None
+
+    monkeypatch.setattr(fm, "LAYOUTS", [normal_evaluation, *fm.LAYOUTS])
+    assert len(fm.load_train(cat, 16)) == 4
+    assert metrics(fm.load_test(cat, 16))["part"] == ref
+
+
 def test_raw_visa_object_folder_alone_reads_the_split_of_its_parent(tmp_path):
     write_raw_visa(tmp_path / "visa", "candle")
     tests = fm.load_test(tmp_path / "visa" / "candle", 16)

@@ -1,6 +1,8 @@
 """flow_mismatch.py reads like the paper: the method part (above "End of the method") uses no name
-defined only below it, runs alone in a fresh module, and the contents block names the sections."""
+defined only below it, runs alone in a fresh module, the contents block names the sections, and
+every function fits on a screen."""
 
+import ast
 import builtins
 import re
 import symtable
@@ -75,3 +77,10 @@ def test_the_contents_block_names_exactly_the_sections():
     titles.remove("End of the method")
     assert names == titles
     assert len(titles) >= 20 and titles.index("Scorer") < titles.index("Scorer machinery")
+
+
+def test_every_function_fits_on_a_screen():
+    """No function or method of flow_mismatch.py, decorators and docstring included, is over 60 lines."""
+    lengths = {f"{n.name} (line {n.lineno})": n.end_lineno - min([n.lineno, *(d.lineno for d in n.decorator_list)]) + 1
+               for n in ast.walk(ast.parse(TEXT)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert {name: n for name, n in lengths.items() if n > 60} == {}
