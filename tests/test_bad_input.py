@@ -1,6 +1,8 @@
-"""Every input is read as data: images only as PNG, JPEG, BMP or TIFF from regular files within the
-pixel budget; checkpoints and their records checked like flags; CSV cells and file names safe;
-every failure one line."""
+"""Bad input: every failure is one line naming the file, flag or key at fault, exit status 2, no
+traceback, nothing written damaged. Every input is read as data: images only as PNG, JPEG, BMP or TIFF
+from regular files within the pixel budget, as meant (float images by their range, masks by exact
+name); checkpoints and their records (calibration, held-out images) checked like flags, never run;
+every flag range-checked at parse time; data folders, names, CSV cells and summary rows safe."""
 
 import csv
 import io
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +27,34 @@ from conftest import ROOT, run_cli
 BAD = os.fsdecode(b"bad\xff.png")  # a file name that is not UTF-8
 FORMULAS = ['=HYPERLINK("x").png', "+SUM(1,2).png", "@SUM(1).png", "-2.png", "'quoted.png"]
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def assert_user_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    for needle in needles:
+        assert str(needle) in lines[0], lines[0]
+
+
+def cli(argv, capsys):
+    """In-process `flow_mismatch.py ARGV` -> (exit status, stderr lines); a traceback fails the test."""
+    try:
+        rc = fm.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return rc, err
+
+
+def said(err):
+    """The warning and error lines among stderr's (progress lines, `... img/s  eta ...`, aside)."""
+    return [line for line in err if line.startswith("flow_mismatch.py:") and "img/s" not in line]
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 def one_line(err, *needles):
@@ -416,3 +447,370 @@ def test_predict_refuses_what_the_cli_would_with_user_error(trained, images, chu
     with pytest.raises(fm.UserError) as e:
         detector.predict(images, category="weave", chunk=chunk, K=1, T=1)
     assert needle in str(e.value), str(e.value)
+
+
+# Data folders, masks, checkpoints, --out: one line naming the culprit -----------------------------
+
+def train(data, out, *extra):
+    return run_cli("train", "--data", data, "--out", out, "--preset", "tiny", "--steps", 2, "--batch-size", 2,
+                   "--image-size", 16, "--device", "cpu", *extra)
+
+
+@pytest.fixture
+def copy(mvtec, tmp_path):
+    """A private copy of the generated dataset that a test may break."""
+    dst = tmp_path / "data"
+    shutil.copytree(mvtec, dst)
+    return dst
+
+
+def test_missing_data_folder(tmp_path):
+    assert_user_error(train(tmp_path / "nope", tmp_path / "run"), "--data", "nope")
+    assert not (tmp_path / "run").exists()
+
+
+def test_root_without_categories(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(train(tmp_path / "empty", tmp_path / "run"), "--data", "empty")
+
+
+def test_category_without_train_good(copy, tmp_path):
+    shutil.rmtree(copy / "weave" / "train" / "good")
+    assert_user_error(train(copy, tmp_path / "run"), "weave/train/good")
+
+
+def test_empty_category(copy, tmp_path):
+    for f in (copy / "grid" / "train" / "good").iterdir():
+        f.unlink()
+    assert_user_error(train(copy, tmp_path / "run"), "grid/train/good", "no images")
+
+
+def test_corrupt_image_is_named(copy, tmp_path):
+    bad = copy / "weave" / "train" / "good" / "003.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    assert_user_error(train(copy, tmp_path / "run"), "003.png", "corrupt")
+
+
+def test_mask_of_another_size(copy, trained, tmp_path):
+    mask = next((copy / "grid" / "ground_truth" / "stain").iterdir())
+    Image.fromarray(np.zeros((7, 9), np.uint8)).save(mask)
+    assert_user_error(run_cli("test", "--ckpt", trained, "--data", copy, "--out", tmp_path / "ev", "-K", 1, "-T", 1),
+                      mask.name, "9x7")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_missing_mask_of_a_defect_image(copy, trained, tmp_path):
+    mask = next((copy / "weave" / "ground_truth" / "scratch").iterdir())
+    mask.unlink()
+    assert_user_error(run_cli("test", "--ckpt", trained, "--data", copy, "--out", tmp_path / "ev", "-K", 1, "-T", 1),
+                      "no mask", mask.name.replace("_mask", "").split(".")[0])
+
+
+def test_image_size_not_a_multiple_of_the_downsampling(mvtec, tmp_path):
+    r = run_cli("train", "--data", mvtec, "--out", tmp_path / "run", "--preset", "tiny", "--image-size", 18)
+    assert_user_error(r, "--image-size", "multiple of 4", "20")
+
+
+@pytest.mark.parametrize("flags, culprit", [
+    (["--aggregator", "median"], "--aggregator"),
+    (["--aggregator", "quantile:x"], "--aggregator"),
+    (["--aggregator", "quantile:2"], "--aggregator"),
+    (["-K", "0"], "-K"),
+    (["-T", "-1"], "-T"),
+    (["--weight", "t3"], "--weight"),
+])
+def test_bad_score_flags(trained, mvtec, tmp_path, flags, culprit):
+    assert_user_error(run_cli("test", "--ckpt", trained, "--data", mvtec, "--out", tmp_path / "ev", *flags), culprit)
+    assert not (tmp_path / "ev").exists()
+
+
+def test_truncated_checkpoint(trained, mvtec, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(trained.read_bytes()[:1000])
+    assert_user_error(run_cli("test", "--ckpt", broken, "--data", mvtec, "--out", tmp_path / "ev"), "--ckpt", "broken.pt")
+
+
+def test_checkpoint_of_another_preset(trained, mvtec, tmp_path):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["model_config"]["base_channels"] = 32  # claims another shape than its weights
+    torch.save(ckpt, tmp_path / "other.pt")
+    assert_user_error(run_cli("test", "--ckpt", tmp_path / "other.pt", "--data", mvtec, "--out", tmp_path / "ev"),
+                      "--ckpt", "other.pt")
+
+
+def test_not_a_checkpoint(mvtec, tmp_path):
+    torch.save({"weights": 1}, tmp_path / "x.pt")
+    assert_user_error(run_cli("test", "--ckpt", tmp_path / "x.pt", "--data", mvtec, "--out", tmp_path / "ev"),
+                      "not a flow-mismatch checkpoint")
+
+
+def test_out_is_an_existing_file(trained, mvtec, tmp_path):
+    target = tmp_path / "taken.txt"
+    target.write_text("keep me")
+    assert_user_error(run_cli("test", "--ckpt", trained, "--data", mvtec, "--out", target), "--out", "taken.txt")
+    assert target.read_text() == "keep me"
+    assert_user_error(train(mvtec, target), "--out")
+    assert target.read_text() == "keep me"
+
+
+def test_train_refuses_to_overwrite_a_run(trained, mvtec):
+    before = trained.read_bytes()
+    assert_user_error(train(mvtec, trained.parent), "--resume")
+    assert trained.read_bytes() == before
+
+
+def test_test_category_absent_from_checkpoint(trained, visa, tmp_path):
+    assert_user_error(run_cli("test", "--ckpt", trained, "--data", visa, "--out", tmp_path / "ev"), "candle")
+
+
+def test_unknown_preset_and_flag_values(mvtec, tmp_path):
+    assert_user_error(run_cli("train", "--data", mvtec, "--out", tmp_path / "r", "--preset", "huge"), "--preset")
+    assert_user_error(run_cli("train", "--data", mvtec, "--out", tmp_path / "r", "--steps", "0"), "--steps")
+    assert_user_error(run_cli("train", "--data", mvtec, "--out", tmp_path / "r", "--lr", "-1e-4"), "--lr")
+    assert_user_error(run_cli("test", "--ckpt", "x"), "required")
+    assert not (tmp_path / "r").exists()
+
+
+# Checkpoints that would run code or were altered --------------------------------------------------
+
+class Payload:
+    """Unpickling this calls os.system: a checkpoint built from it is what an attacker would share."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("command", ["test", "score"])
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(trained, mvtec, tmp_path, command):
+    marker = tmp_path / "pwned"
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["calibration"] = Payload(marker)
+    torch.save(ckpt, tmp_path / "evil.pt")
+    target = ("--data", mvtec) if command == "test" else (mvtec / "weave" / "test" / "good", "--category", "weave")
+    r = run_cli(command, "--ckpt", tmp_path / "evil.pt", *target, "--out", tmp_path / "ev")
+    assert_user_error(r, "--ckpt", "evil.pt", "could run code")
+    assert not marker.exists()
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("damage, culprit", [
+    (lambda c: c.pop("mean"), "'mean'"),
+    (lambda c: c.pop("train_config"), "'train_config'"),
+    (lambda c: c.update(step="7"), "'step'"),
+    (lambda c: c["model_config"].update(wings=2), "wings"),
+    (lambda c: c["model_config"].update(channel_mult="abc"), "'model_config'"),
+    (lambda c: c.update(std=[1.0, 1.0]), "'std'"),
+    (lambda c: c["model"].update({"extra.weight": torch.zeros(2)}), "'model'"),
+])
+def test_an_altered_checkpoint_is_one_line_naming_the_key(trained, mvtec, tmp_path, damage, culprit):
+    ckpt = torch.load(trained, weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, tmp_path / "altered.pt")
+    r = run_cli("test", "--ckpt", tmp_path / "altered.pt", "--data", mvtec, "--out", tmp_path / "ev")
+    assert_user_error(r, "altered.pt", culprit)
+
+
+# Calibration is bound to the images and weights it checked ----------------------------------------
+
+def test_calibrate_without_data_rescores_the_hold_out_from_anywhere_and_refuses_a_changed_file(mvtec, tmp_path,
+                                                                                              monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(mvtec, data)
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("train", "--data", "data", "--out", "run", "--preset", "tiny", "--steps", 2, "--batch-size", 2,
+                "--image-size", 16, "--calib-fraction", 0.25, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    held = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["held_out"]["weave"]["paths"]
+    assert len(held) == 2 and all(os.path.isabs(p) and Path(p).is_file() for p in held)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # relative paths would now point at nothing
+    calibrate = ("calibrate", "--ckpt", tmp_path / "run" / "ckpt.pt", "--category", "weave", "-K", 1, "-T", 1)
+    r = run_cli(*calibrate)
+    assert r.returncode == 0, r.stderr
+    assert "on 2 normal images" in r.stdout
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    Image.open(held[0]).rotate(90).save(held[0])  # another image under the recorded name
+    assert_user_error(run_cli(*calibrate), held[0], "changed")
+    os.remove(held[0])
+    assert_user_error(run_cli(*calibrate), held[0], "missing")
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+
+
+def test_a_calibration_of_older_weights_is_refused(trained, mvtec, tmp_path, capsys):
+    ckpt = torch.load(trained, weights_only=True)
+    assert {cal["step"] for cal in ckpt["calibration"].values()} == {ckpt["step"]}
+    ckpt["step"] += 1  # as if trained on while its calibration stayed
+    fm.save_checkpoint(tmp_path / "moved.pt", ckpt)
+    images = mvtec / "grid" / "test" / "good"
+    rc = fm.main(["score", "--ckpt", str(tmp_path / "moved.pt"), str(images), "--out", str(tmp_path / "o"),
+                  "--category", "grid", "--alarm-rate", "0.6"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "step 6, not on these (step 7)" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+# Flags: ranges at parse time, no traceback, nothing written; truthful messages --------------------
+
+def bad_invocations(d):
+    """(argv, what the one line must say: the flag or path at fault, or a tuple of phrases); d holds data/
+    and file.txt. Each fails before reading a checkpoint or data, or the line would name those."""
+    data, ck, f = d / "data", d / "missing.pt", d / "file.txt"
+    tr = ["train", "--data", data, "--out", d / "run", "--preset", "tiny"]
+    te = ["test", "--ckpt", ck, "--data", data, "--out", d / "ev"]
+    sc = ["score", "--ckpt", ck, data, "--out", d / "sc"]
+    return [
+        (tr + ["--image-size", 0], "--image-size"), (tr + ["--image-size", 100000], "--image-size"),
+        (tr + ["--image-size", 18], "--image-size"), (tr + ["--seed", -1], "--seed"),
+        (tr + ["--seed", 2**70], "--seed"), (tr + ["--steps", 0], "--steps"), (tr + ["--epochs", "x"], "--epochs"),
+        (tr + ["--batch-size", 0], "--batch-size"), (tr + ["--save-epochs", "5,a"], "--save-epochs"),
+        (tr + ["--device", "tpu"], "--device"),
+        (tr + ["--lr", "nan"], "--lr"), (tr + ["--lr", "1e4"], "--lr"), (tr + ["--steps", 10**10], "--steps"),
+        (tr + ["--epochs", 10**7], "--epochs"), (tr + ["--save-every", 10**10], "--save-every"),
+        (tr + ["--save-every", 0], "--save-every"),
+        (["train", "--data", data, "--out", f / "run"], ("--out", "file.txt is a file")),
+        (["train", "--resume", d / "nothing"], "--resume"),
+        (["train", "--data", data, "--preset", "huge", "--out", d / "run"], "--preset"),
+        (te + ["-K", 0], "-K"), (te + ["-T", 1001], "-T"), (te + ["--max-batch", -1], "--max-batch"),
+        (te + ["--seed", 2**40], "--seed"), (te + ["--t0", 1.5], "--t0"), (te + ["--ode-steps", 0], "--ode-steps"),
+        (te + ["--aggregator", "median"], "--aggregator"), (te + ["--precision", "fp8"], "--precision"),
+        (te + ["--score", "x"], "--score"),
+        (te + ["--grid-K", "2,0"], "--grid-K"), (te + ["--eval-size", 10**5], "--eval-size"),
+        (te + ["--device", "tpu"], "--device"),
+        (["test", "--ckpt", ck, "--data", d / "none", "--out", f / "ev"], ("--out", "file.txt is a file")),
+        (sc + ["--seed", -5], "--seed"), (sc + ["-T", 0], "-T"),
+        (["score", "--ckpt", ck, d / "none", "--out", f], ("--out", "not a folder")),
+        (["demo", "--out", d / "demo", "--image-size", 0], "--image-size"),
+        (["demo", "--out", d / "demo", "--image-size", 18], "--image-size"),
+        (["demo", "--out", d / "demo", "--steps", 0], "--steps"),
+        (["demo", "--out", d / "demo", "--seed", -1], "--seed"),
+        (["demo", "--out", d / "demo", "--device", "tpu"], "--device"),
+        (["demo", "--out", f / "demo"], ("--out", "file.txt is a file")),
+        (["bench", "--images", 0], "--images"), (["bench", "--repeats", 0], "--repeats"), (["bench", "-K", 0], "-K"),
+        (["bench", "--image-size", 0], "--image-size"), (["bench", "--image-size", 18], "--image-size"),
+        (["bench", "--max-batch", -1], "--max-batch"), (["bench", "--preset", "huge"], "--preset"),
+        (["bench", "--device", "tpu"], "--device"), (["bench", "--json", data], "--json"),
+        (["bench", "--json", f / "b.json"], ("--json", "file.txt exists and is not a folder")),
+        (["explain", "--ckpt", ck, data / "x.png", "--out", d / "fig.png", "-K", 0], "-K"),
+        (["explain", "--ckpt", ck, data / "x.png", "--out", d / "fig.png", "--seed", -1], "--seed"),
+        (["explain", "--ckpt", ck, data / "x.png", "--out", f / "fig.png"], ("--out", "not a folder")),
+        (["calibrate", "--ckpt", f / "ckpt.pt"], ("--ckpt", "not a folder")),
+        (["calibrate", "--ckpt", ck, "-T", 0], "-T"),
+        (sc + ["--alarm-rate", "x"], "--alarm-rate"),  # out of range: test_library (after the checkpoint)
+        (["compare", d / "none.json", "--dataset", "mvtec"], "none.json"),
+        (["compare", f / "metrics.json", "--dataset", "mvtec"], "file.txt"),
+        (["compare", f, "--dataset", "nope"], "--dataset"),
+    ]
+
+
+def test_bad_invocations_exit_2_with_one_line_and_write_nothing(mvtec, tmp_path, monkeypatch, capsys):
+    shutil.copytree(mvtec / "grid", tmp_path / "data" / "grid")
+    (tmp_path / "file.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    before = files_under(tmp_path)
+    for argv, culprit in bad_invocations(tmp_path):
+        rc, err = cli(argv, capsys)
+        needles = culprit if isinstance(culprit, tuple) else (culprit,)
+        assert rc == 2 and len(err) == 1 and all(n in err[0] for n in needles), (argv, rc, err)
+        assert files_under(tmp_path) == before, argv
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def single(mvtec, tmp_path_factory):
+    """An unconditional model of one category (weave)."""
+    run = tmp_path_factory.mktemp("single")
+    cfg = fm.TrainConfig(preset="tiny", image_size=16, batch_size=2, steps=2)
+    return fm.train(fm.load_train(mvtec / "weave", 16), cfg, run, "cpu", log=lambda *_: None)
+
+
+def test_category_given_to_an_unconditional_model_is_reported(single, mvtec, tmp_path, capsys):
+    imgs = mvtec / "weave" / "test" / "good"
+    rc, err = cli(["score", "--ckpt", single, imgs, "--out", tmp_path / "a", "--category", "grid", "-K", 1, "-T", 1],
+                  capsys)
+    assert rc == 2 and len(err) == 1 and "--category" in err[0] and "weave" in err[0], err
+    rc, err = cli(["score", "--ckpt", single, imgs, "--out", tmp_path / "b", "--category", "weave", "-K", 1, "-T", 1],
+                  capsys)
+    assert any("images 4/4" in line for line in err), err
+    assert all(line.startswith("flow_mismatch.py: ") for line in err), err  # progress too: one channel, one prefix
+    err = said(err)
+    assert rc == 0 and len(err) == 2 and "no effect" in err[0] and "unconditional" in err[0], err
+    assert "--alarm-rate" in err[1]  # how to turn the scores into decisions
+
+
+def test_gpu_preset_on_a_cpu_estimates_the_time_before_the_first_step(mvtec, tmp_path, monkeypatch):
+    monkeypatch.setitem(fm.PRESETS, "paper", fm.PRESETS["tiny"])  # the paper preset's path, at tiny cost
+    data = fm.load_train(mvtec, 16)
+    logs = {"paper": [], "tiny": []}
+    for preset, lines in logs.items():
+        cfg = fm.TrainConfig(preset=preset, image_size=16, batch_size=2, steps=4)
+        fm.train(data, cfg, tmp_path / preset, "cpu", log=lines.append)
+    estimate = [ln for ln in logs["paper"] if "on a CPU: about" in ln]
+    assert len(estimate) == 1 and "for 4 steps" in estimate[0], logs  # the CPU preset's command: test_newcomer.py
+    assert logs["paper"].index(estimate[0]) < min(i for i, ln in enumerate(logs["paper"]) if ln.startswith("step "))
+    assert not any("on a CPU" in ln for ln in logs["tiny"])
+    assert any(ln.startswith("step 4/4") for ln in logs["tiny"]), logs  # the step lines go to log= too
+
+
+# Inputs read as meant: unreadable files skipped by name, exact mask names, float images, means ----
+
+def test_score_names_each_unreadable_file_and_scores_the_rest(trained, mvtec, tmp_path, capsys):
+    imgs = tmp_path / "line"
+    shutil.copytree(mvtec / "grid" / "test" / "good", imgs)
+    (imgs / "001.png").write_bytes((imgs / "001.png").read_bytes()[:60])  # truncated
+    (imgs / "002.png").write_bytes(b"")
+    rc, err = cli(["score", "--ckpt", trained, imgs, "--out", tmp_path / "sc", "--category", "grid",
+                   "-K", 1, "-T", 1], capsys)
+    assert rc == fm.SKIPPED == 3
+    assert any(line.startswith("flow_mismatch.py: images 4/4 ") for line in err), err  # the skipped count as done
+    err = said(err)
+    assert len(err) == 2 and "001.png" in err[0] and "002.png" in err[1] and "skipped" in err[0], err
+    rows = list(csv.DictReader(open(tmp_path / "sc" / "scores.csv")))
+    assert [r["score"] != "" for r in rows] == [True, False, False, True]
+    assert files_under(tmp_path / "sc" / "heatmaps") == ["line", "line/000.png.png", "line/003.png.png"]
+
+
+def write_png(path, value, size=8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
+
+
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="needs a file system where a.png and A.png differ")
+def test_masks_match_their_image_by_exact_name_then_by_a_unique_name_up_to_case(tmp_path):
+    cat = tmp_path / "cat"
+    write_png(cat / "train" / "good" / "x.png", 100)
+    for name, value in (("a", 1), ("A", 2), ("b", 3)):
+        write_png(cat / "test" / "scratch" / f"{name}.png", 100)
+        write_png(cat / "ground_truth" / "scratch" / f"{name.swapcase() if name == 'b' else name}_mask.png", value)
+    (test,) = [c.test for c in fm.find_categories(cat)]
+    got = {f.name: int(np.asarray(Image.open(ms[0])).max()) for f, _, ms in test}
+    assert got == {"A.png": 2, "a.png": 1, "b.png": 3}  # b.png: B_mask.png, the one mask of its name up to case
+    write_png(cat / "test" / "scratch" / "B.png", 100)  # now B_mask.png is B.png's exactly; b.png has none
+    with pytest.raises(fm.UserError, match=r"b\.png.*B_mask\.png is the mask of .*B\.png"):
+        fm.find_categories(cat)
+
+
+def test_float_images_are_read_by_their_range(tmp_path, capsys):
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp, mode="F").save(tmp_path / "unit.tif")
+    Image.fromarray(ramp * 4000 - 1000, mode="F").save(tmp_path / "wide.tif")
+    unit, _ = fm.read_image(tmp_path / "unit.tif", None)
+    assert np.array_equal(unit[..., 0], (ramp * 255).round().astype(np.uint8))
+    assert capsys.readouterr().err == ""
+    wide, _ = fm.read_image(tmp_path / "wide.tif", None)
+    assert np.array_equal(wide, unit)  # min-max: the same ramp
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "wide.tif" in err[0] and "min-max" in err[0], err
+
+
+def test_the_mean_says_over_how_many_categories_each_metric_is(mvtec):
+    tests = fm.load_test(mvtec, 16)
+    tests["grid"].mask_files = None  # no ground truth: image metrics only
+    results = fm.metrics_of(tests, {name: (np.asarray(d.images.float().mean(1)) / 255,
+                                           np.asarray(d.images.float().mean((1, 2, 3)))) for name, d in tests.items()})
+    counts = results[fm.MEAN]["categories"]
+    assert counts == {k: 2 if k.startswith("image") else 1 for k in fm.METRICS}
+    assert results[fm.MEAN]["pixel_auroc"] == results["weave"]["pixel_auroc"]

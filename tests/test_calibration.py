@@ -16,7 +16,7 @@ from PIL import Image
 
 import flow_mismatch as fm
 from conftest import run_cli
-from test_errors import assert_user_error
+from test_bad_input import assert_user_error
 
 # Scores of normal images under several continuous laws (no ties) and two discrete ones (ties).
 CONTINUOUS = {

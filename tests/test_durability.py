@@ -1,14 +1,21 @@
-"""Writes never touch what the user owns: an output folder holds only what this program wrote (its
-.flow-mismatch record), no write follows a link or replaces a special file, every command checks
-before it writes, generated data and partial work are moved in whole, a refused write is one line,
-and a file gone mid-run is named and skipped. Each situation is built for real and the victim's
-bytes are checked afterwards."""
+"""Durability and concurrency: every writer holds its lock (one run per folder, one writer at a time,
+importable and locking without fcntl); an output folder holds only what this program wrote (its
+.flow-mismatch record), is checked before any work and replaced as a whole; no write follows a link or
+replaces a special file; every file is written atomically, staged and moved in whole; a full or
+refused disk is one line and keeps the previous run; an interrupted run (signal, Ctrl-C, divergence)
+says so in one line, keeps its last checkpoint and resumes exactly; a file gone mid-run is named and
+skipped; torchrun processes agree. Each situation is built for real and the victim's bytes are
+checked afterwards."""
 
 import csv
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +23,8 @@ import torch
 from PIL import Image
 
 import flow_mismatch as fm
+from conftest import ROOT, run_cli
+from test_bad_input import cli as cli_all, files_under
 
 K1 = ["-K", "1", "-T", "1", "--device", "cpu"]
 
@@ -562,3 +571,450 @@ def test_a_really_full_disk_under_score_is_one_line_and_keeps_the_previous_run(t
     rc, err = cli(argv, capsys)
     assert rc == 1 and len(err) == 1 and "No space left" in err[0] and str(out) in err[0], err
     assert snapshot(out) == before
+
+
+# Locks: one writer per folder ---------------------------------------------------------------------
+
+TINY = ["--preset", "tiny", "--batch-size", "2", "--image-size", "16", "--device", "cpu"]
+
+
+def test_a_second_train_on_a_busy_folder_exits_2_naming_it_and_the_holder(mvtec, tmp_path, capsys):
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-u", str(ROOT / "flow_mismatch.py"), "train", "--data", str(mvtec),
+                              "--out", str(run), "--steps", "100000", "--save-every", "1", *TINY],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "parameters" in first.stderr.readline()  # training has begun
+        for argv in (["train", "--data", mvtec, "--out", run, "--steps", 1, *TINY], ["train", "--resume", run]):
+            rc, err = cli_all(argv, capsys)
+            assert rc == 2 and len(err) == 1, err
+            assert str(run) in err[0] and f"pid {first.pid}" in err[0], err[0]
+        while not (run / "ckpt.pt").exists():
+            time.sleep(0.1)
+    finally:
+        first.kill()  # SIGKILL: the OS drops the lock with the process
+        first.wait()
+    step = torch.load(run / "ckpt.pt", weights_only=True)["step"]
+    rc, err = cli_all(["train", "--resume", run, "--steps", step + 1], capsys)
+    assert rc == 0, err
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == step + 1
+
+
+@pytest.mark.parametrize("command", ["test", "score"])
+def test_a_second_run_into_a_busy_out_exits_2_naming_it(trained, mvtec, tmp_path, command, capsys):
+    out = tmp_path / "ev"
+    target = ["--data", mvtec] if command == "test" else [mvtec / "grid" / "test" / "good", "--category", "grid"]
+    with fm.run_lock(out, command=command):  # what a first run holds while it works
+        rc = fm.main([command, "--ckpt", str(trained), *map(str, target), "--out", str(out), "-K", "1", "-T", "1"])
+        assert os.listdir(out) == [".lock"]  # nothing written beside the first run's
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert str(out) in err[0] and f"another {command} (pid {os.getpid()})" in err[0]
+
+
+def test_calibrations_and_a_resumed_train_running_at_once_lose_nothing(mvtec, tmp_path):
+    """Two `calibrate` runs on a slow rule, then `train --resume`, as three real processes: the run
+    ends at the later step and holds both calibrations, each scored on the final weights."""
+    run = tmp_path / "run"
+    r = run_cli("train", "--data", mvtec, "--out", run, "--preset", "tiny", "--steps", 2, "--batch-size", 2,
+                "--image-size", 16, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    fresh = {}
+    for cat in ("weave", "grid"):  # two normal images each that the model has not seen
+        fresh[cat] = tmp_path / f"fresh_{cat}"
+        fresh[cat].mkdir()
+        for name in ("000.png", "001.png"):
+            shutil.copy(mvtec / cat / "test" / "good" / name, fresh[cat])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cals = [subprocess.Popen([sys.executable, str(ROOT / "flow_mismatch.py"), "calibrate", "--ckpt",
+                              str(run / "ckpt.pt"), "--category", cat, "--data", str(fresh[cat]), "-K", "40",
+                              "-T", "40", "--device", "cpu"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for cat in fresh]
+    trainer = subprocess.Popen([sys.executable, str(ROOT / "flow_mismatch.py"), "train", "--resume", str(run),
+                                "--steps", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    while not (run / ".lock").read_text().startswith(f"{trainer.pid} "):  # train holds the run folder
+        assert trainer.poll() is None, trainer.communicate()
+        time.sleep(0.05)
+    assert all(p.poll() is None for p in cals)  # while both calibrations are still scoring
+    results = [(p, *p.communicate(timeout=600)) for p in (trainer, *cals)]
+    for p, out, err in results:
+        assert p.returncode == 0, err
+    assert all("scoring again" in err for _, _, err in results[1:])  # they had read the older weights
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 60
+    assert sorted(ckpt["calibration"]) == ["grid", "weave"]
+    for cat, cal in ckpt["calibration"].items():
+        assert cal["step"] == 60 and cal["rule"]["K"] == 40
+        assert cal["paths"] == [str(p.resolve()) for p in sorted(fresh[cat].iterdir())]
+
+
+def test_the_module_imports_and_locks_where_fcntl_does_not_exist(tmp_path):
+    """As on Windows: no fcntl; the lock goes through msvcrt.locking (a stand-in recording its calls)."""
+    script = f"""
+import sys, types
+import numpy, torch  # their own POSIX internals may use fcntl: loaded first, as they load on Windows without it
+sys.modules["fcntl"] = None  # from here, import fcntl raises ImportError
+calls, busy = [], [False]
+def locking(fd, mode, n):
+    calls.append((mode, n))
+    if busy[0]:
+        raise OSError(13, "Permission denied")
+sys.modules["msvcrt"] = types.SimpleNamespace(LK_NBLCK=2, locking=locking)
+sys.path.insert(0, {str(ROOT)!r})
+import flow_mismatch as fm
+from pathlib import Path
+out = Path({str(tmp_path / 'run')!r})
+with fm.run_lock(out, command="train"):
+    assert (out / ".lock").read_text().split()[1] == "train"
+    busy[0] = True
+    try:
+        with fm.run_lock(out):
+            raise SystemExit("a held lock was taken twice")
+    except fm.UserError as e:
+        assert "in use by another train" in str(e), e
+assert calls == [(2, 1), (2, 1)], calls
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+# Output folders: checked before any work, nothing written outside, replaced as a whole ------------
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="running as root, which writes into read-only folders, so the OS "
+                                              "cannot make one here; the table below checks --out under a file")
+def test_a_read_only_folder_is_refused_before_any_work(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:  # a missing checkpoint and data folder: had they been read first, they would be named
+        for argv in (["train", "--data", tmp_path / "none", "--out", ro / "run"],
+                     ["test", "--ckpt", tmp_path / "none.pt", "--data", tmp_path / "none", "--out", ro / "ev"],
+                     ["score", "--ckpt", tmp_path / "none.pt", tmp_path / "none", "--out", ro / "sc"]):
+            rc, err = cli_all(argv, capsys)
+            assert rc == 2 and len(err) == 1 and "--out" in err[0] and "cannot be written" in err[0], err
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_data_dot_names_the_folder_and_nothing_is_written_outside_out(mvtec, tmp_path, monkeypatch, capsys):
+    cat = tmp_path / "weave"
+    shutil.copytree(mvtec / "weave", cat)
+    monkeypatch.chdir(cat)
+    rc, err = cli_all(["train", "--data", ".", "--out", tmp_path / "run", "--steps", 2, *TINY], capsys)
+    assert rc == 0, err
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["class_names"] == ["weave"]
+    monkeypatch.chdir(cat / "test")
+    before = files_under(tmp_path)
+    rc, err = cli_all(["test", "--ckpt", tmp_path / "run" / "ckpt.pt", "--data", "..", "--out", tmp_path / "ev",
+                   "-K", 1, "-T", 1], capsys)
+    assert rc == 0, err
+    assert [p.parent.name for p in (tmp_path / "ev").glob("*/scores.csv")] == ["weave"]
+    assert [f for f in files_under(tmp_path) if not f.startswith("ev")] == before
+
+
+def test_same_stem_images_get_their_own_overlays_and_a_rerun_leaves_no_old_ones(trained, mvtec, tmp_path, capsys):
+    src = mvtec / "grid" / "test" / "good"
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copy(src / "000.png", imgs / "a.png")
+    Image.open(src / "001.png").convert("RGB").save(imgs / "a.jpg")
+    shutil.copy(src / "002.png", imgs / "b.png")
+    argv = ["score", "--ckpt", trained, imgs, "--out", tmp_path / "sc", "--category", "grid", "-K", 1, "-T", 1]
+    assert cli_all(argv, capsys)[0] == 0
+    assert files_under(tmp_path / "sc" / "heatmaps") == ["imgs", "imgs/a.jpg.png", "imgs/a.png.png", "imgs/b.png.png"]
+    (imgs / "b.png").unlink()
+    assert cli_all(argv, capsys)[0] == 0
+    assert files_under(tmp_path / "sc" / "heatmaps") == ["imgs", "imgs/a.jpg.png", "imgs/a.png.png"]
+
+
+def test_a_rerun_of_test_replaces_the_category_folder(trained, mvtec, tmp_path, capsys):
+    argv = ["test", "--ckpt", trained, "--data", mvtec, "--out", tmp_path / "ev", "-K", 1, "-T", 1]
+    assert cli_all(argv, capsys)[0] == 0
+    stale = tmp_path / "ev" / "grid" / "overlays" / "stale.png"
+    stale.write_bytes(b"from an earlier run")
+    rc, err = cli_all(argv, capsys)
+    assert rc == 0, err
+    grid = files_under(tmp_path / "ev" / "grid")
+    assert "overlays/stale.png" not in grid and "overlays/scratch/000.png.png" in grid
+    hidden = [n for n in os.listdir(tmp_path / "ev") if n.startswith(".")]
+    assert sorted(hidden) == [".flow-mismatch", ".lock"]  # nothing left aside
+
+
+# Atomic writes and staging ------------------------------------------------------------------------
+
+def test_an_interrupted_file_write_leaves_the_old_file_byte_identical(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text('{"old": 1}\n')
+    with pytest.raises(fm.UserError, match="No space left"):
+        with fm.atomic_write(path) as f:
+            f.write('{"new": ')
+            raise OSError(28, "No space left on device")
+    assert path.read_text() == '{"old": 1}\n'
+    assert os.listdir(tmp_path) == ["metrics.json"]  # no temp file left
+
+
+def test_a_write_failing_mid_run_leaves_the_previous_run_byte_identical(trained, mvtec, tmp_path, monkeypatch,
+                                                                         capsys):
+    out = tmp_path / "ev"
+    argv = ["test", "--ckpt", str(trained), "--data", str(mvtec), "--out", str(out), "-K", "1", "-T", "1"]
+    assert fm.main(argv) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    writer = csv.writer
+
+    class DiesAfterTwoRows:
+        def __init__(self, f):
+            self.w = writer(f)
+            self.writerow = self.w.writerow
+
+        def writerows(self, rows):
+            self.w.writerows(list(rows)[:2])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fm.csv, "writer", DiesAfterTwoRows)
+    assert fm.main(argv + ["-K", "2"]) == 1
+    assert "No space left" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_interrupted_replacement_is_marked_incomplete_naming_what_is_missing(tmp_path, monkeypatch):
+    out = tmp_path / "ev"
+    (out / "grid").mkdir(parents=True)
+    (out / "metrics.json").write_text("old")
+    fm.record(out, ["grid", "metrics.json"])  # an earlier run's outputs
+    replace = os.replace
+
+    def interrupted_at_metrics(src, dst):
+        if Path(src).parent.name == ".staging" and Path(src).name == "metrics.json":
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(fm.os, "replace", interrupted_at_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        with fm.staged(out) as new:
+            (new / "grid").mkdir()
+            (new / "grid" / "scores.csv").write_text("new")
+            (new / "metrics.json").write_text("new")
+    assert sorted(n for n in os.listdir(out) if n[0] != ".") == ["INCOMPLETE", "grid"]  # not beside the old metrics
+    assert (out / "grid" / "scores.csv").read_text() == "new"
+    assert "missing: metrics.json" in (out / "INCOMPLETE").read_text()
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    fm.save_checkpoint(path, {"step": 1})
+
+    def dies_midway(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fm.torch, "save", dies_midway)
+    with pytest.raises(fm.UserError, match="No space left"):
+        fm.save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp file left behind
+
+
+def test_checkpoints_take_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        fm.save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o640
+
+
+# Memory and disk failures -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"),
+                                   OSError(28, "No space left on device", "out/x.json")])
+def test_memory_and_disk_failures_are_one_line_with_status_1(monkeypatch, capsys, fault):
+    def fails(*args, **kw):
+        raise fault
+
+    monkeypatch.setattr(fm, "bench", fails)
+    rc, err = cli_all(["bench", "--preset", "tiny", "--device", "cpu"], capsys)
+    assert rc == 1 and len(err) == 1 and ("out of memory" in err[0] or "No space left" in err[0]), err
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(mvtec, tmp_path, monkeypatch):
+    data = fm.load_train(mvtec, 16)
+    out = tmp_path / "run"
+    out.mkdir()
+    fm.train(data, small_cfg(steps=2), out, "cpu", log=lambda *_: None)
+    before = (out / "ckpt.pt").read_bytes()
+
+    def full(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fm.torch, "save", full)
+    with pytest.raises(fm.UserError, match="No space left"):
+        fm.train(data, small_cfg(steps=4), out, "cpu", resume=True, log=lambda *_: None)
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+# Interrupted runs: signals, divergence, exact resume ----------------------------------------------
+
+def small_cfg(**kw):
+    return fm.TrainConfig(preset="tiny", image_size=16, batch_size=4, lr=1e-3, save_every=2, **kw)
+
+
+def test_resumed_run_gives_the_same_weights_as_an_uninterrupted_one(mvtec, tmp_path):
+    data = fm.load_train(mvtec, 16)
+    fm.train(data, small_cfg(steps=6), tmp_path / "full", "cpu", log=lambda *_: None)
+    fm.train(data, small_cfg(steps=3), tmp_path / "half", "cpu", log=lambda *_: None)
+    assert torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)["step"] == 3
+    fm.train(data, small_cfg(steps=6), tmp_path / "half", "cpu", resume=True, log=lambda *_: None)
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, s in a["optimizer"]["state"].items():
+        for k in ("m", "v", "v_max"):  # Adam moments and the AMSGrad maximum
+            assert torch.equal(s[k], b["optimizer"]["state"][i][k]), (i, k)
+
+
+def test_resume_through_the_cli_continues_the_step_count(mvtec, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", "--data", mvtec, "--out", run, "--preset", "tiny", "--steps", 2, "--batch-size", 2,
+                "--image-size", 16, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", "--resume", run, "--steps", 4)  # data, preset and size come from the checkpoint
+    assert r.returncode == 0, r.stderr
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+def test_resume_refuses_other_data_or_a_changed_flag_and_keeps_every_training_image_on_record(mvtec, tmp_path,
+                                                                                              capsys):
+    data, other = tmp_path / "data", tmp_path / "other"
+    shutil.copytree(mvtec, data)
+    shutil.copytree(mvtec, other)
+    run = tmp_path / "run"
+    r = run_cli("train", "--data", data, "--out", run, "--preset", "tiny", "--steps", 2, "--batch-size", 2,
+                "--image-size", 16, "--calib-fraction", 0, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    first = torch.load(run / "ckpt.pt", weights_only=True)["trained_on"]
+    before = (run / "ckpt.pt").read_bytes()
+    changed = [["--lr", 0.01], ["--batch-size", 3], ["--batch-size", 32], ["--image-size", 32], ["--preset", "small"],
+               ["--seed", 1], ["--pooled"], ["--calib-fraction", 0.5]]  # --batch-size 32: a default, given
+    for argv, needles in [(["--data", other], ("--data", "other")), *[(a, (a[0], "differs")) for a in changed]]:
+        rc = fm.main(["train", "--resume", str(run), *map(str, argv), "--steps", "3"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert rc == 2 and len(err) == 1 and all(n in err[0] for n in needles), (argv, err)
+    assert (run / "ckpt.pt").read_bytes() == before
+    (data / "weave" / "train" / "good" / "000.png").unlink()  # the run's data lost an image it trained on
+    r = run_cli("train", "--resume", run, "--steps", 3, "--batch-size", 2)  # an unchanged flag is fine
+    assert r.returncode == 0, r.stderr
+    assert "--steps 2 -> 3" in r.stderr
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and set(first) <= set(ckpt["trained_on"]) and len(ckpt["trained_on"]) == len(first)
+    assert fm.main(["train", "--resume", str(run), "--epochs", "2"]) == 0  # 15 images, batch 2: 7 steps an epoch
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 14
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_exits_with_one_line(mvtec, tmp_path, sig):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-u", str(ROOT / "flow_mismatch.py"), "train", "--data", str(mvtec),
+                          "--out", str(run), "--preset", "tiny", "--steps", "100000", "--batch-size", "2",
+                          "--image-size", "16", "--save-every", "100000", "--device", "cpu"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "parameters" in p.stderr.readline()  # training has started
+    time.sleep(2)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, err
+    assert "Traceback" not in err
+    message = [line for line in (out + err).splitlines() if "interrupted" in line]
+    assert len(message) == 1 and "--resume" in message[0]
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert 0 < ckpt["step"] < 100000 and ckpt["step"] == int(message[0].split(" at step ")[1].split("/")[0])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc to see the import begin")
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    p = subprocess.Popen([sys.executable, str(ROOT / "flow_mismatch.py"), "demo", "--out", str(tmp_path / "demo")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = f"/proc/{p.pid}/maps"  # wait until numpy's C extension loads: past the handler, before torch
+    while p.poll() is None and "_multiarray_umath" not in open(maps).read():
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and len([ln for ln in (out + err).splitlines() if "interrupted" in ln]) == 1, err
+
+
+def test_sigterm_during_test_is_one_line_and_keeps_the_previous_run(trained, mvtec, tmp_path):
+    out = tmp_path / "ev"
+    argv = [sys.executable, str(ROOT / "flow_mismatch.py"), "test", "--ckpt", str(trained), "--data", str(mvtec),
+            "--out", str(out), "--no-overlays", "--device", "cpu"]
+    assert subprocess.run(argv + ["-K", "1", "-T", "1"], capture_output=True).returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    p = subprocess.Popen(argv + ["-K", "200", "-T", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (out / ".lock").read_text().startswith(f"{p.pid} "):  # it has begun: loading, then scoring
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    time.sleep(1)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "Traceback" not in err and [ln for ln in err.splitlines() if "flow_mismatch.py" in ln] == \
+        ["flow_mismatch.py: interrupted"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(mvtec, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", "--data", mvtec, "--out", run, "--preset", "tiny", "--steps", 50, "--batch-size", 2,
+                "--image-size", 16, "--save-every", 1, "--lr", "1e3", "--device", "cpu")
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    line = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(line) == 1 and "non-finite loss" in line[0] and "at step" in line[0]
+    bad_step = int(line[0].split("at step ")[1].split(";")[0])
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == bad_step - 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_divergence_names_a_checkpoint_only_when_there_is_one(mvtec, tmp_path):
+    data = fm.load_train(mvtec, 16)
+    for save_every, says in ((1000, "no checkpoint had been written"), (1, str(tmp_path / "b" / "ckpt.pt"))):
+        out = tmp_path / ("a" if save_every == 1000 else "b")
+        cfg = fm.TrainConfig(preset="tiny", image_size=16, batch_size=2, steps=50, lr=1e3, save_every=save_every)
+        with pytest.raises(fm.UserError, match="diverged") as e:
+            fm.train(data, cfg, out, "cpu", log=lambda *_: None)
+        assert says in str(e.value) and (out / "ckpt.pt").exists() == (save_every == 1)
+
+
+# Several processes: torchrun ----------------------------------------------------------------------
+
+def test_torchrun_trains_on_two_processes(mvtec, tmp_path):
+    run = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29500 + os.getpid() % 1000), str(ROOT / "flow_mismatch.py"), "train", "--data", str(mvtec),
+                        "--out", str(run), "--preset", "tiny", "--steps", "3", "--batch-size", "2", "--image-size",
+                        "16", "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and "x2" in r.stderr
+
+
+def test_torchrun_scoring_gathers_the_same_heatmaps(trained, mvtec, tmp_path):
+    one = run_cli("test", "--ckpt", trained, "--data", mvtec, "--out", tmp_path / "one", "-K", 2, "-T", 2,
+                  "--no-overlays", "--device", "cpu")
+    assert one.returncode == 0, one.stderr
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(30500 + os.getpid() % 1000), str(ROOT / "flow_mismatch.py"), "test", "--ckpt", str(trained),
+                        "--data", str(mvtec), "--out", str(tmp_path / "two"), "-K", "2", "-T", "2", "--no-overlays",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    for cat in ("grid", "weave"):
+        a = np.load(tmp_path / "one" / cat / "heatmaps.npz")
+        b = np.load(tmp_path / "two" / cat / "heatmaps.npz")
+        assert np.allclose(a["heat"], b["heat"], rtol=1e-5, atol=1e-7)

@@ -1,7 +1,7 @@
 """Peak memory of `score` (fm.score, 8 images per chunk, K = T = 1) on folders of 50 and 400
 random 512x512 PNGs, each folder in its own process, so ru_maxrss is that run's peak; prints the
 two peaks and their ratio (flat memory: near 1; holding every map at its original size, 1 MiB
-each, would add 350 MiB at 400). Usage: python docs/bench_stream.py WORK_DIR"""
+each, would add 350 MiB at 400). Usage: python tests/bench_stream.py WORK_DIR"""
 
 import resource
 import subprocess
