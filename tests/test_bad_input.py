@@ -767,7 +767,8 @@ def test_score_names_each_unreadable_file_and_scores_the_rest(trained, mvtec, tm
     assert rc == fm.SKIPPED == 3
     assert any(line.startswith("flow_mismatch.py: images 4/4 ") for line in err), err  # the skipped count as done
     err = said(err)
-    assert len(err) == 2 and "001.png" in err[0] and "002.png" in err[1] and "skipped" in err[0], err
+    assert len(err) == 3 and "001.png" in err[0] and "002.png" in err[1] and "skipped" in err[0], err
+    assert "--alarm-rate" in err[2]  # the one line on how to get decisions, none having been asked for
     rows = list(csv.DictReader(open(tmp_path / "sc" / "scores.csv")))
     assert [r["score"] != "" for r in rows] == [True, False, False, True]
     assert files_under(tmp_path / "sc" / "heatmaps") == ["line", "line/000.png.png", "line/003.png.png"]
