@@ -3003,7 +3003,7 @@ def parity_images(detector: Detector, ckpt_path, cal, category, data) -> torch.T
         return uint8_batch([a for a, _ in _load(files, size)])
     record = cal or (detector.ckpt.get("calibration") or {}).get(category) or \
         (detector.ckpt.get("held_out") or {}).get(category)
-    if not record:
+    if not record or not record.get("paths"):
         raise UserError(f"--data: give a folder of images to check the archive on; {ckpt_path} records no "
                         f"calibration or hold-out images of {category}")
     return bound_images(record, size)
@@ -3022,7 +3022,7 @@ def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = Sc
                         f"score tiled checkpoints from the checkpoint")
     if cfg.score != "mismatch":
         raise UserError(f"--score: export holds the mismatch scorer (Eqs. 2-4), not {cfg.score}")
-    names = detector.categories
+    names, given = detector.categories, category
     category = category or (names[0] if len(names) == 1 else None)
     if category not in names:
         raise UserError(f"--category: give one of {names}; an archive holds one category")
@@ -3030,7 +3030,8 @@ def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = Sc
     if out.suffix != ".pt2" or out.is_dir():
         raise UserError(f"--out: {out} must be a file ending in .pt2")
     check_out_dir(out.parent)
-    cfg, label, size = replace(cfg, precision="fp32"), category_label(detector.ckpt, category), detector.size
+    label = category_label(detector.ckpt, given if len(names) == 1 else category)  # warns only of what was given
+    cfg, size = replace(cfg, precision="fp32"), detector.size
     cal = None if alarm_rate is None else calibration_of(detector.ckpt, category, cfg, ckpt_path, alarm_rate)
     images = parity_images(detector, ckpt_path, cal, category, data)
     t0 = time.perf_counter()

@@ -161,7 +161,8 @@ exported() {  # the exported program against the checkpoint it came from, by `sc
   within "$PY" -c "import flow_mismatch as fm, pathlib
 fm.make_demo_dataset(pathlib.Path('$WORK/data'), size=$SIZE, n_train=8, n_test=8)" &&
   within "${FM[@]}" train --data "$data" --out "$run" "${ON[@]}" --steps 2 --batch-size 4 --calib-fraction 0 &&
-  t0=$(date +%s.%N) && within "${FM[@]}" export --ckpt "$run/ckpt.pt" --out "$WORK/scorer.pt2" -K 10 -T 10 &&
+  t0=$(date +%s.%N) && within "${FM[@]}" export --ckpt "$run/ckpt.pt" --data "$data/test/good" --out "$WORK/scorer.pt2" \
+    -K 10 -T 10 &&
   t1=$(date +%s.%N) && within "${FM[@]}" score --ckpt "$run/ckpt.pt" "$data/test/good" --out "$WORK/s1" -K 10 -T 10 \
     --device "$DEVICE" &&
   t2=$(date +%s.%N) && within "${FM[@]}" score --ckpt "$WORK/scorer.pt2" "$data/test/good" --out "$WORK/s2" -K 10 -T 10 \

@@ -133,7 +133,8 @@ def test_explain_shows_the_smoothed_map_and_score_of_the_scorer(model):
 
 def test_a_calibration_scored_without_smoothing_is_refused_with_it():
     rule = {f: getattr(fm.ScoreConfig(), f) for f in fm.SCORE_RULE}
-    cal = dict(step=5, scores=list(np.linspace(0, 1, 19)), maxima=list(np.linspace(0, 1, 19)), rule=rule)
+    cal = dict(step=5, scores=list(np.linspace(0, 1, 19)), maxima=list(np.linspace(0, 1, 19)), rule=rule,
+               noise=fm.NOISE_RULE)
     ckpt = dict(class_names=["c"], step=5, calibration={"c": cal})
     assert fm.calibration_of(ckpt, "c", fm.ScoreConfig(), "ckpt.pt", 0.1) is cal
     with pytest.raises(fm.UserError, match="--smooth 0.0"):
