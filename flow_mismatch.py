@@ -3010,11 +3010,15 @@ def parity_images(detector: Detector, ckpt_path, cal, category, data) -> torch.T
 
 
 def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = ScoreConfig(), data=None,
-           log=print) -> dict:
+           log=print, aoti=False) -> dict:
     """Write the archive of `category` to `out` (default RUN/<category>.pt2) after checking it (parity):
     loaded back, it must give score_dataset's maps and scores on the parity images to 1e-5 relative,
     and decide by the calibration's rule. The archive written is saved from the program checked, with
-    the figures in its metadata. Returns the metadata."""
+    the figures in its metadata. With aoti, also the program's AOTInductor package beside it
+    (OUT.aoti.pt2), checked the same way. Returns the metadata."""
+    if aoti and not cxx_compiler():
+        raise UserError("--aoti: no C++ compiler on PATH (inductor builds with $CXX, else g++); install one "
+                        "or export without --aoti")
     ckpt_path = Path(ckpt)
     detector = Detector(load_checkpoint(ckpt_path), ckpt_path, "cpu")
     if detector.geometry[2]:
@@ -3029,6 +3033,9 @@ def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = Sc
     out = Path(out or ckpt_path.parent / f"{category}.pt2")
     if out.suffix != ".pt2" or out.is_dir():
         raise UserError(f"--out: {out} must be a file ending in .pt2")
+    package = out.with_name(out.stem + ".aoti.pt2")
+    if aoti:
+        check_target(package, "--aoti")
     check_out_dir(out.parent)
     label = category_label(detector.ckpt, given if len(names) == 1 else category)  # warns only of what was given
     cfg, size = replace(cfg, precision="fp32"), detector.size
@@ -3050,15 +3057,68 @@ def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = Sc
         torch.export.save(program, Path(tmp) / out.name, extra_files={"metadata.json": json.dumps(meta)})
         meta["export_s"] = time.perf_counter() - t0
         meta["parity"] = parity(Archive(Path(tmp) / out.name), detector, cfg, images, label, cal, alarm_rate)
-    with run_lock(out.parent, "--out", "export", wait=True), atomic_write(out, "wb") as f:
-        torch.export.save(program, f, extra_files={"metadata.json": json.dumps(meta, indent=1)})
+        if aoti:
+            meta["aoti"] = aoti_package(program, images, Path(tmp) / package.name, package.name)
+            meta["aoti"]["parity"] = parity(Package(Path(tmp) / package.name), detector, cfg, images, label, cal,
+                                            alarm_rate)
+        with run_lock(out.parent, "--out", "export", wait=True):
+            if aoti:
+                with open(Path(tmp) / package.name, "rb") as src, atomic_write(package, "wb") as f:
+                    shutil.copyfileobj(src, f)
+            with atomic_write(out, "wb") as f:
+                torch.export.save(program, f, extra_files={"metadata.json": json.dumps(meta, indent=1)})
     meta["file_bytes"] = out.stat().st_size
     p = meta["parity"]
     log(f"wrote {out} ({meta['file_bytes'] / 1e6:.2f} MB, exported in {meta['export_s']:.1f} s); parity with the "
         f"scorer on {p['images']} images at batches 1 and {p['batch']}: maps {p['map_max_rel_diff']:.1e}, scores "
         f"{p['score_max_rel_diff']:.1e} relative" + (f"; decisions by the calibration's rule, {p['labels_differing_at_ties']} "
         f"label(s) and {p['mask_pixels_differing_at_ties']} mask pixel(s) differing at ties" if cal is not None else ""))
+    if aoti:
+        a, p = meta["aoti"], meta["aoti"]["parity"]
+        log(f"wrote {package} ({package.stat().st_size / 1e6:.2f} MB, compiled in {a['compile_s']:.1f} s); parity "
+            f"with the scorer: maps {p['map_max_rel_diff']:.1e}, scores {p['score_max_rel_diff']:.1e} relative"
+            + (f", decisions by the calibration's rule: {p['decisions_by_rule']}" if cal is not None else ""))
     return meta
+
+
+def cxx_compiler():
+    """The path of the C++ compiler inductor builds with (torch._inductor.config.cpp.cxx: $CXX, else
+    g++), or None where it is not on PATH."""
+    from torch._inductor import config
+    return next((shutil.which(c) for c in config.cpp.cxx if c and shutil.which(c)), None)
+
+
+# An AOTInductor package holds checks of its input's dtype, shape and strides in its generated code;
+# they run only when the process has AOTI_RUNTIME_CHECK_INPUTS=1 when the package is first called
+# (torch/_inductor/codegen/cpp_wrapper_cpu.py; torch 2.13 has no compile-time switch), so Package sets
+# it and the README says to. The batch's lower bound is left unchecked (aot_inductor.check_lowerbound):
+# export records B >= 2 however Dim says min=1, and B = 1 must run.
+AOTI_CHECKS = "AOTI_RUNTIME_CHECK_INPUTS"
+
+
+def aoti_package(program: torch.export.ExportedProgram, images, path: Path, name: str) -> dict:
+    """Compile the exported program into an AOTInductor package at `path` (inductor wants sample
+    inputs: two of the uint8 `images`, dropped again for the archive); what metadata.json says of it."""
+    t0 = time.perf_counter()
+    program.example_inputs = ((images[:2].repeat(2 // min(2, len(images)), 1, 1, 1),), {})
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                 inductor_configs={"aot_inductor.check_lowerbound": False})
+    finally:
+        program.example_inputs = None
+    return dict(file=name, compile_s=time.perf_counter() - t0, input_checks=f"{AOTI_CHECKS}=1")
+
+
+class Package:
+    """An export's AOTInductor package behind Archive's run(images), its input checks on (AOTI_CHECKS)."""
+
+    def __init__(self, path):
+        os.environ[AOTI_CHECKS] = "1"  # read once, at the package's first call
+        self.runner = torch._inductor.aoti_load_package(str(path))
+
+    def run(self, images) -> dict:
+        with torch.no_grad():
+            return self.runner(images)
 
 
 def parity(archive, detector: Detector, cfg: ScoreConfig, images, label, cal, A) -> dict:
@@ -4002,7 +4062,8 @@ def cmd_calibrate(args):
 
 
 def cmd_export(args):
-    export(args.ckpt, args.out, args.category, args.alarm_rate, ScoreConfig(**given(ScoreConfig, args)), args.data)
+    export(args.ckpt, args.out, args.category, args.alarm_rate, ScoreConfig(**given(ScoreConfig, args)), args.data,
+           aoti=args.aoti)
 
 
 def cmd_demo(args):
@@ -4140,6 +4201,8 @@ def export_flags(p):
     p.add_argument("--data", help="a folder of images the archive is checked on against the scorer (default: the "
                                   "calibration's images, else the run's hold-out)")
     p.add_argument("--out", help="the archive, .pt2 (default: RUN/<category>.pt2)")
+    p.add_argument("--aoti", action="store_true", help="also an AOTInductor package of it, OUT.aoti.pt2, checked "
+                                                       "the same way (needs a C++ compiler; minutes)")
     knob_flags(p, ScoreConfig, EXPORT_RULE[1:])
 
 

@@ -152,3 +152,33 @@ def test_an_archive_with_pickled_entries_is_refused_before_anything_is_loaded(ex
     with pytest.raises(fm.UserError, match="refused"):
         fm.load(bad)
     assert not marker.exists()
+
+
+@pytest.mark.skipif(not os.environ.get("FM_INDUCTOR_TESTS"),
+                    reason="an AOTInductor compile of even this U-Net takes minutes on 2 cores; FM_INDUCTOR_TESTS=1 runs it")
+def test_export_aoti_writes_a_package_that_gives_the_archive_s_outputs_with_its_input_checks_on(calibrated, tmp_path):
+    ckpt, new = calibrated
+    out = tmp_path / "weave.pt2"
+    meta = fm.export(ckpt, out, "weave", A, RULE, new, log=print, aoti=True)  # the calibration's K = T = 2
+    package = tmp_path / "weave.aoti.pt2"
+    assert meta["aoti"]["file"] == package.name and meta["aoti"]["parity"]["decisions_by_rule"] is True
+    assert fm.check_archive(out)["aoti"] == meta["aoti"]
+    x = fm.uint8_batch([a for a, _ in fm._load(sorted(new.glob("*.png")), meta["image_size"])])
+    runner = fm.Package(package)
+    for b in (1, 3):
+        got, want = runner.run(x[:b]), fm.Archive(out).run(x[:b])
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]) if want[k].dtype == torch.bool else \
+                torch.allclose(got[k], want[k], rtol=1e-5, atol=0), k
+    with pytest.raises(RuntimeError, match="dtype"):  # the checks are on: a float image is refused
+        runner.run(x[:1].float())
+
+
+def test_aoti_without_a_compiler_is_refused_in_one_line_before_anything_is_written(calibrated, tmp_path, monkeypatch):
+    ckpt, _ = calibrated
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    out = tmp_path / "out" / "weave.pt2"
+    with pytest.raises(fm.UserError, match=r"^--aoti: no C\+\+ compiler") as e:
+        fm.export(ckpt, out, "weave", A, RULE, log=lambda s: None, aoti=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
