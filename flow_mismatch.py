@@ -3038,21 +3038,14 @@ def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = Sc
         check_target(package, "--aoti")
     check_out_dir(out.parent)
     label = category_label(detector.ckpt, given if len(names) == 1 else category)  # warns only of what was given
-    cfg, size = replace(cfg, precision="fp32"), detector.size
+    cfg = replace(cfg, precision="fp32")
     cal = None if alarm_rate is None else calibration_of(detector.ckpt, category, cfg, ckpt_path, alarm_rate)
     images = parity_images(detector, ckpt_path, cal, category, data)
     t0 = time.perf_counter()
     model = model_from_checkpoint(detector.ckpt, ckpt_path).eval()  # NCHW: the archive's weights contiguous
-    program = export_program(WholeScorer(model, cfg, detector.mean, detector.std, label, size, cal, alarm_rate), images)
-    meta = dict(format=EXPORT_FORMAT, category=category, image_size=size, mean=detector.ckpt["mean"],
-                std=detector.ckpt["std"], rule={f: getattr(cfg, f) for f in EXPORT_RULE}, precision="fp32",
-                alarm_rate=alarm_rate, calibration_size=None if cal is None else len(cal["scores"]),
-                calibration_scores=None if cal is None else cal["scores"],
-                mask_threshold=None if cal is None else conformal_threshold(cal["maxima"], alarm_rate),
-                ckpt=str(ckpt_path.resolve()), ckpt_sha256=hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
-                step=detector.ckpt["step"], torch=torch.__version__,
-                inputs="uint8 (B, 3, S, S), RGB, resized to S x S (Pillow bilinear)",
-                outputs=["pred_score", "anomaly_map"] + ["p_value", "pred_label", "pred_mask"] * (cal is not None))
+    program = export_program(WholeScorer(model, cfg, detector.mean, detector.std, label, detector.size, cal, alarm_rate),
+                             images)
+    meta = export_metadata(detector, ckpt_path, category, cfg, cal, alarm_rate)
     with tempfile.TemporaryDirectory() as tmp:
         torch.export.save(program, Path(tmp) / out.name, extra_files={"metadata.json": json.dumps(meta)})
         meta["export_s"] = time.perf_counter() - t0
@@ -3068,17 +3061,35 @@ def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = Sc
             with atomic_write(out, "wb") as f:
                 torch.export.save(program, f, extra_files={"metadata.json": json.dumps(meta, indent=1)})
     meta["file_bytes"] = out.stat().st_size
+    say_export(out, package if aoti else None, meta, cal is not None, log)
+    return meta
+
+
+def export_metadata(detector: Detector, ckpt_path: Path, category, cfg: ScoreConfig, cal, alarm_rate) -> dict:
+    """What an archive's metadata.json says of it, before its timings and parity figures."""
+    return dict(format=EXPORT_FORMAT, category=category, image_size=detector.size, mean=detector.ckpt["mean"],
+                std=detector.ckpt["std"], rule={f: getattr(cfg, f) for f in EXPORT_RULE}, precision="fp32",
+                alarm_rate=alarm_rate, calibration_size=None if cal is None else len(cal["scores"]),
+                calibration_scores=None if cal is None else cal["scores"],
+                mask_threshold=None if cal is None else conformal_threshold(cal["maxima"], alarm_rate),
+                ckpt=str(ckpt_path.resolve()), ckpt_sha256=hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
+                step=detector.ckpt["step"], torch=torch.__version__,
+                inputs="uint8 (B, 3, S, S), RGB, resized to S x S (Pillow bilinear)",
+                outputs=["pred_score", "anomaly_map"] + ["p_value", "pred_label", "pred_mask"] * (cal is not None))
+
+
+def say_export(out: Path, package, meta: dict, calibrated: bool, log) -> None:
+    """The lines export prints: what it wrote, how long it took and its parity figures."""
     p = meta["parity"]
     log(f"wrote {out} ({meta['file_bytes'] / 1e6:.2f} MB, exported in {meta['export_s']:.1f} s); parity with the "
         f"scorer on {p['images']} images at batches 1 and {p['batch']}: maps {p['map_max_rel_diff']:.1e}, scores "
         f"{p['score_max_rel_diff']:.1e} relative" + (f"; decisions by the calibration's rule, {p['labels_differing_at_ties']} "
-        f"label(s) and {p['mask_pixels_differing_at_ties']} mask pixel(s) differing at ties" if cal is not None else ""))
-    if aoti:
+        f"label(s) and {p['mask_pixels_differing_at_ties']} mask pixel(s) differing at ties" if calibrated else ""))
+    if package is not None:
         a, p = meta["aoti"], meta["aoti"]["parity"]
         log(f"wrote {package} ({package.stat().st_size / 1e6:.2f} MB, compiled in {a['compile_s']:.1f} s); parity "
             f"with the scorer: maps {p['map_max_rel_diff']:.1e}, scores {p['score_max_rel_diff']:.1e} relative"
-            + (f", decisions by the calibration's rule: {p['decisions_by_rule']}" if cal is not None else ""))
-    return meta
+            + (f", decisions by the calibration's rule: {p['decisions_by_rule']}" if calibrated else ""))
 
 
 def cxx_compiler():
