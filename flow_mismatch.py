@@ -214,7 +214,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin, cout, emb_dim, dropout, groups, resample=None):
         super().__init__()
-        self.resample = resample  # None | "down" | "up"
+        self.resample = (nn.AvgPool2d(2) if resample == "down" else nn.Upsample(scale_factor=2, mode="nearest")
+                         if resample == "up" else nn.Identity())
         self.norm1 = nn.GroupNorm(groups, cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * cout)
@@ -225,21 +226,12 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
-    def _resample(self, x):
-        if self.resample == "down":
-            return F.avg_pool2d(x, 2)
-        if self.resample == "up":
-            return F.interpolate(x, scale_factor=2, mode="nearest")
-        return x
-
     def forward(self, x, emb):
-        h = F.silu(self.norm1(x))
-        h, x = self._resample(h), self._resample(x)
-        h = self.conv1(h)
+        h = self.conv1(self.resample(F.silu(self.norm1(x))))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.drop(F.silu(h)))
-        return self.skip(x) + h
+        return self.skip(self.resample(x)) + h
 
 
 class Attention(nn.Module):
@@ -256,12 +248,11 @@ class Attention(nn.Module):
 
     def forward(self, x, emb=None):
         B, C, H, W = x.shape
-        # Tokens (B, L, C) and the 1x1 convolutions as F.linear, so q, k, v have stride 1 along
-        # channels: the layout the fused attention kernels need (a strided one falls back to an
-        # explicit L x L score matrix, 5x slower at L = 1024 on a CPU).
+        # Tokens (B, L, C) and the 1x1 convolutions as F.linear: q, k, v have stride 1 along channels, as the
+        # fused attention kernels need (strided ones fall back to an L x L matrix, 5x slower at L = 1024 on CPU).
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C); contiguous for channels_last x
         qkv = F.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)  # (B, L, 3C)
-        q, k, v = qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, L, C/heads) each
+        q, k, v = qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, L, C/heads)
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
         h = F.linear(h, self.proj.weight[:, :, 0], self.proj.bias)  # (B, L, C)
         return x + h.transpose(1, 2).reshape(B, C, H, W)
@@ -349,8 +340,7 @@ def cfm_loss(model, y, labels=None, generator=None):
     t = torch.rand(y.shape[0], generator=generator, device=y.device)
     tb = t.view(-1, *[1] * (y.dim() - 1))
     xt = (1 - tb) * x0 + tb * y
-    v = model(xt, t, labels)
-    return F.mse_loss(v.float(), y - x0)
+    return F.mse_loss(model(xt, t, labels).float(), y - x0)
 
 
 # ----------------------------------------------------------------------------
@@ -361,13 +351,10 @@ def aggregator_rank(aggregator: str, K: int):
     """Order statistic kept by Eq. (3)'s aggregator: 1 for min, ceil(alpha K) for quantile:alpha, None for mean."""
     if aggregator in ("min", "mean"):
         return 1 if aggregator == "min" else None
-    if aggregator.startswith("quantile:"):
-        try:
-            alpha = float(aggregator.split(":", 1)[1])
-        except ValueError:
-            alpha = -1.0
-        if 0 < alpha <= 1:
-            return max(1, math.ceil(alpha * K))
+    name, _, alpha = aggregator.partition(":")
+    with contextlib.suppress(ValueError):  # an alpha that is no number: the error below
+        if name == "quantile" and 0 < float(alpha) <= 1:
+            return max(1, math.ceil(float(alpha) * K))
     raise UserError(f"--aggregator: {aggregator!r} is not min, mean or quantile:ALPHA with 0 < ALPHA <= 1")
 
 
@@ -386,9 +373,8 @@ def path_aggregate(acc, m, K: int) -> torch.Tensor:
 
 
 def seed_mix(*ints) -> int:
-    """One 63-bit seed from integers (seed, place, path, ...): each is folded in with the splitmix64
-    finaliser (Steele, Lea and Flood 2014), so neighbouring inputs give unrelated seeds, the same on
-    every run, machine and Python."""
+    """One 63-bit seed from integers (seed, place, path, ...), each folded in with the splitmix64 finaliser
+    (Steele, Lea and Flood 2014): neighbouring inputs give unrelated seeds, alike on every run, machine and Python."""
     h = 0
     for v in ints:
         h = ((h ^ int(v)) + 0x9E3779B97F4A7C15) & 0xFFFF_FFFF_FFFF_FFFF
@@ -457,9 +443,7 @@ def mismatch_delta(model, y, labels=None, cfg: MethodConfig = MethodConfig(), pl
     for s in range(0, K * n, batch):
         e = min(K * n, s + batch)
         ks = range(s // n, (e - 1) // n + 1)  # the paths inputs s..e-1 belong to
-        for k in ks:
-            if k not in x0s:
-                x0s[k] = path_noise(cfg.seed, places, k, (C, H, W), device)
+        x0s.update({k: path_noise(cfg.seed, places, k, (C, H, W), device) for k in ks if k not in x0s})
         sl = torch.arange(s, e, device=device)
         ki, bi, ji = sl // n - ks[0], sl // T % B, sl % T
         x0 = torch.stack([x0s[k] for k in ks])[ki, bi]
