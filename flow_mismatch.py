@@ -351,10 +351,10 @@ def aggregator_rank(aggregator: str, K: int):
     """Order statistic kept by Eq. (3)'s aggregator: 1 for min, ceil(alpha K) for quantile:alpha, None for mean."""
     if aggregator in ("min", "mean"):
         return 1 if aggregator == "min" else None
-    name, _, alpha = aggregator.partition(":")
     with contextlib.suppress(ValueError):  # an alpha that is no number: the error below
-        if name == "quantile" and 0 < float(alpha) <= 1:
-            return max(1, math.ceil(float(alpha) * K))
+        alpha = float(aggregator.removeprefix("quantile:"))
+        if aggregator.startswith("quantile:") and 0 < alpha <= 1:
+            return max(1, math.ceil(alpha * K))
     raise UserError(f"--aggregator: {aggregator!r} is not min, mean or quantile:ALPHA with 0 < ALPHA <= 1")
 
 
@@ -482,10 +482,8 @@ def forward_batch(cfg: ScoreConfig, model, y) -> int:
     """U-Net inputs per forward for images y: 512 fill a GPU; on a CPU, as many as keep one
     full-resolution activation (base_channels x H x W per input) within 2^21 numbers, the
     batch that measured fastest for every preset (BENCHMARKS.md): larger ones leave the caches."""
-    if cfg.max_batch:
-        return cfg.max_batch
-    if y.device.type == "cuda":
-        return 512
+    if cfg.max_batch or y.device.type == "cuda":
+        return cfg.max_batch or 512
     return max(1, 2**21 // (model.cfg.base_channels * y.shape[-2] * y.shape[-1]))
 
 
@@ -495,14 +493,12 @@ def autocast(device: torch.device, precision="auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-
 class Compiled(nn.Module):
-    """The U-Net under torch.compile at one fixed batch, so that its graph compiles once: the rows
-    of the first call (the scorer's first forward, a full forward batch) fix `batch`; every later
-    call is cut into pieces of `batch` rows and the last piece padded with zeros (each row is
-    computed on its own, so padding changes no other row). The first call prints the compile time.
-    Inductor keeps what it compiled on disk (TORCHINDUCTOR_CACHE_DIR, by default under /tmp), so the
-    next run on the same machine compiles in seconds (BENCHMARKS.md)."""
+    """The U-Net under torch.compile at one fixed batch, so that its graph compiles once: the rows of the first
+    call (the scorer's first forward, a full forward batch) fix `batch`; every later call is cut into pieces of
+    `batch` rows, the last padded with zeros (each row is computed on its own, so padding changes no other row).
+    The first call prints the compile time. Inductor keeps what it compiled on disk (TORCHINDUCTOR_CACHE_DIR, by
+    default under /tmp): the next run on the same machine compiles in seconds (BENCHMARKS.md)."""
 
     def __init__(self, model: UNet):
         super().__init__()
@@ -545,7 +541,6 @@ def run_mismatch_heat(model, y, labels, cfg: ScoreConfig, places=None) -> torch.
 # from K noisy copies y_t0 = (1 - t0) x0 + t0 y of the image, with x0 = path_noise(seed, i, k),
 # and keep the order statistic of `aggregator` over the K per-path maps (min by default).
 
-
 def aggregate_paths(h: torch.Tensor, aggregator: str, K: int) -> torch.Tensor:
     """Path-major maps (K*B, H, W) -> (B, H, W): mean, min or the ceil(alpha K)-th smallest over paths."""
     m, acc = aggregator_rank(aggregator, K), None
@@ -554,52 +549,43 @@ def aggregate_paths(h: torch.Tensor, aggregator: str, K: int) -> torch.Tensor:
     return path_aggregate(acc, m, K)
 
 
-def noisy_copies(y, cfg: ScoreConfig, places):
-    """(K*B, C, H, W) path-major copies y_t0 = (1 - t0) x0 + t0 y (Eq. 28), and t0 per row."""
+@torch.no_grad()
+def reconstruction_error(model, y, labels, cfg: ScoreConfig, places, steps: int) -> torch.Tensor:
+    """y - y_hat, (K*B, C, H, W) path-major (labels: one per image): y_hat integrates the learned ODE in `steps`
+    Euler steps from y_t0 = (1 - t0) x0 + t0 y (Eq. 28) to t = 1, the velocities in fp32 and in forward batches."""
     B, C, H, W = y.shape
     places = [0] * B if places is None else places
     x0 = torch.cat([path_noise(cfg.seed, places, k, (C, H, W), y.device) for k in range(cfg.K)])
-    return (1 - cfg.t0) * x0 + cfg.t0 * y.repeat(cfg.K, 1, 1, 1), torch.full((cfg.K * B,), cfg.t0, device=y.device)
-
-
-def velocity(model, x, t, labels, cfg: ScoreConfig, y) -> torch.Tensor:
-    """v(x, t) in fp32 for the path-major rows x of images y (labels: one per image), in forward batches."""
+    x, t = (1 - cfg.t0) * x0 + cfg.t0 * y.repeat(cfg.K, 1, 1, 1), torch.full((cfg.K * B,), cfg.t0, device=y.device)
     labels = None if labels is None else labels.repeat(cfg.K)
-    with autocast(x.device, cfg.precision):
-        return torch.cat([model(x[sl], t[sl], None if labels is None else labels[sl]).float()
-                          for sl in chunks(len(x), forward_batch(cfg, model, y))])
+    dt = (1 - cfg.t0) / steps
+    for _ in range(steps):
+        with autocast(y.device, cfg.precision):
+            v = torch.cat([model(x[sl], t[sl], None if labels is None else labels[sl]).float()
+                           for sl in chunks(len(x), forward_batch(cfg, model, y))])
+        x, t = x + dt * v, t + dt
+    return y.repeat(cfg.K, 1, 1, 1) - x
 
 
-@torch.no_grad()
 def recon_heat(model, y, labels, cfg: ScoreConfig, places=None) -> torch.Tensor:
-    """ReconFlow (App. C.2): Euler-integrate the learned ODE from y_t0 to t = 1 for y_hat and map
-    the reconstruction error, (B, C, H, W) -> (B, H, W)."""
-    x, t = noisy_copies(y, cfg, places)
-    dt = (1 - cfg.t0) / cfg.ode_steps
-    for _ in range(cfg.ode_steps):
-        x, t = x + dt * velocity(model, x, t, labels, cfg, y), t + dt
-    h = (y.repeat(cfg.K, 1, 1, 1) - x).square().sum(1).sqrt()  # Eq. (29): ||y - y_hat||_2 over channels
-    return aggregate_paths(h, cfg.aggregator, cfg.K)
+    """ReconFlow (App. C.2): the error map of y_hat after cfg.ode_steps Euler steps, (B, C, H, W) -> (B, H, W)."""
+    d = reconstruction_error(model, y, labels, cfg, places, cfg.ode_steps)
+    return aggregate_paths(d.square().sum(1).sqrt(), cfg.aggregator, cfg.K)  # Eq. (29): ||y - y_hat||_2 over channels
 
 
-@torch.no_grad()
 def onestep_heat(model, y, labels, cfg: ScoreConfig, places=None) -> torch.Tensor:
-    """RADAR-style, reconstruction-free: one velocity at t0 gives the clean-image estimate
-    y_hat = x_t + (1 - t) v (on a straight path y = x_t + (1 - t)(y - x0), with v in place of
-    y - x0); the map is ||y - y_hat||_2 plus the same norm of the difference of Sobel gradients,
-    (B, C, H, W) -> (B, H, W)."""
-    xt, t = noisy_copies(y, cfg, places)
-    d = y.repeat(cfg.K, 1, 1, 1) - (xt + (1 - cfg.t0) * velocity(model, xt, t, labels, cfg, y))  # y - y_hat
-    h = d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt()
-    return aggregate_paths(h, cfg.aggregator, cfg.K)
+    """RADAR-style, reconstruction-free: one velocity at t0 gives the clean-image estimate y_hat = x_t + (1 - t) v
+    (on a straight path y = x_t + (1 - t)(y - x0), with v in place of y - x0), one Euler step of ReconFlow's ODE;
+    the map is ||y - y_hat||_2 plus the same norm of the difference of Sobel gradients, (B, C, H, W) -> (B, H, W)."""
+    d = reconstruction_error(model, y, labels, cfg, places, steps=1)
+    return aggregate_paths(d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt(), cfg.aggregator, cfg.K)
 
 
 def sobel(x: torch.Tensor) -> torch.Tensor:
     """Horizontal and vertical Sobel derivatives per channel, (N, C, H, W) -> (N, 2C, H, W)."""
     k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device) / 8
-    C = x.shape[1]
-    w = torch.stack([k, k.T])[:, None].repeat(C, 1, 1, 1)  # (2C, 1, 3, 3)
-    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), w, groups=C)
+    w = torch.stack([k, k.T])[:, None].repeat(x.shape[1], 1, 1, 1)  # (2C, 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), w, groups=x.shape[1])
 
 
 SCORERS = {"mismatch": run_mismatch_heat, "recon": recon_heat, "onestep": onestep_heat}
@@ -610,9 +596,8 @@ SCORERS = {"mismatch": run_mismatch_heat, "recon": recon_heat, "onestep": oneste
 # recipes, ScoreConfig (MethodConfig with a run's options), and `note`, the one channel a run speaks on.
 
 def note(message: str, every_rank=False) -> None:
-    """The one channel of all a command says besides its result (warnings, progress, what a run does,
-    errors): a line on stderr after the program's name, from rank 0 only (every_rank: an error that
-    may strike one rank alone)."""
+    """The one channel of all a command says besides its result (warnings, progress, what a run does, errors):
+    a line on stderr after the program's name, from rank 0 only (every_rank: an error that may hit one rank alone)."""
     if every_rank or int(os.environ.get("RANK", 0)) == 0:
         print(f"flow_mismatch.py: {message}", file=sys.stderr, flush=True)
 
@@ -624,15 +609,13 @@ PRESET_HELP = {
 }
 
 
-# Image size, training length and learning rate of the CPU presets when --image-size, --epochs,
-# --steps and --lr are not given; `paper` uses TrainConfig's (the paper's) values. 1000 steps are
-# 10-30x fewer than the paper's 2000 epochs, and at lr 1e-4 the model is far from fitted then; 5e-4
-# did better on every metric of three held-out photo-derived sets (BENCHMARKS.md, "CPU recipe").
-# They also hold out a fifth of each category's train/good as the calibration set of --alarm-rate:
-# 1000 steps of batch 32 see each of a few hundred images ~100 times, so training is short of
-# steps, not images, while 20-80 held-out images allow alarm rates down to 1/(n+1) = 0.05-0.01.
-CPU_RECIPES = {"small": dict(image_size=64, steps=1000, lr=5e-4, calib_fraction=0.2),
-               "tiny": dict(image_size=64, steps=1000, lr=5e-4, calib_fraction=0.2)}
+# Image size, training length and learning rate of the CPU presets when --image-size, --epochs, --steps and --lr
+# are not given; `paper` uses TrainConfig's (the paper's) values. 1000 steps are 10-30x fewer than the paper's 2000
+# epochs, and at lr 1e-4 the model is far from fitted then; 5e-4 did better on every metric of three held-out
+# photo-derived sets (BENCHMARKS.md, "CPU recipe"). They also hold out a fifth of each category's train/good as the
+# calibration set of --alarm-rate: 1000 steps of batch 32 see each of a few hundred images ~100 times, so training
+# is short of steps, not images, while 20-80 held-out images allow alarm rates down to 1/(n+1) = 0.05-0.01.
+CPU_RECIPES = {preset: dict(image_size=64, steps=1000, lr=5e-4, calib_fraction=0.2) for preset in ("small", "tiny")}
 
 
 @dataclass(frozen=True)
@@ -685,8 +668,7 @@ def train_config(preset="paper", **overrides) -> TrainConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig(MethodConfig):
-    """MethodConfig and the options of a run: the test-time rule, forward batch, precision, tile stride,
-    smoothing of H."""
+    """MethodConfig and a run's options: the test-time rule, forward batch, precision, tile stride, smoothing of H."""
 
     max_batch: int = knob(0, "U-Net inputs per forward, the memory budget; 0: automatic (512 on CUDA, by image "
                              "size on CPU: 32 for tiny at 64^2)", ge=0, le=2**20)
@@ -701,14 +683,12 @@ class ScoreConfig(MethodConfig):
 
 
 # ----------------------------------------------------------------------------
-# Tiles (train --tile N): an image larger than the model's input is covered by overlapping N x N
-# tiles, the last of each row and column aligned to the border; every tile is scored as an image of
-# its own and the tile maps are blended with a window that fades to ~0 at a tile's border, so the
-# stitched map has the image's own size and no seam. A tile draws its paths from its place in the
-# image, (top, left) as top * 2^32 + left: the tile at (0, 0) as a whole image, so an image of exactly
-# one tile scores as untiled.
+# Tiles (train --tile N): an image larger than the model's input is covered by overlapping N x N tiles, the last
+# of each row and column aligned to the border; every tile is scored as an image of its own and the tile maps are
+# blended with a window that fades to ~0 at a tile's border, so the stitched map has the image's own size and no
+# seam. A tile draws its paths from its place in the image, (top, left) as top * 2^32 + left: the tile at (0, 0)
+# as a whole image, so an image of exactly one tile scores as untiled.
 # Last, smooth_maps: the Gaussian smoothing of any map (--smooth), applied where the maps are made.
-
 
 def tile_grid(H: int, W: int, N: int, stride: int) -> list:
     """(top, left) of the N x N tiles covering an H x W image, stride apart, edge tiles at the border."""
@@ -749,16 +729,14 @@ def tiled_maps(fn, images, N: int, stride: int, per_call: int, progress=None, gr
     if not 0 < stride <= N:
         raise UserError(f"--stride: {stride} must be from 1 to the tile size {N} (0: half a tile), or pixels go unscored")
     window = tile_window(N)
-    jobs = [(i, j, top, left) for i, x in enumerate(images)
-            for j, (top, left) in enumerate(tile_grid(x.shape[-2], x.shape[-1], N, stride))]
-    acc, wsum = [None] * len(images), [torch.zeros(x.shape[-2:]) for x in images]
-    done = 0
+    jobs = [(i, top, left) for i, x in enumerate(images) for top, left in tile_grid(*x.shape[-2:], N, stride)]
+    acc, wsum, done = [None] * len(images), [torch.zeros(x.shape[-2:]) for x in images], 0  # done: images reported
     for c in range(0, len(jobs), per_call):
         chunk = jobs[c:c + per_call]
-        tiles = torch.stack([images[i][:, top:top + N, left:left + N] for i, _, top, left in chunk])
-        cells = tile_cells([(top, left, *images[i].shape[-2:]) for i, _, top, left in chunk], N, grid) if grid else None
-        maps = fn(tiles, [top << 32 | left for _, _, top, left in chunk], cells).cpu()  # (n, *, N, N)
-        for (i, _, top, left), m in zip(chunk, maps):
+        tiles = torch.stack([images[i][:, top:top + N, left:left + N] for i, top, left in chunk])
+        cells = tile_cells([(top, left, *images[i].shape[-2:]) for i, top, left in chunk], N, grid) if grid else None
+        maps = fn(tiles, [top << 32 | left for _, top, left in chunk], cells).cpu()  # (n, *, N, N)
+        for (i, top, left), m in zip(chunk, maps):
             if acc[i] is None:
                 acc[i] = torch.zeros(*m.shape[:-2], *images[i].shape[-2:])
             acc[i][..., top:top + N, left:left + N] += window * m
@@ -771,14 +749,12 @@ def tiled_maps(fn, images, N: int, stride: int, per_call: int, progress=None, gr
 
 
 def smooth_maps(heat, sigma: float):
-    """Each map of heat ((N, H, W) tensor or list of (H, W) tensors) convolved with a Gaussian of std
-    sigma map pixels, truncated at 4 sigma, the border continued by its nearest pixel
-    (scipy.ndimage.gaussian_filter, mode "nearest"): the usual smoothing of anomaly maps, which
-    averages out the pixel noise of native-resolution maps. sigma 0: heat as it is."""
+    """Each map of heat ((N, H, W) tensor or list of (H, W) tensors) convolved with a Gaussian of std sigma map
+    pixels (scipy.ndimage.gaussian_filter: truncated at 4 sigma, the border continued by its nearest pixel): the
+    usual smoothing of anomaly maps, averaging out the pixel noise of native-resolution maps. sigma 0: heat as is."""
     if not sigma:
         return heat
     from scipy.ndimage import gaussian_filter
-
     out = [torch.from_numpy(gaussian_filter(h.cpu().numpy().astype(np.float32), sigma, mode="nearest")) for h in heat]
     return torch.stack(out) if torch.is_tensor(heat) else out
 
