@@ -1246,10 +1246,9 @@ def disk_error(path: Path, e: Exception) -> UserError:
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **kw):
-    """Open a temp file beside `path` for writing; when the block ends, fsync it and rename it over
-    `path`. An error, Ctrl-C or kill at any moment leaves the old file (or none) intact, never a part.
-    Only a regular file is replaced (check_target); the temp name stays short whatever path's name;
-    a write the disk refuses is one line (disk_error)."""
+    """Open a temp file beside `path` for writing; when the block ends, fsync it and rename it over `path`.
+    An error, Ctrl-C or kill at any moment leaves the old file (or none) intact, never a part. Only a
+    regular file is replaced (check_target); the temp name stays short; a refused write is disk_error."""
     path = Path(path)
     check_target(path)
     try:
@@ -1856,9 +1855,8 @@ def subfolders(folder: Path) -> list:
 
 
 def read_image(path, size, mode="RGB", scale=1.0):
-    """An image file (or PIL image) -> (array (size, size[, 3]) uint8, original (w, h)); size None
-    keeps the original size, rescaled by `scale` (to round(scale w) x round(scale h)).
-
+    """An image file (or PIL image) -> (array (size, size[, 3]) uint8, original (w, h)); size None keeps
+    the original size, rescaled by `scale` (to round(scale w) x round(scale h)).
     mode "RGB": any mode and bit depth Pillow opens becomes 8-bit RGB with its range kept (16-bit
     values / 257, floats in [0, 1] x 255, floats of another range min-max with a warning).
     mode "mask": 1 where the stored value is non-zero (palette index, label id, 16-bit value, any
@@ -1881,8 +1879,7 @@ def read_image(path, size, mode="RGB", scale=1.0):
                 lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
                 if lo < 0 or hi > 1 or finite.size < a.size:
                     note(f"warning: {path}: float image with values in [{lo:.4g}, {hi:.4g}]"
-                         f"{' and non-finite ones' * (finite.size < a.size)}, not [0, 1]; "
-                         f"mapped min-max to 0-255")
+                         f"{' and non-finite ones' * (finite.size < a.size)}, not [0, 1]; mapped min-max to 0-255")
                     a = (np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo) - lo) / max(hi - lo, 1e-12)
                 im = Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8))
             if mode == "RGB":
@@ -2165,9 +2162,8 @@ def read_masks(files, mask_files, sizes, size, scale=1.0) -> list:
 
 
 def load_test(root, size: int, scale=1.0, tile=0) -> dict:
-    """{category: Dataset} with anomaly labels and masks (zeros for normal images, and for all
-    images of a category without ground truth), at size x size; size None (tiles): at the images'
-    own size times `scale`, one size per category."""
+    """{category: Dataset} with anomaly labels and masks (zeros for normal images, and for all images of a
+    category without ground truth) at size x size; size None (tiles): own size times `scale`, one per category."""
     out = {}
     for cat in find_categories(root):
         if not cat.test_dir.is_dir():
