@@ -764,10 +764,8 @@ def smooth_maps(heat, sigma: float):
 
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with AMSGrad and per-tensor update clipping (StableAdamW, Wortsman et al. 2023):
-    each tensor's step size is divided by max(1, RMS(g^2 / v_hat) / clip).
-
-    One step is a few dozen torch._foreach_* calls over all tensors of a group, not ~20 eager
-    ops per tensor (the paper U-Net has ~780 tensors)."""
+    each tensor's step size is divided by max(1, RMS(g^2 / v_hat) / clip). One step is a few dozen
+    torch._foreach_* calls over a group's tensors, not ~20 eager ops per tensor (~780 in the paper U-Net)."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-4, clip=1.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip))
@@ -779,13 +777,11 @@ class StableAdamW(torch.optim.Optimizer):
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
                 continue
-            g = [p.grad.float() for p in ps]
-            for p, gi in zip(ps, g):
-                state = self.state[p]
+            g, states = [p.grad.float() for p in ps], [self.state[p] for p in ps]
+            for state, gi in zip(states, g):
                 if not state:
                     state.update(step=0, m=torch.zeros_like(gi), v=torch.zeros_like(gi), v_max=torch.zeros_like(gi))
                 state["step"] += 1
-            states = [self.state[p] for p in ps]
             m, v, v_max = ([s[k] for s in states] for k in ("m", "v", "v_max"))
             torch._foreach_lerp_(m, g, 1 - b1)
             torch._foreach_mul_(v, b2)
@@ -807,17 +803,13 @@ class StableAdamW(torch.optim.Optimizer):
 RESUMABLE = ("epochs", "steps", "save_every", "save_epochs")  # how long and what to keep; not what is learnt
 
 
-def train_config_of(ckpt: dict) -> TrainConfig:
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()})
-
-
 def resumed_config(ckpt: dict, cfg: TrainConfig, log=note, given=None) -> TrainConfig:
     """The run's own TrainConfig with the RESUMABLE fields of cfg that were given (given: see `given`;
     None: each field not at TrainConfig's default), each change logged; --epochs alone trains that
     many. Any other field given that differs from the run's is refused, naming its flag."""
-    saved, default = train_config_of(ckpt), TrainConfig()
+    saved = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()})
     if given is None:
-        given = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+        given = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
     for name in sorted(set(given) - set(RESUMABLE)):
         if getattr(cfg, name) != getattr(saved, name):
             raise UserError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} differs from the run's "
@@ -835,7 +827,7 @@ def resumed_config(ckpt: dict, cfg: TrainConfig, log=note, given=None) -> TrainC
 class Run:
     """What a training run holds between its steps; train_setup builds it."""
 
-    cfg: TrainConfig  # the run's own (the checkpoint's, on resume), steps = total
+    cfg: TrainConfig  # the run's own (the checkpoint's, on resume), steps: the total
     data: Dataset  # the training images
     held: Dataset  # the calibration hold-out, never drawn into a batch
     conditional: bool
@@ -846,7 +838,6 @@ class Run:
     mean: torch.Tensor  # (3,) the normalisation of the training images
     std: torch.Tensor
     step: int  # steps done
-    total: int
     steps_per_epoch: int
     out: Path
     rank: int
@@ -903,8 +894,8 @@ def cfm_step(model, opt, y, labels=None, generator=None) -> float:
 
 def train_loop(run: Run, stop: list, log) -> None:
     """Steps run.step + 1 .. total: batch, seeds, cfm_step; then log, checkpoint, stop on a signal."""
-    cfg, out, total, device, world = run.cfg, run.out, run.total, run.device, run.world
-    gen, step0, t_start = torch.Generator(device=device), run.step, time.time()
+    cfg, out, total, device, world = run.cfg, run.out, run.cfg.steps, run.device, run.world
+    gen, step0, t_start, per_epoch = torch.Generator(device=device), run.step, time.time(), run.steps_per_epoch
     progress = Progress(total, "step", run.step, per=cfg.batch_size * world, log=log) if run.rank == 0 else None
     run.model.train()
     while run.step < total:
@@ -928,7 +919,6 @@ def train_loop(run: Run, stop: list, log) -> None:
             flag = torch.tensor([signum], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             signum = int(flag.item())
-        per_epoch = run.steps_per_epoch
         if step % cfg.save_every == 0 or step == total or signum:
             save_run(run, out / "ckpt.pt")
         if step % per_epoch == 0 and step // per_epoch in cfg.save_epochs:
@@ -956,8 +946,8 @@ def cpu_estimate(run: Run, data, given, log) -> None:
     cfm_loss(model, y, labels, torch.Generator().manual_seed(0)).backward()
     per_image = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
-    hours = per_image * cfg.batch_size * run.world * (run.total - run.step) / 3600
-    line = (f"preset {cfg.preset} on a CPU: about {hours:,.1f} h for {run.total - run.step:,} steps "
+    hours = per_image * cfg.batch_size * run.world * (cfg.steps - run.step) / 3600
+    line = (f"preset {cfg.preset} on a CPU: about {hours:,.1f} h for {cfg.steps - run.step:,} steps "
             f"({per_image:.2f} s per image, timed before the first step)")
     if hours >= 1:
         keep = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else " " + (
@@ -1012,10 +1002,9 @@ def model_and_optimiser(cfg: TrainConfig, n_labels: int, ckpt, device) -> tuple:
     model = build_model(cfg.preset, max(1, n_labels) * cfg.tile_grid ** 2 if cfg.tile_grid else n_labels)
     opt = StableAdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, clip=cfg.update_rms_clip)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
     model.to(device, memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])  # its moments go to the parameters' device
     return model, opt
 
@@ -1027,15 +1016,13 @@ def run_summary(run: Run) -> str:
             f"{'class-conditional on ' + str(n) + ' categories' if run.conditional else 'unconditional'}; "
             f"{len(run.data)} images{f' ({len(run.held)} more held out for calibration)' * (len(run.held) > 0)}"
             f"{f', random {cfg.tile}x{cfg.tile} tiles at scale {cfg.tile_scale}' * (cfg.tile > 0)}, "
-            f"{run.steps_per_epoch} step{'s' * (run.steps_per_epoch != 1)}/epoch, {run.total} steps on "
+            f"{run.steps_per_epoch} step{'s' * (run.steps_per_epoch != 1)}/epoch, {cfg.steps} steps on "
             f"{run.device} x{run.world}")
 
 
 def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=False, given=None) -> Run:
-    """A run in named steps: the checkpoint to resume and the configuration, the data and hold-out,
-    the model and optimiser, the DDP wrapper (under torch.compile with `compile`: every step has the
-    same batch, so it compiles once), normalisation, step and total; out/train_log.csv opened, rows
-    past the checkpoint's step dropped."""
+    """The Run to start or continue, its DDP wrapper under torch.compile with `compile` (every step has the
+    same batch shape, so it compiles once); out/train_log.csv opened, rows past the checkpoint's step dropped."""
     rank, world, local_rank = distributed()
     ckpt, cfg, said = checkpoint_to_resume(out, cfg, resume, given)
     data, held = training_data(data, cfg, ckpt)
@@ -1045,23 +1032,21 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if world > 1 else model
     steps_per_epoch = max(1, len(data) // (cfg.batch_size * world))
-    total, step = cfg.steps or cfg.epochs * steps_per_epoch, 0 if ckpt is None else ckpt["step"]
-    run = Run(cfg=replace(cfg, steps=total), data=data, held=held, conditional=conditional, model=model, opt=opt,
-              ddp=torch.compile(ddp, dynamic=False) if compile else ddp, compiled=compile, mean=mean, std=std,
-              step=step, total=total, steps_per_epoch=steps_per_epoch, out=out, rank=rank, world=world,
-              device=device, **bound_record(ckpt, data, held))
+    step = 0 if ckpt is None else ckpt["step"]
+    run = Run(cfg=replace(cfg, steps=cfg.steps or cfg.epochs * steps_per_epoch), data=data, held=held,
+              conditional=conditional, model=model, opt=opt, ddp=torch.compile(ddp, dynamic=False) if compile else ddp,
+              compiled=compile, mean=mean, std=std, step=step, steps_per_epoch=steps_per_epoch, out=out, rank=rank,
+              world=world, device=device, **bound_record(ckpt, data, held))
     if rank == 0:
         for line in said + [run_summary(run)]:
             log(line)
-    path = out / "train_log.csv"
+    path, flag = out / "train_log.csv", "--resume" if resume else "--out"
     names = ["train_log.csv", "loss.png", *(f"ckpt_epoch{e}.pt" for e in cfg.save_epochs)]
-    check_ours(out, names + ["ckpt.pt"] * (ckpt is None), flag="--resume" if resume else "--out")
-    check_target(out / "ckpt.pt", "--resume" if resume else "--out")  # resumed: replaced by design, never a link
+    check_ours(out, names + ["ckpt.pt"] * (ckpt is None), flag=flag)
+    check_target(out / "ckpt.pt", flag)  # resumed: replaced by design, never a link
     if rank == 0:  # the log up to the checkpoint's step, replaced atomically; then appended to
         record(out, names + ["ckpt.pt"])
-        rows = []
-        if resume and path.is_file():
-            rows = [r for r in log_rows(path) if int(r[0]) <= step]
+        rows = [r for r in log_rows(path) if int(r[0]) <= step] if resume and path.is_file() else []
         with atomic_write(path, newline="") as f:
             csv.writer(f).writerows([LOG_HEAD] + rows)
     run.train_log = open(path if rank == 0 else os.devnull, "a", newline="")
@@ -1073,15 +1058,15 @@ def bound_record(ckpt, data: Dataset, held: Dataset) -> dict:
     """What a run records of its images: trained_on, the sha256 of every image it has trained on,
     which only grows over resumes; held_out, each category's hold-out by absolute path and sha256;
     calibration, the resumed checkpoint's (of older weights, scored again by calibrate_held_out)."""
-    trained_on = list(ckpt.get("trained_on", [])) if ckpt is not None else []
+    ckpt = ckpt or {}
+    trained_on = list(ckpt.get("trained_on", []))
     seen = set(trained_on)
     trained_on += [h for h in image_hashes(data.images) if h not in seen]
     paths, hashes, labels = [str(Path(p).resolve()) for p in held.paths], image_hashes(held.images), held.labels.tolist()
     held_out = {name: dict(paths=[p for p, c in zip(paths, labels) if c == i],
                            sha256=[h for h, c in zip(hashes, labels) if c == i])
                 for i, name in enumerate(data.class_names)}
-    calibration = dict(ckpt.get("calibration") or {}) if ckpt is not None else {}
-    return dict(trained_on=trained_on, held_out=held_out, calibration=calibration)
+    return dict(trained_on=trained_on, held_out=held_out, calibration=dict(ckpt.get("calibration") or {}))
 
 
 def train_batch(run: Run, step: int) -> tuple:
@@ -1092,8 +1077,17 @@ def train_batch(run: Run, step: int) -> tuple:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_mix(cfg.seed, epoch)))
     start = (i * world + run.rank) * cfg.batch_size
     idx = perm[torch.arange(start, start + cfg.batch_size) % n]
-    x, cells = random_tiles(data.images, idx, cfg.tile, torch.Generator().manual_seed(
-        seed_mix(cfg.seed, step, run.rank, 2)), cfg.tile_grid) if cfg.tile else (data.images[idx], None)
+    if cfg.tile:  # an N x N crop of each image at a position drawn from (seed, step, rank), and its grid cell
+        N, gen = cfg.tile, torch.Generator().manual_seed(seed_mix(cfg.seed, step, run.rank, 2))
+        tiles, boxes = [], []
+        for j in idx.tolist():
+            H, W = data.images[j].shape[-2:]
+            top, left = (int(torch.randint(L - N + 1, (), generator=gen)) for L in (H, W))
+            tiles.append(data.images[j][:, top:top + N, left:left + N])
+            boxes.append((top, left, H, W))
+        x, cells = torch.stack(tiles), tile_cells(boxes, N, cfg.tile_grid) if cfg.tile_grid else None
+    else:
+        x, cells = data.images[idx], None
     labels = position_labels(data.labels[idx] if run.conditional else None, cells, cfg.tile_grid)
     return normalise(x.to(run.device), run.mean, run.std), None if labels is None else labels.to(run.device)
 
@@ -1104,23 +1098,18 @@ def kept(out: Path) -> str:
 
 
 def save_run(run: Run, path: Path) -> None:
-    """Rank 0 writes the run's checkpoint once its weights are checked finite, and flushes the log."""
+    """Rank 0 writes the run's checkpoint once its weights are checked finite (a refused write: see atomic_write)."""
     if run.rank != 0:
         return
     model, data = run.model, run.data
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"training diverged before step {run.step}: weights are not finite; {kept(run.out)}",
                         status=1)
-    try:
-        save_checkpoint(path, dict(model=model.state_dict(), optimizer=run.opt.state_dict(),
-                                   model_config=asdict(model.cfg), train_config=asdict(run.cfg),
-                                   mean=run.mean.tolist(), std=run.std.tolist(), class_names=data.class_names,
-                                   conditional=run.conditional, step=run.step, data=data.root,
-                                   trained_on=run.trained_on, held_out=run.held_out,
-                                   calibration=run.calibration))
-        run.train_log.flush()
-    except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact", status=1)
+    save_checkpoint(path, dict(model=model.state_dict(), optimizer=run.opt.state_dict(),
+                               model_config=asdict(model.cfg), train_config=asdict(run.cfg), mean=run.mean.tolist(),
+                               std=run.std.tolist(), class_names=data.class_names, conditional=run.conditional,
+                               step=run.step, data=data.root, trained_on=run.trained_on, held_out=run.held_out,
+                               calibration=run.calibration))
 
 
 def calibrate_held_out(run: Run) -> None:
@@ -1159,15 +1148,12 @@ def log_rows(path: Path) -> list:
     Any other line (a damaged or edited file, bytes that are not text) is dropped, with one warning."""
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().splitlines()
-
-    def row(line):  # the row a line holds if it reads as a step, else None
-        try:
+    rows = []
+    for line in lines[1:]:
+        with contextlib.suppress(csv.Error, ValueError, StopIteration):
             r = next(csv.reader([line]))
-            return r if len(r) == 5 and int(r[0]) >= 1 and all(math.isfinite(float(x)) for x in r[1:]) else None
-        except (csv.Error, ValueError, StopIteration):
-            return None
-
-    rows = [r for r in map(row, lines[1:]) if r is not None]
+            if len(r) == 5 and int(r[0]) >= 1 and all(math.isfinite(float(x)) for x in r[1:]):
+                rows.append(r)
     if len(rows) + 1 < len(lines) or (lines and lines[0] != ",".join(LOG_HEAD)):
         note(f"warning: {path}: {len(lines) - 1 - len(rows)} damaged line(s) dropped; the log keeps the "
              f"{len(rows)} rows that read as steps")
@@ -1197,20 +1183,16 @@ def special(path):
     """What `path` is if a write must never go through or over it (a symbolic link, FIFO, socket or
     device, named in words); None for a regular file, a folder or nothing."""
     try:
-        mode = os.lstat(path).st_mode
+        kind = stat.S_IFMT(os.lstat(path).st_mode)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    for test, what in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return what
-    return None
+    return {stat.S_IFLNK: "a symbolic link", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+            stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}.get(kind)
 
 
 def check_target(path, flag=None) -> None:
     """A file we are about to write: nothing yet, or a regular file (never followed if a link)."""
-    what = special(path) or ("a folder" if os.path.isdir(path) else None)
-    if what:
+    if what := special(path) or ("a folder" if os.path.isdir(path) else None):
         raise UserError(f"{flag + ': ' if flag else ''}{path} is {what}; refusing to write through or over it")
 
 
@@ -1224,10 +1206,9 @@ def disk_error(path: Path, e: Exception) -> UserError:
 
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **kw):
-    """Open a temp file beside `path` for writing; when the block ends, fsync it and rename it over
-    `path`. An error, Ctrl-C or kill at any moment leaves the old file (or none) intact, never a part.
-    Only a regular file is replaced (check_target); the temp name stays short whatever path's name;
-    a write the disk refuses is one line (disk_error)."""
+    """Open a temp file beside `path` for writing; when the block ends, fsync it and rename it over `path`.
+    An error, Ctrl-C or kill at any moment leaves the old file (or none) intact, never a part. Only a
+    regular file is replaced (check_target); the temp name stays short; a refused write is disk_error."""
     path = Path(path)
     check_target(path)
     try:
@@ -1281,16 +1262,14 @@ def try_lock(f) -> bool:
         import msvcrt
 
         f.seek(0)
-        try:
+        with contextlib.suppress(OSError):
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+            return True
         return False
-    return True
+    with contextlib.suppress(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    return False
 
 
 def open_lock(path: Path, flag):
@@ -1320,11 +1299,10 @@ def open_lock(path: Path, flag):
 
 @contextlib.contextmanager
 def run_lock(out: Path, flag="--out", command="train", wait=False):
-    """One writer per folder (`train` and `calibrate` of a run folder, `test` or `score` of an output
-    folder): an exclusive OS lock (try_lock) on OUT/.lock, which names the holder's pid and command,
-    for as long as the block runs. Busy: an error naming the folder and the holder, or with wait,
-    one line saying so and a wait. The folder is checked first (check_out_dir); one made here and
-    left without an output is removed again."""
+    """One writer per folder (`train`, `calibrate` of a run folder; `test`, `score` of an output folder):
+    an exclusive OS lock (try_lock) on OUT/.lock, naming the holder's pid and command, while the block
+    runs. Busy: an error naming the folder and holder, or with wait, one line and a wait. The folder is
+    checked first (check_out_dir); one made here and left without an output is removed again."""
     check_out_dir(out, flag)
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 holds it for the job
         yield
@@ -1380,20 +1358,16 @@ def check_out_dir(out: Path, flag="--out") -> None:
         raise UserError(f"{flag}: {out} cannot be written: no write permission in {have} (or a read-only disk)")
 
 
-# A rerun replaces a run's outputs as a whole: they are written into a hidden folder inside --out
-# and only then moved in together. An error or interrupt while writing leaves the previous run as it
-# was; one during the moves (renames, milliseconds) leaves OUT/INCOMPLETE naming what is missing.
-# Only entries listed in OUT's MANIFEST are ever replaced or removed; callers check the names they
-# will write (check_ours) before they compute anything.
 STAGING = (".staging", "INCOMPLETE")
 
 
 @contextlib.contextmanager
 def staged(out: Path, stale=()):
-    """A fresh folder in which to write the new outputs of `out` (files and folders named as in
-    `out`); when the block ends they replace their namesakes in `out`, and the outputs named in
-    `stale` (an earlier run's, this run does not write) are removed if this program wrote them.
-    The names are recorded in out's MANIFEST before they are moved in."""
+    """A rerun's outputs replace OUT's as a whole: written into the folder this yields (named as in OUT),
+    they are recorded in OUT's MANIFEST and moved in together when the block ends; the outputs in `stale`
+    (an earlier run's, not written now) are removed if ours. An error or interrupt while writing leaves
+    the previous run as it was; one during the moves (renames, milliseconds) leaves OUT/INCOMPLETE naming
+    what is missing. Only MANIFEST entries are touched; callers check_ours their names before any work."""
     check_ours(out, STAGING)
     record(out, STAGING)
     tmp = out / ".staging"
@@ -1441,14 +1415,14 @@ def written_here(folder: Path) -> set:
     check_target(path)
     try:
         names = json.loads(path.read_text())
+        why = None if isinstance(names, list) and all(isinstance(n, str) for n in names) else "not a list of names"
     except FileNotFoundError:
         return set()
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable record of what flow_mismatch.py wrote here ({type(e).__name__}); "
+        why = type(e).__name__
+    if why:
+        raise UserError(f"{path}: not a readable record of what flow_mismatch.py wrote here ({why}); "
                         f"remove it if the folder is not ours")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise UserError(f"{path}: not a record of what flow_mismatch.py wrote here; remove it if the folder is "
-                        f"not ours")
     return set(names)
 
 
@@ -1460,8 +1434,7 @@ def check_ours(folder: Path, names, flag="--out") -> None:
         return
     ours = written_here(folder)
     for name in names:
-        what = special(folder / name)
-        if what:
+        if what := special(folder / name):
             raise UserError(f"{flag}: {folder / name} is {what}; refusing to write through or over it")
         if os.path.lexists(folder / name) and name not in ours:
             raise UserError(f"{flag}: {folder / name} was not written by flow_mismatch.py (it is not in "
@@ -1527,10 +1500,9 @@ CKPT_OPTIONAL = {"optimizer": dict, "data": (str, type(None)), "trained_on": lis
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint without executing anything in it, and check it as data before it is used:
-    the archive's CRCs, every key we rely on, every tensor and number finite, each stored config
-    value as its flag is checked, the calibration records. Anything wrong is one line naming the
-    file and the key."""
+    """Read a checkpoint without executing anything in it, and check it as data before it is used: the
+    archive's CRCs, every key we rely on, every tensor and number finite, each stored config value as
+    its flag is checked, the calibration records. Anything wrong is one line naming the file and key."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--ckpt: no checkpoint at {path}")
@@ -1559,9 +1531,7 @@ def load_checkpoint(path) -> dict:
                             f"not a {getattr(kind, '__name__', 'str')}")
     ckpt["train_config"] = {**{f: getattr(TrainConfig, f) for f in TRAIN_ADDED}, **ckpt["train_config"]}
     for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
-        names = {f.name for f in fields(cls)}
-        if set(ckpt[key]) != names:
-            wrong = sorted(set(ckpt[key]) ^ names)
+        if wrong := sorted(set(ckpt[key]) ^ {f.name for f in fields(cls)}):
             raise UserError(f"--ckpt: {path}: '{key}' has other fields than ours ({', '.join(wrong[:4])})")
     check_checkpoint(ckpt, f"--ckpt: {path}")
     return ckpt
@@ -1626,8 +1596,7 @@ def check_model_config(ckpt: dict, at: str) -> None:
             raise UserError(f"{at}: key 'model_config' field '{key}': {mc[key]!r} is not an integer from {lo} to {hi}")
     for key in ("channel_mult", "attention_ds"):
         v = mc[key]
-        if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 8 or not all(type(x) is int and 1 <= x <= 64
-                                                                                 for x in v):
+        if not (isinstance(v, (list, tuple)) and 1 <= len(v) <= 8 and all(type(x) is int and 1 <= x <= 64 for x in v)):
             raise UserError(f"{at}: key 'model_config' field '{key}': {v!r} is not a list of 1 to 8 integers "
                             f"from 1 to 64")
     if not isinstance(mc["dropout"], (int, float)) or isinstance(mc["dropout"], bool) or not 0 <= mc["dropout"] < 1:
@@ -1707,11 +1676,10 @@ def f1_max(labels, scores) -> float:
 
 
 def pro_curve(masks, heat):
-    """(FPR, PRO) at every distinct threshold of heat, from (0, 0); None without a region or a
-    normal pixel. masks and heat are (N, H, W) arrays or lists of 2-D arrays of any sizes.
-    Regions are the 8-connected components of each ground-truth mask; at every threshold PRO is
-    the mean over regions of the fraction of the region above it, FPR the fraction of normal
-    pixels above it."""
+    """(FPR, PRO) at every distinct threshold of heat, from (0, 0); None without a region or a normal
+    pixel. masks, heat: (N, H, W) arrays or lists of 2-D arrays of any sizes. Regions are the 8-connected
+    components of each ground-truth mask; at every threshold PRO is the mean over regions of the fraction
+    of the region above it, FPR the fraction of normal pixels above it."""
     from scipy.ndimage import label
 
     region, n_regions = [], 0  # 1 / |region| on anomalous pixels
@@ -1739,8 +1707,7 @@ def pro_curve(masks, heat):
 def aupro(masks, heat, fpr_limit: float = 0.3) -> float:
     """Area under the per-region-overlap curve (pro_curve) up to FPR 0.3, divided by 0.3; the
     curve is cut at FPR = 0.3 by linear interpolation."""
-    curve = pro_curve(masks, heat)
-    if curve is None:
+    if (curve := pro_curve(masks, heat)) is None:
         return float("nan")
     fpr, pro = curve
     cut = np.searchsorted(fpr, fpr_limit, side="right")
@@ -1824,15 +1791,13 @@ class Category:
 
 
 def hidden(p: Path) -> bool:
-    """The hidden entries the README lists, never data: dot-files (._* AppleDouble files and
-    .ipynb_checkpoints among them) and __MACOSX."""
+    """Never data (the README lists them): dot-files (._* AppleDouble, .ipynb_checkpoints) and __MACOSX."""
     return p.name.startswith(".") or p.name == "__MACOSX"
 
 
 def image_files(folder: Path) -> list:
-    """The image files of a folder: regular files (or links to one) with an image extension. Hidden
-    entries are ignored; any other entry (a sub-folder, another file, a FIFO, socket or device) is
-    named in one warning and skipped unopened."""
+    """A folder's regular files (or links to one) with an image extension; hidden entries ignored, any
+    other entry (a sub-folder, another file, a FIFO, socket or device) named in one warning, unopened."""
     files, other = [], []
     for p in sorted(folder.iterdir()):
         if not hidden(p):
@@ -1850,9 +1815,8 @@ def subfolders(folder: Path) -> list:
 
 
 def read_image(path, size, mode="RGB", scale=1.0):
-    """An image file (or PIL image) -> (array (size, size[, 3]) uint8, original (w, h)); size None
-    keeps the original size, rescaled by `scale` (to round(scale w) x round(scale h)).
-
+    """An image file (or PIL image) -> (array (size, size[, 3]) uint8, original (w, h)); size None keeps
+    the original size, rescaled by `scale` (to round(scale w) x round(scale h)).
     mode "RGB": any mode and bit depth Pillow opens becomes 8-bit RGB with its range kept (16-bit
     values / 257, floats in [0, 1] x 255, floats of another range min-max with a warning).
     mode "mask": 1 where the stored value is non-zero (palette index, label id, 16-bit value, any
@@ -1875,8 +1839,7 @@ def read_image(path, size, mode="RGB", scale=1.0):
                 lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
                 if lo < 0 or hi > 1 or finite.size < a.size:
                     note(f"warning: {path}: float image with values in [{lo:.4g}, {hi:.4g}]"
-                         f"{' and non-finite ones' * (finite.size < a.size)}, not [0, 1]; "
-                         f"mapped min-max to 0-255")
+                         f"{' and non-finite ones' * (finite.size < a.size)}, not [0, 1]; mapped min-max to 0-255")
                     a = (np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo) - lo) / max(hi - lo, 1e-12)
                 im = Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8))
             if mode == "RGB":
@@ -2039,9 +2002,8 @@ def visa_categories(root: Path, only=None) -> list:
         if row["object"] in ("", ".", "..") or Path(row["object"]).name != row["object"]:
             raise UserError(f"{table}: object {row['object']!r} is not a folder name")  # it names an output folder
         files = [root / row[k] for k in ("image", "mask") if row[k]]
-        for p in files:
-            if not p.is_file():
-                raise UserError(f"{table}: lists {p}, which does not exist")
+        if missing := next((p for p in files if not p.is_file()), None):
+            raise UserError(f"{table}: lists {missing}, which does not exist")
         data = root / row["object"] / "Data" / "Images"
         cat = cats.setdefault(row["object"], Category(row["object"], data / "Normal", data, [], []))
         if row["split"] == "train":
@@ -2063,8 +2025,7 @@ def find_categories(root: Path) -> list:
         raise UserError(f"--data: {root} is not a folder")
     if (root / "Data" / "Images").is_dir():  # one object of raw VisA
         return visa_categories(root.resolve().parent, only=root.resolve().name) or [folder_category(root)]
-    own = folder_category(root)
-    if own is not None:
+    if (own := folder_category(root)) is not None:
         return [own]
     cats = {c.name: c for c in visa_categories(root)}
     for d in subfolders(root):
@@ -2128,18 +2089,6 @@ def load_train(root, size: int, scale=1.0, tile=0) -> Dataset:
     return Dataset(uint8_batch(images), torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
 
 
-def random_tiles(images, idx, N: int, gen, grid=0) -> tuple:
-    """One N x N crop of each image idx at a position drawn from gen (CPU): (B, 3, N, N) uint8, and
-    with grid > 0 the crops' tile_cells (B,), else None."""
-    out, boxes = [], []
-    for i in idx.tolist():
-        H, W = images[i].shape[-2:]
-        top, left = (int(torch.randint(L - N + 1, (), generator=gen)) for L in (H, W))
-        out.append(images[i][:, top:top + N, left:left + N])
-        boxes.append((top, left, H, W))
-    return torch.stack(out), tile_cells(boxes, N, grid) if grid else None
-
-
 def split_calibration(data: Dataset, fraction: float, seed: int) -> tuple:
     """(training, held-out) parts of a training set: floor(fraction * n) of each category's n images,
     drawn with (seed, category), are held out for calibration and never trained on."""
@@ -2173,9 +2122,8 @@ def read_masks(files, mask_files, sizes, size, scale=1.0) -> list:
 
 
 def load_test(root, size: int, scale=1.0, tile=0) -> dict:
-    """{category: Dataset} with anomaly labels and masks (zeros for normal images, and for all
-    images of a category without ground truth), at size x size; size None (tiles): at the images'
-    own size times `scale`, one size per category."""
+    """{category: Dataset} with anomaly labels and masks (zeros for normal images, and for all images of a
+    category without ground truth) at size x size; size None (tiles): own size times `scale`, one per category."""
     out = {}
     for cat in find_categories(root):
         if not cat.test_dir.is_dir():
@@ -2185,8 +2133,7 @@ def load_test(root, size: int, scale=1.0, tile=0) -> dict:
         files, anomalous, mask_files = (list(v) for v in zip(*cat.test))
         loaded = _load(files, size, scale=scale, tile=tile)
         sizes = [s for _, s in loaded]
-        other = next((f for f, (a, _) in zip(files, loaded) if a.shape != loaded[0][0].shape), None)
-        if other is not None:
+        if other := next((f for f, (a, _) in zip(files, loaded) if a.shape != loaded[0][0].shape), None):
             raise UserError(f"{other}: {sizes[files.index(other)]} differs from {files[0]}'s {sizes[0]}; "
                             f"a tiled model tests one image size per category (score takes any)")
         gt = np.zeros((len(files), *loaded[0][0].shape[:2]), np.uint8)
@@ -2220,7 +2167,6 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
         return np.clip(rgb + jitter, 0, 1)
 
     def defect(img, kind):
-        mask = np.zeros((size, size), bool)
         cx, cy = rng.uniform(0.2, 0.8, 2)
         if kind == "scratch":
             angle, length = rng.uniform(0, np.pi), rng.uniform(0.2, 0.45)
@@ -2237,10 +2183,9 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
         save_image(path, (arr * 255).round().astype(np.uint8))
 
     for cat in ("weave", "grid"):
-        for i in range(n_train):
-            write(root / cat / "train" / "good" / f"{i:03d}.png", texture(cat))
-        for i in range(n_test):
-            write(root / cat / "test" / "good" / f"{i:03d}.png", texture(cat))
+        for split, n in (("train", n_train), ("test", n_test)):
+            for i in range(n):
+                write(root / cat / split / "good" / f"{i:03d}.png", texture(cat))
         for kind in ("scratch", "stain"):
             for i in range(n_test // 2):
                 img, mask = defect(texture(cat), kind)
