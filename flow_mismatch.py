@@ -2312,19 +2312,17 @@ class Progress:
 
 def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, labels_for=None, progress=None,
                   tile=0, grid=0):
-    """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores
-    every world-th image and rank 0 gathers them.
-    With tile > 0 (a tiled checkpoint) each image is scored in tiles (tiled_maps) and its map has
-    the image's own size: a (N, H, W) tensor, or a list of (H, W) maps if the sizes differ; with
-    grid > 0 each tile's label also names its cell (position_labels)."""
+    """Heatmaps (N, S, S) and scores (N,) for a Dataset; under torchrun each rank scores every world-th
+    image and rank 0 gathers them. With tile > 0 (a tiled checkpoint) each image is scored in tiles
+    (tiled_maps) and its map has the image's own size: a (N, H, W) tensor, or a list of (H, W) maps if
+    the sizes differ; with grid > 0 each tile's label also names its cell (position_labels)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     inputs_per_image = cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K
     mine = list(range(rank, len(data), world))
 
     def heat_of(x, places=None, cells=None):  # uint8 (n, 3, h, w) -> (n, h, w)
         y = normalise(x.to(device), mean, std)
-        labels = None if labels_for is None else torch.full((len(x),), labels_for)
-        labels = position_labels(labels, cells, grid)
+        labels = position_labels(None if labels_for is None else torch.full((len(x),), labels_for), cells, grid)
         return SCORERS[cfg.score](model, y, None if labels is None else labels.to(device), cfg, places)
 
     probe = torch.empty(1, 3, *((tile, tile) if tile else data.images[0].shape[-2:]), device=device)
@@ -2384,11 +2382,10 @@ def colour_bar(height: int, lo: float, hi: float) -> np.ndarray:
 
 def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> tuple:
     """image | ground-truth mask | heatmap H | its colour scale, one PNG per image named by overlay_name;
-    the metrics never see it. The panels are at the image's own resolution (at most OVERLAY_HEIGHT[1]
-    high) where the model's input is smaller, the mask read again there and the heat upsampled
-    (bilinear), else at the model's size; enlarged by the nearest pixel to OVERLAY_HEIGHT[0]. span: the
-    colour range (lo, hi), by default the heatmaps' minimum and 99.9th percentile, shared by the
-    category; returns it."""
+    the metrics never see it. At the image's own resolution (at most OVERLAY_HEIGHT[1] high) where the
+    model's input is smaller, the mask read again there and the heat upsampled (bilinear), else at the
+    model's size; enlarged by the nearest pixel to OVERLAY_HEIGHT[0]. span: the colour range (lo, hi),
+    by default the heatmaps' minimum and 99.9th percentile, shared by the category; returns it."""
     from matplotlib import colormaps
     from PIL import Image
 
@@ -2434,10 +2431,9 @@ def table(head, rows, html=False) -> str:
 
 
 def write_csv(path: Path, rows) -> None:
-    """rows as a CSV file, atomically, in UTF-8 under any locale, a file name that is not valid UTF-8 as
-    its own bytes (surrogateescape), so every path is written losslessly. A text cell is one a spreadsheet
-    shows and never runs: one beginning with = + - @, a tab, a carriage return or ' gets one ' in front (a
-    reader drops one leading ' to get it back). Numbers stay numbers."""
+    """rows as a CSV file, atomically, in UTF-8 under any locale, a file name that is not valid UTF-8 as its
+    own bytes (surrogateescape). Text cells a spreadsheet shows and never runs: one beginning with = + - @,
+    a tab, a carriage return or ' gets one ' in front (a reader drops one leading ' to get it back)."""
     with atomic_write(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         csv.writer(f).writerows([("'" + c if isinstance(c, str) and c.startswith(tuple("=+-@\t\r'")) else c)
                                  for c in row] for row in rows)
@@ -2574,9 +2570,8 @@ def map_tops(names, threshold=None) -> dict:
         if tiff in seen:
             raise UserError(f"{tiff}: two images would share this map (same name, other extension)")
         seen.add(tiff)
-        for rel in (tiff, png if threshold is not None else None):
-            if rel is not None:
-                tops.setdefault(Path(*rel.parts[:1 + rel.parts[0].startswith("anomaly_images")]), []).append((i, rel))
+        for rel in filter(None, (tiff, png if threshold is not None else None)):
+            tops.setdefault(Path(*rel.parts[:1 + rel.parts[0].startswith("anomaly_images")]), []).append((i, rel))
     return tops
 
 
@@ -2988,18 +2983,17 @@ def check_archive(path) -> dict:
 
 def parity_images(detector: Detector, ckpt_path, cal, category, data) -> torch.Tensor:
     """The images an export is checked on: --data, else the calibration's or the run's hold-out."""
-    size = detector.size
     if data is not None:
         files = image_files(Path(data)) if Path(data).is_dir() else []
         if not files:
             raise UserError(f"--data: {data} is not a folder of images")
-        return uint8_batch([a for a, _ in _load(files, size)])
+        return uint8_batch([a for a, _ in _load(files, detector.size)])
     record = cal or (detector.ckpt.get("calibration") or {}).get(category) or \
         (detector.ckpt.get("held_out") or {}).get(category)
     if not record or not record.get("paths"):
         raise UserError(f"--data: give a folder of images to check the archive on; {ckpt_path} records no "
                         f"calibration or hold-out images of {category}")
-    return bound_images(record, size)
+    return bound_images(record, detector.size)
 
 
 def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = ScoreConfig(), data=None,
