@@ -2585,8 +2585,7 @@ def check_maps(out: Path, tops) -> None:
 def write_maps(out: Path, names, heat, sizes, threshold=None) -> None:
     """Each map as a float32 TIFF at its image's original size sizes[i] = (w, h), at out / names[i][0];
     with a threshold also the binary mask map > threshold as a 0/255 PNG at out / names[i][1] (if not
-    None). Each top folder (a category's, or anomaly_images/<category>) is staged and replaces its
-    namesake whole, and no two images may share a name (map_tops)."""
+    None). Each top folder of map_tops is staged and replaces its namesake whole."""
     tops = map_tops(names, threshold)
     check_maps(out, tops)
     for top, items in tops.items():
@@ -3507,8 +3506,7 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, faste
 
 def bench_export(model: UNet, y, cfg: ScoreConfig, fastest) -> dict:
     """The exported whole scorer (WholeScorer, saved and loaded back as `export` does) against the eager
-    scorer (normalisation and mismatch_heat, fp32) on the same uint8 images: export time (trace, save,
-    load), archive size, images/s, latency and the largest relative difference of the maps."""
+    scorer (normalisation and mismatch_heat, fp32) on the same uint8 images, with the export's time and size."""
     S, mean, std = y.shape[-1], [0.5] * 3, [0.25] * 3
     images = (y.clamp(-2, 2) * 63 + 127).round().byte()  # (N, 3, S, S) uint8
     t0 = time.perf_counter()
