@@ -3209,12 +3209,12 @@ def explain_figure(e: dict, image: np.ndarray, mask, mean, std, shown: list, sha
     axes[-1].imshow(heat, cmap=COLOURS, alpha=0.55)
     top.colorbar(im, ax=axes[-2:], shrink=0.8, label="H").ax.tick_params(labelsize=7)
     hi = float(maps.max())
-    for j, ax in enumerate(middle.subplots(rows, cols, squeeze=False).flat):
-        if j < T:
-            im = show(ax, maps[j], f"w·δ, t={e['t'][j]:.2f}\n{100 * share[j]:.0f}% of H", cmap=COLOURS, vmin=0,
-                      vmax=hi)
-        else:
+    grid = middle.subplots(rows, cols, squeeze=False).flat
+    for j, ax in enumerate(grid):
+        if j >= T:
             ax.remove()
+            continue
+        im = show(ax, maps[j], f"w·δ, t={e['t'][j]:.2f}\n{100 * share[j]:.0f}% of H", cmap=COLOURS, vmin=0, vmax=hi)
     middle.colorbar(im, ax=middle.axes, shrink=0.8, label="w(t) δ_t, one scale").ax.tick_params(labelsize=7)
     low, avg = e["spread"][aggregator].numpy(), e["spread"]["mean"].numpy()
     ts, top_value = f"t={e['t'][e['t_star']]:.2f}", float(avg.max())
