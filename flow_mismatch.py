@@ -2317,7 +2317,6 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
     (tiled_maps) and its map has the image's own size: a (N, H, W) tensor, or a list of (H, W) maps if
     the sizes differ; with grid > 0 each tile's label also names its cell (position_labels)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    inputs_per_image = cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K
     mine = list(range(rank, len(data), world))
 
     def heat_of(x, places=None, cells=None):  # uint8 (n, 3, h, w) -> (n, h, w)
@@ -2326,7 +2325,7 @@ def score_dataset(model, data: Dataset, cfg: ScoreConfig, mean, std, device, lab
         return SCORERS[cfg.score](model, y, None if labels is None else labels.to(device), cfg, places)
 
     probe = torch.empty(1, 3, *((tile, tile) if tile else data.images[0].shape[-2:]), device=device)
-    per_call = max(1, forward_batch(cfg, model, probe) // inputs_per_image)
+    per_call = max(1, forward_batch(cfg, model, probe) // (cfg.K * cfg.T if cfg.score == "mismatch" else cfg.K))
     if tile:
         maps = tiled_maps(heat_of, [data.images[i] for i in mine], tile, cfg.stride or tile // 2,
                           per_call, progress and (lambda n: progress(n * world)), grid)
