@@ -135,7 +135,7 @@ class Marker:
         return (Path.touch, (Path(self.path),))
 
 
-@pytest.mark.parametrize("how", ["sample_inputs", "extra_entry"])
+@pytest.mark.parametrize("how", ["sample_inputs", "extra_entry", "weights_config_not_a_mapping"])
 def test_an_archive_with_pickled_entries_is_refused_before_anything_is_loaded(exported, tmp_path, how):
     archive, _ = exported
     marker, bad = tmp_path / "ran", tmp_path / "bad.pt2"
@@ -146,6 +146,8 @@ def test_an_archive_with_pickled_entries_is_refused_before_anything_is_loaded(ex
             body = src.read(item)
             if how == "sample_inputs" and "/data/sample_inputs/" in item.filename:
                 body = payload
+            if how == "weights_config_not_a_mapping" and item.filename.endswith("_weights_config.json"):
+                body = json.dumps({"config": {"weight_0": 3}})  # damaged: one line, not a traceback
             dst.writestr(item, body)
         if how == "extra_entry":
             dst.writestr(f"{root}/data/evil.pkl", payload)
