@@ -2643,7 +2643,7 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     """Score the test split of every category under data_root; write metrics and heatmaps to out.
     eval_size and alarm_rate: as metrics_of; with save_maps, a folder, also every map at its image's
     original size where the official evaluations read them (write_maps)."""
-    eval_size, alarm_rate = parse_eval_size(eval_size), parse_alarm_rate(alarm_rate)
+    eval_size, alarm_rate = parse_eval_size(eval_size), check_knob(ALARM_RATE, alarm_rate)
     check_paths({"--out": out, "--save-maps": save_maps}, {"--data": data_root})
     maps = run_lock(Path(save_maps), "--save-maps", "test") if save_maps is not None else contextlib.nullcontext()
     with run_lock(out, "--out", "test"), maps:  # one writer per output folder
@@ -2763,17 +2763,7 @@ NOISE_RULE = "seed-path"
 SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score", "stride",
               "smooth")  # shared by both
 OPERATING = ("false_alarm_rate", "detection_rate", "pixel_precision", "pixel_recall")
-
-
-def parse_alarm_rate(value):
-    """--alarm-rate A, as text (the CLI) or a number (Python; None: no decisions): strictly between 0 and 1."""
-    try:
-        A = None if value is None else float(value)
-    except (TypeError, ValueError):
-        A = math.nan
-    if A is not None and not 0 < A < 1:
-        raise UserError(f"--alarm-rate: {value} is not a number strictly between 0 and 1")
-    return A
+ALARM_RATE = knob(None, "false-alarm rate A of the decisions; None: none", gt=0, lt=1, kind=float, flag="--alarm-rate")
 
 
 def p_values(calib, s) -> np.ndarray:
@@ -2859,7 +2849,7 @@ def check_unseen(ckpt: dict, data: Dataset, ckpt_path) -> None:
 
 def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) -> dict:
     """The checkpoint's calibration of `category`, checked to fit cfg's scoring rule and the rate A."""
-    A = parse_alarm_rate(A)
+    A = check_knob(ALARM_RATE, A)
     names = ckpt["class_names"]
     category = category or (names[0] if len(names) == 1 else None)
     if category is None:
@@ -3715,13 +3705,12 @@ def image_inputs(images, listed=False):
     elif isinstance(images, (torch.Tensor, np.ndarray)) and 0 in images.shape:
         raise UserError(f"images: {type(images).__name__} of shape {tuple(images.shape)} holds no pixels")
     elif isinstance(images, torch.Tensor):
-        if images.is_floating_point() and images.dim() in (3, 4) and images.shape[-3] == 3 and (
-                0 <= images.min() and images.max() <= 1):
-            yield from image_inputs((images.reshape(-1, *images.shape[-3:]) * 255).round().byte().permute(0, 2, 3, 1)
-                                    .cpu().numpy())
-        else:
+        if not (images.is_floating_point() and images.dim() in (3, 4) and images.shape[-3] == 3 and (
+                0 <= images.min() and images.max() <= 1)):
             raise UserError(f"images: a tensor must be float in [0, 1], (3, H, W) or (N, 3, H, W), not "
                             f"{images.dtype} {tuple(images.shape)}")
+        yield from image_inputs((images.reshape(-1, *images.shape[-3:]) * 255).round().byte().permute(0, 2, 3, 1)
+                                .cpu().numpy())
     elif isinstance(images, np.ndarray):
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[-1] != 3:
             raise UserError(f"images: an array must be uint8 (H, W, 3) or (N, H, W, 3), not {images.dtype} "
@@ -3794,26 +3783,22 @@ class Detector:
         named and left out. Every argument is checked by this call, before any image is read."""
         if type(chunk) is not int or chunk < 1:
             raise UserError(f"chunk: images scored at a time must be a positive integer, got {chunk!r}")
-        A = parse_alarm_rate(alarm_rate)
-        return self.scored(image_chunks(images, chunk, self.geometry, skip, progress), progress, A,
-                           *self.checked(category, A, overrides))
+        A, cfg = check_knob(ALARM_RATE, alarm_rate), self.fit(ScoreConfig(**overrides))
+        label = category_label(self.ckpt, category)
+        cal = None if A is None else calibration_of(self.ckpt, category, cfg, self.path, A)
+        return (self.predicted(data, progress, A, cfg, label, cal)
+                for data in image_chunks(images, chunk, self.geometry, skip, progress))
 
-    def checked(self, category, A, overrides) -> tuple:
-        """The rule, label and calibration (None without A) a stream scores by."""
-        cfg, label = self.fit(ScoreConfig(**overrides)), category_label(self.ckpt, category)
-        return cfg, label, None if A is None else calibration_of(self.ckpt, category, cfg, self.path, A)
-
-    def scored(self, chunks, progress, A, cfg, label, cal):
-        for data in chunks:
-            heat, scores = score_dataset(self.model, data, cfg, self.mean, self.std, self.device, label, progress,
-                                         tile=self.geometry[2], grid=self.grid)
-            maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
-            pred = Prediction(scores.numpy(), maps, data.paths)
-            if cal is not None:
-                pred.p_value = p_values(cal["scores"], pred.pred_score)
-                pred.pred_label, tau = pred.p_value <= A, conformal_threshold(cal["maxima"], A)
-                pred.pred_mask = [m > tau for m in maps]
-            yield pred, data, heat
+    def predicted(self, data, progress, A, cfg, label, cal) -> tuple:
+        heat, scores = score_dataset(self.model, data, cfg, self.mean, self.std, self.device, label, progress,
+                                     tile=self.geometry[2], grid=self.grid)
+        maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
+        pred = Prediction(scores.numpy(), maps, data.paths)
+        if cal is not None:
+            pred.p_value = p_values(cal["scores"], pred.pred_score)
+            pred.pred_label, tau = pred.p_value <= A, conformal_threshold(cal["maxima"], A)
+            pred.pred_mask = [m > tau for m in maps]
+        return pred, data, heat
 
     def predict(self, images, category=None, alarm_rate=None, chunk=32, **overrides) -> Prediction:
         """Scores, maps at the original sizes and, with a calibrated alarm_rate, decisions for `images`
@@ -3845,9 +3830,9 @@ class Archive(Detector):
         with torch.no_grad():
             return self.program(images)
 
-    def checked(self, category, A, overrides) -> tuple:
-        """Nothing: the program holds the rule; a category, rule or alarm rate other than the archive's is refused."""
-        meta, flags = self.meta, {f.name: f for f in fields(ScoreConfig)}
+    def stream(self, images, category=None, alarm_rate=None, chunk=32, skip=False, progress=None, **overrides):
+        """As Detector.stream, by the program; a category, rule or alarm rate other than the archive's is refused."""
+        meta, flags, A = self.meta, {f.name: f for f in fields(ScoreConfig)}, check_knob(ALARM_RATE, alarm_rate)
         if category not in (None, meta["category"]):
             raise UserError(f"--category: {self.path} scores {meta['category']} only")
         if A is not None and A != meta["alarm_rate"]:
@@ -3858,20 +3843,20 @@ class Archive(Detector):
             if f in overrides and overrides[f] != meta["rule"][f]:
                 flag = flag_of(flags[f])
                 raise UserError(f"{flag}: {self.path} scores with {flag} {meta['rule'][f]}, fixed when it was exported")
-        return ()
+        return (self.predicted(data, progress, A)
+                for data in image_chunks(images, chunk, self.geometry, skip, progress))
 
-    def scored(self, chunks, progress, A):
-        for data in chunks:
-            out = self.run(data.images)
-            if progress:
-                progress(len(data))
-            heat = out["anomaly_map"]
-            maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
-            pred = Prediction(out["pred_score"].numpy(), maps, data.paths)
-            if A is not None:
-                pred.p_value, pred.pred_label = out["p_value"].numpy(), out["pred_label"].numpy()
-                pred.pred_mask = [m > self.meta["mask_threshold"] for m in maps]
-            yield pred, data, heat
+    def predicted(self, data, progress, A) -> tuple:
+        out = self.run(data.images)
+        if progress:
+            progress(len(data))
+        heat = out["anomaly_map"]
+        maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
+        pred = Prediction(out["pred_score"].numpy(), maps, data.paths)
+        if A is not None:
+            pred.p_value, pred.pred_label = out["p_value"].numpy(), out["pred_label"].numpy()
+            pred.pred_mask = [m > self.meta["mask_threshold"] for m in maps]
+        return pred, data, heat
 
 
 def load(ckpt, device="auto", compile=False) -> Detector:
@@ -3890,7 +3875,7 @@ def score(ckpt, images, out, cfg: ScoreConfig = None, category=None, alarm_rate=
     image's original size, named like its overlay) and with alarm_rate masks/ (defect masks at each
     image's original size). cfg None: the defaults, or an export archive's own rule. Returns the rows
     of scores.csv."""
-    out, alarm_rate = Path(out), parse_alarm_rate(alarm_rate)
+    out, alarm_rate = Path(out), check_knob(ALARM_RATE, alarm_rate)
     check_paths({"--out": out}, {"images": images})
     with run_lock(out, "--out", "score"):
         detector = load(ckpt, device, compile)
@@ -3933,6 +3918,11 @@ def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), 
     check_out_dir(ckpt_path.parent, "--ckpt")  # the calibration is written into the checkpoint
     for path in (ckpt_path, ckpt_path.parent / ".lock"):  # before scoring, what the lock and the write will refuse
         check_target(path, "--ckpt")
+    if data is not None and not Path(data).is_dir():
+        raise UserError(f"--data: {data} is not a folder")
+    files = None if data is None else image_files(Path(data))
+    if files == []:
+        raise UserError(f"--data: {data} holds no images")
     detector = load(ckpt_path, device, compile)
     ckpt, names, cfg = detector.ckpt, detector.categories, detector.fit(cfg)
     category = category or (names[0] if len(names) == 1 else None)
@@ -3945,11 +3935,6 @@ def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), 
             raise UserError(f"--data: required, {ckpt_path} held out no images of {category} (train --calib-fraction)")
         images, paths = bound_images(record, size, scale), record["paths"]
     else:
-        if not Path(data).is_dir():
-            raise UserError(f"--data: {data} is not a folder")
-        files = image_files(Path(data))
-        if not files:
-            raise UserError(f"--data: {data} holds no images")
         images = uint8_batch([a for a, _ in _load(files, size, scale=scale, tile=tile)])
         paths = [str(f.resolve()) for f in files]
     held = Dataset(images, torch.zeros(len(paths), dtype=torch.long), names, paths)
@@ -4078,9 +4063,8 @@ def cmd_test(args):
 
 
 def cmd_score(args):
-    flags = given(ScoreConfig, args)
     base = check_archive(args.ckpt)["rule"] if Path(args.ckpt).suffix == ".pt2" else {}  # an archive's rule is fixed
-    cfg = ScoreConfig(**{**base, **flags})
+    cfg = ScoreConfig(**{**base, **given(ScoreConfig, args)})
     out = Path(args.out or Path("scored") / Path(args.images).resolve().name)
     rows = score(args.ckpt, args.images, out, cfg, args.category, args.alarm_rate, args.device, args.compile)
     print(f"wrote {out}")
@@ -4203,7 +4187,7 @@ def test_flags(p) -> None:
                    help="write each map as a float32 TIFF at its image's original size where the official "
                         "MVTec AD / LOCO (DIR/<category>/test/<defect>/<name>.tiff) and MVTec AD 2 "
                         "(DIR/anomaly_images/..., with --alarm-rate also anomaly_images_thresholded/) evaluations read them")
-    p.add_argument("--alarm-rate", type=parse_alarm_rate, metavar="A",
+    p.add_argument("--alarm-rate", type=lambda text: parse_knob(ALARM_RATE, text), metavar="A",
                    help="also report, per category, the false-alarm and detection rates of the calibrated decision "
                         "p <= A and the pixel precision and recall of its masks")
 
@@ -4213,7 +4197,7 @@ def score_flags(p):
     p.add_argument("images", help="an image or a folder of images")
     p.add_argument("--out", help="output folder (default: scored/<name of the folder or image>)")
     p.add_argument("--category", help="category label for a class-conditional model")
-    p.add_argument("--alarm-rate", type=parse_alarm_rate, metavar="A",
+    p.add_argument("--alarm-rate", type=lambda text: parse_knob(ALARM_RATE, text), metavar="A",
                    help="decide: scores.csv gains the conformal p_value and anomalous (p <= A), masks/ a binary "
                         "defect mask per image; at most a fraction A of normal images is flagged (README)")
     scoring(p)
@@ -4230,7 +4214,7 @@ def calibrate_flags(p):
 def export_flags(p):
     p.add_argument("--ckpt", required=True, help="checkpoint of an untiled run")
     p.add_argument("--category", help="the category it scores (several-category models)")
-    p.add_argument("--alarm-rate", type=parse_alarm_rate, metavar="A",
+    p.add_argument("--alarm-rate", type=lambda text: parse_knob(ALARM_RATE, text), metavar="A",
                    help="also hold the calibration: outputs p_value, pred_label (p <= A) and pred_mask")
     p.add_argument("--data", help="a folder of images the archive is checked on against the scorer (default: the "
                                   "calibration's images, else the run's hold-out)")

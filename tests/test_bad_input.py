@@ -756,7 +756,7 @@ ALARM_CALLS = {  # name: (call with alarm rate A and a folder `o` to write nothi
 }
 
 
-@pytest.mark.parametrize("rate", [0, 1, math.nan, -0.1, "abc"])
+@pytest.mark.parametrize("rate", [0.0, 1.0, math.nan, -0.1, "abc"])
 @pytest.mark.parametrize("call", ALARM_CALLS)
 def test_a_bad_alarm_rate_is_one_line_before_any_work_from_every_command_and_python(trained, mvtec, tmp_path,
                                                                                      monkeypatch, capsys, call, rate):
@@ -764,7 +764,8 @@ def test_a_bad_alarm_rate_is_one_line_before_any_work_from_every_command_and_pyt
     ckpt = fm.load(trained, "cpu") if call == "predict" else trained
     nothing_read(monkeypatch, checkpoints=not loaded)  # fm.export reads the checkpoint, then the rate
     line = refused(lambda: fn(ckpt, mvtec, rate, tmp_path / "o"), capsys)
-    assert line == f"--alarm-rate: {rate} is not a number strictly between 0 and 1"
+    assert line == ("--alarm-rate: 'abc' is not a number" if rate == "abc" else
+                    f"--alarm-rate: must be > 0 and < 1, got {rate}")
     assert not (tmp_path / "o").exists()
 
 
