@@ -3016,7 +3016,7 @@ def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = Sc
     if aoti and not cxx_compiler():
         raise UserError("--aoti: no C++ compiler on PATH (inductor builds with $CXX, else g++); install one "
                         "or export without --aoti")
-    ckpt_path = Path(ckpt)
+    ckpt_path, alarm_rate = Path(ckpt), check_knob(ALARM_RATE, alarm_rate)
     detector = Detector(load_checkpoint(ckpt_path), ckpt_path, "cpu")
     if detector.geometry[2]:
         raise UserError(f"--ckpt: {ckpt_path} is tiled (train --tile); export holds one model-size input, so "

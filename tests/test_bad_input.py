@@ -741,18 +741,17 @@ def refused(call, capsys):
     return err[0].split("error: ", 1)[1]
 
 
-ALARM_CALLS = {  # name: (call with alarm rate A and a folder `o` to write nothing into, checkpoint loaded first)
-    "test": (lambda ck, d, A, o: fm.main(["test", "--ckpt", str(ck), "--data", str(d), "--out", str(o),
-                                          "--alarm-rate", str(A)]), False),
-    "score": (lambda ck, d, A, o: fm.main(["score", "--ckpt", str(ck), str(d / "weave" / "test" / "good"),
-                                           "--out", str(o), "--category", "weave", "--alarm-rate", str(A)]), False),
-    "export": (lambda ck, d, A, o: fm.main(["export", "--ckpt", str(ck), "--category", "weave", "--out",
-                                            str(o / "w.pt2"), "--alarm-rate", str(A)]), False),
-    "evaluate": (lambda ck, d, A, o: fm.evaluate(ck, d, o, fm.ScoreConfig(), "cpu", alarm_rate=A), False),
-    "fm.score": (lambda ck, d, A, o: fm.score(ck, d / "weave" / "test" / "good", o, category="weave",
-                                              alarm_rate=A), False),
-    "fm.export": (lambda ck, d, A, o: fm.export(ck, o / "w.pt2", "weave", A), True),
-    "predict": (lambda detector, d, A, o: detector.predict(d / "weave" / "test" / "good", "weave", A), True),
+ALARM_CALLS = {  # name: call with alarm rate A and a folder `o` to write nothing into (predict: a loaded detector)
+    "test": lambda ck, d, A, o: fm.main(["test", "--ckpt", str(ck), "--data", str(d), "--out", str(o),
+                                         "--alarm-rate", str(A)]),
+    "score": lambda ck, d, A, o: fm.main(["score", "--ckpt", str(ck), str(d / "weave" / "test" / "good"),
+                                          "--out", str(o), "--category", "weave", "--alarm-rate", str(A)]),
+    "export": lambda ck, d, A, o: fm.main(["export", "--ckpt", str(ck), "--category", "weave", "--out",
+                                           str(o / "w.pt2"), "--alarm-rate", str(A)]),
+    "evaluate": lambda ck, d, A, o: fm.evaluate(ck, d, o, fm.ScoreConfig(), "cpu", alarm_rate=A),
+    "fm.score": lambda ck, d, A, o: fm.score(ck, d / "weave" / "test" / "good", o, category="weave", alarm_rate=A),
+    "fm.export": lambda ck, d, A, o: fm.export(ck, o / "w.pt2", "weave", A),
+    "predict": lambda detector, d, A, o: detector.predict(d / "weave" / "test" / "good", "weave", A),
 }
 
 
@@ -760,10 +759,9 @@ ALARM_CALLS = {  # name: (call with alarm rate A and a folder `o` to write nothi
 @pytest.mark.parametrize("call", ALARM_CALLS)
 def test_a_bad_alarm_rate_is_one_line_before_any_work_from_every_command_and_python(trained, mvtec, tmp_path,
                                                                                      monkeypatch, capsys, call, rate):
-    fn, loaded = ALARM_CALLS[call]
     ckpt = fm.load(trained, "cpu") if call == "predict" else trained
-    nothing_read(monkeypatch, checkpoints=not loaded)  # fm.export reads the checkpoint, then the rate
-    line = refused(lambda: fn(ckpt, mvtec, rate, tmp_path / "o"), capsys)
+    nothing_read(monkeypatch)
+    line = refused(lambda: ALARM_CALLS[call](ckpt, mvtec, rate, tmp_path / "o"), capsys)
     assert line == ("--alarm-rate: 'abc' is not a number" if rate == "abc" else
                     f"--alarm-rate: must be > 0 and < 1, got {rate}")
     assert not (tmp_path / "o").exists()
