@@ -3993,9 +3993,7 @@ def knob_flags(p, cls, names=None, shown=None, helps=None):
     """A flag per field of the config dataclass cls (or per field in `names`), parsed and checked by
     its knob; --help gives its help (or helps[name]), default (or shown[name]) and range. A flag not
     given stays out of the parsed arguments, so the dataclass's own default applies (see given)."""
-    for f in fields(cls):
-        if names is not None and f.name not in names:
-            continue
+    for f in (f for f in fields(cls) if names is None or f.name in names):
         m = f.metadata
         rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
         about = f"{(helps or {}).get(f.name, m['help'])} (default {(shown or {}).get(f.name, f.default)}{'; ' + rule if rule else ''})"
