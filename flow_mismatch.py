@@ -4119,12 +4119,9 @@ def cmd_compare(args):
     if not isinstance(results, dict) or not all(isinstance(r, dict) and set(METRICS) <= set(r)
                                                 for r in results.values()):
         raise UserError(f"{path}: not a metrics.json written by `test`")
-    for name, r in results.items():
-        for k in METRICS:
-            v = r[k]
-            if v is not None and (type(v) not in (int, float) or not 0 <= v <= 1):
-                raise UserError(f"{path}: key '{name}.{k}' holds {json.dumps(v)[:40]}, not a number in [0, 1] "
-                                f"or null")
+    for (name, r), k in itertools.product(results.items(), METRICS):
+        if r[k] is not None and (type(r[k]) not in (int, float) or not 0 <= r[k] <= 1):
+            raise UserError(f"{path}: key '{name}.{k}' holds {json.dumps(r[k])[:40]}, not a number in [0, 1] or null")
     if not set(PAPER[args.dataset]) & set(results):
         raise UserError(f"{path}: no category in common with the paper's {args.dataset} rows")
     table = compare(results, args.dataset)
