@@ -93,7 +93,7 @@ class UserError(Exception):
 
 def knob(default, help, choices=None, ge=None, gt=None, le=None, lt=None, check=None, flag=None, kind=None):
     """A config field with the help text, kind (the type of its value or of a tuple's items; by default the
-    default's), choices and bounds it must keep; `check`: a further rule raising UserError; flag: if not --name."""
+    default's), choices and bounds it must keep; check: a further rule, raising ValueError; flag: if not --name."""
     kind = kind or type(default[0] if isinstance(default, tuple) else default)
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     return field(default=default, metadata=dict(help=help, kind=kind, choices=choices, bounds=bounds, check=check,
@@ -110,7 +110,7 @@ BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
 
 
 def check_knob(f, value, flag=None):
-    """`value` if it keeps field f's kind, choices and bounds (each item of a tuple), else UserError."""
+    """`value` if it keeps field f's kind, choices, bounds and check (each tuple item), else UserError("flag: why")."""
     flag, m = flag or flag_of(f), f.metadata
     if value is None and f.default is None:  # not set
         return value
@@ -125,11 +125,11 @@ def check_knob(f, value, flag=None):
         if not all(ok(v, b) for op, b in m.get("bounds", {}).items() for _, ok in [BOUNDS[op]]):
             rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
             raise UserError(f"{flag}: must be {rule}, got {v}")
-        if m.get("check"):
-            try:
+        try:
+            if m["check"]:
                 m["check"](v)
-            except UserError as e:  # the check names the field's own flag; name the one given
-                raise UserError(f"{flag}:{str(e).split(':', 1)[1]}")
+        except ValueError as e:  # the check says why; the flag is named here, once
+            raise UserError(f"{flag}: {e}")
     return value
 
 
@@ -355,7 +355,7 @@ def aggregator_rank(aggregator: str, K: int):
         alpha = float(aggregator.removeprefix("quantile:"))
         if aggregator.startswith("quantile:") and 0 < alpha <= 1:
             return max(1, math.ceil(alpha * K))
-    raise UserError(f"--aggregator: {aggregator!r} is not min, mean or quantile:ALPHA with 0 < ALPHA <= 1")
+    raise ValueError(f"{aggregator!r} is not min, mean or quantile:ALPHA with 0 < ALPHA <= 1")
 
 
 def fold_path(acc, z: torch.Tensor, m):
@@ -724,10 +724,8 @@ def tiled_maps(fn, images, N: int, stride: int, per_call: int, progress=None, gr
     """Maps of images larger than a tile: every N x N tile of every image ((3, H, W) each) goes
     through fn(tiles (n, 3, N, N), tile places, cells) -> (n, *, N, N) in flat batches of per_call
     tiles (cells: tile_cells on a grid x grid grid, None for grid 0), and the tile maps are stitched
-    as sum(window * map) / sum(window) into (*, H, W) per image. Only per_call tiles are in flight
-    at once: memory beyond the maps does not grow with the image."""
-    if not 0 < stride <= N:
-        raise UserError(f"--stride: {stride} must be from 1 to the tile size {N} (0: half a tile), or pixels go unscored")
+    as sum(window * map) / sum(window) into (*, H, W) per image, stride from 1 to N (Detector.fit). Only
+    per_call tiles are in flight at once: memory beyond the maps does not grow with the image."""
     window = tile_window(N)
     jobs = [(i, top, left) for i, x in enumerate(images) for top, left in tile_grid(*x.shape[-2:], N, stride)]
     acc, wsum, done = [None] * len(images), [torch.zeros(x.shape[-2:]) for x in images], 0  # done: images reported
@@ -2504,10 +2502,10 @@ def write_maps(out: Path, names, heat, sizes, threshold=None) -> None:
 
 
 def parse_eval_size(value):
-    """--eval-size, as text (the CLI) or a value (evaluate, run_sweep): an integer from 1 to 8192
-    (8192^2 floats per image are 256 MiB; more is a typo) or "original"."""
+    """--eval-size, as text (the CLI) or a value (evaluate, run_sweep; None: the training size): an integer
+    from 1 to 8192 (8192^2 floats per image are 256 MiB; more is a typo) or "original"."""
     value = int(value) if isinstance(value, str) and value.isdigit() else value
-    if value != "original" and (type(value) is not int or not 1 <= value <= 8192):
+    if value not in (None, "original") and (type(value) is not int or not 1 <= value <= 8192):
         raise UserError(f"--eval-size: {value!r} is neither an integer from 1 to 8192 nor 'original'")
     return value
 
@@ -2536,20 +2534,21 @@ def evaluate(ckpt_path, data_root, out: Path, cfg: ScoreConfig, device="auto", o
     """Score the test split of every category under data_root; write metrics and heatmaps to out.
     eval_size and alarm_rate: as metrics_of; with save_maps, a folder, also every map at its image's
     original size where the official evaluations read them (write_maps)."""
-    eval_size = None if eval_size is None else parse_eval_size(eval_size)
+    eval_size, alarm_rate = parse_eval_size(eval_size), check_knob(ALARM_RATE, alarm_rate)
     check_paths({"--out": out, "--save-maps": save_maps}, {"--data": data_root})
     maps = run_lock(Path(save_maps), "--save-maps", "test") if save_maps is not None else contextlib.nullcontext()
     with run_lock(out, "--out", "test"), maps:  # one writer per output folder
         rank, world, local_rank = distributed()
         device = pick_device(device, local_rank)
         detector = load(ckpt_path, device, compile)
-        ckpt = detector.ckpt
-        tests = load_test(data_root, *detector.geometry)
-        cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in tests if alarm_rate is not None}
-        check_ours(out, [*tests, "metrics.json", "table.md", "report.html", "report", *STAGING])
+        ckpt, cfg = detector.ckpt, detector.fit(cfg)
+        cats = {c.name: [f for f, *_ in c.test] for c in find_categories(data_root)}  # checked before decoding
+        cals = {name: calibration_of(ckpt, name, cfg, ckpt_path, alarm_rate) for name in cats if alarm_rate is not None}
+        check_ours(out, [*cats, "metrics.json", "table.md", "report.html", "report", *STAGING])
         if save_maps is not None:  # every clash of names before the first byte is written
-            for name in tests:
-                check_maps(Path(save_maps), map_tops([map_names(name, p) for p in tests[name].paths], alarm_rate))
+            for name, files in cats.items():
+                check_maps(Path(save_maps), map_tops([map_names(name, f) for f in files], alarm_rate))
+        tests = load_test(data_root, *detector.geometry)
         t0 = time.time()
         scored = score_tests(detector, tests, cfg)
         seconds, n_images = time.time() - t0, sum(len(d) for d in tests.values())
@@ -2595,7 +2594,7 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
               log=print, eval_size=None) -> list:
     """Every checkpoint x the Cartesian product of `grid` ({ScoreConfig field: values}, fields not
     in it stay as in `base`); writes out/sweep.md and out/sweep.json (per-category results too)."""
-    eval_size = None if eval_size is None else parse_eval_size(eval_size)
+    eval_size = parse_eval_size(eval_size)
     check_paths({"--out": out}, {"--data": data_root})
     with run_lock(out, "--out", "test"):
         check_ours(out, ["sweep.md", "sweep.json", *STAGING])
@@ -2605,6 +2604,7 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
         rows, tests = [], {}
         for path in ckpt_paths:
             detector = load(path, device, compile)
+            detector.fit(base)  # grid never varies --stride
             size = detector.geometry
             if size not in tests:
                 tests[size] = load_test(data_root, *size)
@@ -2654,6 +2654,7 @@ NOISE_RULE = "seed-path"
 SCORE_RULE = ("score", "K", "T", "aggregator", "weight", "t0", "ode_steps", "image_score", "stride",
               "smooth")  # shared by both
 OPERATING = ("false_alarm_rate", "detection_rate", "pixel_precision", "pixel_recall")
+ALARM_RATE = knob(None, "false-alarm rate A of the decisions; None: none", gt=0, lt=1, kind=float, flag="--alarm-rate")
 
 
 def p_values(calib, s) -> np.ndarray:
@@ -2702,10 +2703,7 @@ def check_calibration(record, at: str) -> None:
     if not isinstance(rule, dict) or not set(rule) <= set(SCORE_RULE):
         raise UserError(f"{at}.rule' is not a mapping of {', '.join(SCORE_RULE)}")
     for key, value in rule.items():
-        try:
-            check_knob(score_fields[key], value, "-")
-        except UserError as e:
-            raise UserError(f"{at}.rule.{key}':{str(e).split(':', 1)[1]}")
+        check_knob(score_fields[key], value, f"{at}.rule.{key}'")
     if type(record.get("step")) is not int:
         raise UserError(f"{at}.step' is not an integer")
 
@@ -2742,8 +2740,7 @@ def check_unseen(ckpt: dict, data: Dataset, ckpt_path) -> None:
 
 def calibration_of(ckpt: dict, category, cfg: ScoreConfig, ckpt_path, A: float) -> dict:
     """The checkpoint's calibration of `category`, checked to fit cfg's scoring rule and the rate A."""
-    if not 0 < A < 1:
-        raise UserError(f"--alarm-rate: must be strictly between 0 and 1, got {A}")
+    A = check_knob(ALARM_RATE, A)
     names = ckpt["class_names"]
     category = category or (names[0] if len(names) == 1 else None)
     if category is None:
@@ -2907,7 +2904,7 @@ def export(ckpt, out=None, category=None, alarm_rate=None, cfg: ScoreConfig = Sc
     if aoti and not any(c and shutil.which(c) for c in torch._inductor.config.cpp.cxx):  # $CXX, else g++
         raise UserError("--aoti: no C++ compiler on PATH (inductor builds with $CXX, else g++); install one "
                         "or export without --aoti")
-    ckpt_path = Path(ckpt)
+    ckpt_path, alarm_rate = Path(ckpt), check_knob(ALARM_RATE, alarm_rate)
     detector = Detector(load_checkpoint(ckpt_path), ckpt_path, "cpu")
     if detector.geometry[2]:
         raise UserError(f"--ckpt: {ckpt_path} is tiled (train --tile); export holds one model-size input, so "
@@ -3187,7 +3184,7 @@ def explain(ckpt, image, out, cfg: ScoreConfig = ScoreConfig(), mask=None, categ
     if not image.is_file():
         raise UserError(f"{image}: no such image file")
     detector = load(ckpt, device)
-    label = category_label(detector.ckpt, category)
+    label, cfg = category_label(detector.ckpt, category), detector.fit(cfg)
     size, scale, tile = detector.geometry
     [(arr, original)] = _load([image], size, scale=scale, tile=tile)
     truth = None
@@ -3584,13 +3581,12 @@ def image_inputs(images, listed=False):
     elif isinstance(images, (torch.Tensor, np.ndarray)) and 0 in images.shape:
         raise UserError(f"images: {type(images).__name__} of shape {tuple(images.shape)} holds no pixels")
     elif isinstance(images, torch.Tensor):
-        if images.is_floating_point() and images.dim() in (3, 4) and images.shape[-3] == 3 and (
-                0 <= images.min() and images.max() <= 1):
-            yield from image_inputs((images.reshape(-1, *images.shape[-3:]) * 255).round().byte().permute(0, 2, 3, 1)
-                                    .cpu().numpy())
-        else:
+        if not (images.is_floating_point() and images.dim() in (3, 4) and images.shape[-3] == 3 and (
+                0 <= images.min() and images.max() <= 1)):
             raise UserError(f"images: a tensor must be float in [0, 1], (3, H, W) or (N, 3, H, W), not "
                             f"{images.dtype} {tuple(images.shape)}")
+        yield from image_inputs((images.reshape(-1, *images.shape[-3:]) * 255).round().byte().permute(0, 2, 3, 1)
+                                .cpu().numpy())
     elif isinstance(images, np.ndarray):
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[-1] != 3:
             raise UserError(f"images: an array must be uint8 (H, W, 3) or (N, H, W, 3), not {images.dtype} "
@@ -3649,26 +3645,36 @@ class Detector:
         self.geometry, self.grid = image_geometry(ckpt["train_config"]), ckpt["train_config"]["tile_grid"]
         self.mean, self.std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
 
+    def fit(self, cfg: ScoreConfig) -> ScoreConfig:
+        """cfg, if this model can score by it: a tiled model's --stride is at most its tile."""
+        if self.geometry[2] and cfg.stride > self.geometry[2]:
+            raise UserError(f"--stride: {cfg.stride} must be from 1 to the tile size {self.geometry[2]} (0: half a "
+                            f"tile), or pixels go unscored")
+        return cfg
+
     def stream(self, images, category=None, alarm_rate=None, chunk=32, skip=False, progress=None, **overrides):
         """(Prediction, data, heat) per chunk of at most `chunk` images, each read when its chunk is
         scored, so memory does not grow with the number of images; data: the chunk at the model's
         size, heat: its maps there, as score_dataset returns them. With skip, an unreadable file is
-        named and left out."""
+        named and left out. Every argument is checked by this call, before any image is read."""
         if type(chunk) is not int or chunk < 1:
             raise UserError(f"chunk: images scored at a time must be a positive integer, got {chunk!r}")
-        cfg = ScoreConfig(**overrides)
+        A, cfg = check_knob(ALARM_RATE, alarm_rate), self.fit(ScoreConfig(**overrides))
         label = category_label(self.ckpt, category)
-        cal = None if alarm_rate is None else calibration_of(self.ckpt, category, cfg, self.path, alarm_rate)
-        for data in image_chunks(images, chunk, self.geometry, skip, progress):
-            heat, scores = score_dataset(self.model, data, cfg, self.mean, self.std, self.device, label, progress,
-                                         tile=self.geometry[2], grid=self.grid)
-            maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
-            pred = Prediction(scores.numpy(), maps, data.paths)
-            if cal is not None:
-                pred.p_value = p_values(cal["scores"], pred.pred_score)
-                pred.pred_label, tau = pred.p_value <= alarm_rate, conformal_threshold(cal["maxima"], alarm_rate)
-                pred.pred_mask = [m > tau for m in maps]
-            yield pred, data, heat
+        cal = None if A is None else calibration_of(self.ckpt, category, cfg, self.path, A)
+        return (self.predicted(data, progress, A, cfg, label, cal)
+                for data in image_chunks(images, chunk, self.geometry, skip, progress))
+
+    def predicted(self, data, progress, A, cfg, label, cal) -> tuple:
+        heat, scores = score_dataset(self.model, data, cfg, self.mean, self.std, self.device, label, progress,
+                                     tile=self.geometry[2], grid=self.grid)
+        maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
+        pred = Prediction(scores.numpy(), maps, data.paths)
+        if cal is not None:
+            pred.p_value = p_values(cal["scores"], pred.pred_score)
+            pred.pred_label, tau = pred.p_value <= A, conformal_threshold(cal["maxima"], A)
+            pred.pred_mask = [m > tau for m in maps]
+        return pred, data, heat
 
     def predict(self, images, category=None, alarm_rate=None, chunk=32, **overrides) -> Prediction:
         """Scores, maps at the original sizes and, with a calibrated alarm_rate, decisions for `images`
@@ -3702,10 +3708,10 @@ class Archive(Detector):
 
     def stream(self, images, category=None, alarm_rate=None, chunk=32, skip=False, progress=None, **overrides):
         """As Detector.stream, by the program; a category, rule or alarm rate other than the archive's is refused."""
-        meta, flags = self.meta, {f.name: f for f in fields(ScoreConfig)}
+        meta, flags, A = self.meta, {f.name: f for f in fields(ScoreConfig)}, check_knob(ALARM_RATE, alarm_rate)
         if category not in (None, meta["category"]):
             raise UserError(f"--category: {self.path} scores {meta['category']} only")
-        if alarm_rate is not None and alarm_rate != meta["alarm_rate"]:
+        if A is not None and A != meta["alarm_rate"]:
             raise UserError(f"--alarm-rate: {self.path} decides at " + (
                 f"{meta['alarm_rate']}, fixed when it was exported" if meta["alarm_rate"] else
                 "no rate: export it with --alarm-rate"))
@@ -3713,17 +3719,20 @@ class Archive(Detector):
             if f in overrides and overrides[f] != meta["rule"][f]:
                 flag = flag_of(flags[f])
                 raise UserError(f"{flag}: {self.path} scores with {flag} {meta['rule'][f]}, fixed when it was exported")
-        for data in image_chunks(images, chunk, self.geometry, skip, progress):
-            out = self.run(data.images)
-            if progress:
-                progress(len(data))
-            heat = out["anomaly_map"]
-            maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
-            pred = Prediction(out["pred_score"].numpy(), maps, data.paths)
-            if alarm_rate is not None:
-                pred.p_value, pred.pred_label = out["p_value"].numpy(), out["pred_label"].numpy()
-                pred.pred_mask = [m > meta["mask_threshold"] for m in maps]
-            yield pred, data, heat
+        return (self.predicted(data, progress, A)
+                for data in image_chunks(images, chunk, self.geometry, skip, progress))
+
+    def predicted(self, data, progress, A) -> tuple:
+        out = self.run(data.images)
+        if progress:
+            progress(len(data))
+        heat = out["anomaly_map"]
+        maps = [upsample(h.numpy(), original) for h, original in zip(heat, data.sizes)]
+        pred = Prediction(out["pred_score"].numpy(), maps, data.paths)
+        if A is not None:
+            pred.p_value, pred.pred_label = out["p_value"].numpy(), out["pred_label"].numpy()
+            pred.pred_mask = [m > self.meta["mask_threshold"] for m in maps]
+        return pred, data, heat
 
 
 def load(ckpt, device="auto", compile=False) -> Detector:
@@ -3742,18 +3751,17 @@ def score(ckpt, images, out, cfg: ScoreConfig = None, category=None, alarm_rate=
     image's original size, named like its overlay) and with alarm_rate masks/ (defect masks at each
     image's original size). cfg None: the defaults, or an export archive's own rule. Returns the rows
     of scores.csv."""
-    out = Path(out)
+    out, alarm_rate = Path(out), check_knob(ALARM_RATE, alarm_rate)
     check_paths({"--out": out}, {"images": images})
     with run_lock(out, "--out", "score"):
         detector = load(ckpt, device, compile)
         files = [p for _, p in image_inputs(images)]
         check_ours(out, ["heatmaps", "maps", "scores.csv", *["masks"] * bool(alarm_rate), *STAGING])
-        if alarm_rate is not None:  # its checks too before anything is written
-            calibration_of(detector.ckpt, category, cfg, detector.path, alarm_rate)
+        preds = detector.stream(files, category, alarm_rate, chunk, skip=True, progress=Progress(len(files)),
+                                **asdict(cfg) if cfg else {})  # every check before anything is written
         rows, span = {}, None
         with staged(out, stale=() if alarm_rate else ("masks",)) as new:
-            for pred, data, heat in detector.stream(files, category, alarm_rate, chunk, skip=True,
-                                                    progress=Progress(len(files)), **asdict(cfg) if cfg else {}):
+            for pred, data, heat in preds:
                 span = write_overlays(new / "heatmaps", data, [h.numpy() for h in heat], span)
                 for i, path in enumerate(pred.image_path):
                     rows[path] = [pred.pred_score[i]] + ([] if pred.p_value is None else
@@ -3786,8 +3794,13 @@ def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), 
     check_out_dir(ckpt_path.parent, "--ckpt")  # the calibration is written into the checkpoint
     for path in (ckpt_path, ckpt_path.parent / ".lock"):  # before scoring, what the lock and the write will refuse
         check_target(path, "--ckpt")
+    if data is not None and not Path(data).is_dir():
+        raise UserError(f"--data: {data} is not a folder")
+    files = None if data is None else image_files(Path(data))
+    if files == []:
+        raise UserError(f"--data: {data} holds no images")
     detector = load(ckpt_path, device, compile)
-    ckpt, names = detector.ckpt, detector.categories
+    ckpt, names, cfg = detector.ckpt, detector.categories, detector.fit(cfg)
     category = category or (names[0] if len(names) == 1 else None)
     if category not in names:
         raise UserError(f"give one of {names}", keyword="category")
@@ -3798,11 +3811,6 @@ def calibrate(ckpt, data=None, category=None, cfg: ScoreConfig = ScoreConfig(), 
             raise UserError(f"--data: required, {ckpt_path} held out no images of {category} (train --calib-fraction)")
         images, paths = bound_images(record, size, scale), record["paths"]
     else:
-        if not Path(data).is_dir():
-            raise UserError(f"--data: {data} is not a folder")
-        files = image_files(Path(data))
-        if not files:
-            raise UserError(f"--data: {data} holds no images")
         images = uint8_batch([a for a, _ in _load(files, size, scale=scale, tile=tile)])
         paths = [str(f.resolve()) for f in files]
     held = Dataset(images, torch.zeros(len(paths), dtype=torch.long), names, paths)
@@ -3861,9 +3869,7 @@ def knob_flags(p, cls, names=None, shown=None, helps=None):
     """A flag per field of the config dataclass cls (or per field in `names`), parsed and checked by
     its knob; --help gives its help (or helps[name]), default (or shown[name]) and range. A flag not
     given stays out of the parsed arguments, so the dataclass's own default applies (see given)."""
-    for f in fields(cls):
-        if names is not None and f.name not in names:
-            continue
+    for f in (f for f in fields(cls) if names is None or f.name in names):
         m = f.metadata
         rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
         about = f"{(helps or {}).get(f.name, m['help'])} (default {(shown or {}).get(f.name, f.default)}{'; ' + rule if rule else ''})"
@@ -3931,9 +3937,8 @@ def cmd_test(args):
 
 
 def cmd_score(args):
-    flags = given(ScoreConfig, args)
     base = check_archive(args.ckpt)["rule"] if Path(args.ckpt).suffix == ".pt2" else {}  # an archive's rule is fixed
-    cfg = ScoreConfig(**{**base, **flags})
+    cfg = ScoreConfig(**{**base, **given(ScoreConfig, args)})
     out = Path(args.out or Path("scored") / Path(args.images).resolve().name)
     rows = score(args.ckpt, args.images, out, cfg, args.category, args.alarm_rate, args.device, args.compile)
     print(f"wrote {out}")
@@ -3990,12 +3995,9 @@ def cmd_compare(args):
     if not isinstance(results, dict) or not all(isinstance(r, dict) and set(METRICS) <= set(r)
                                                 for r in results.values()):
         raise UserError(f"{path}: not a metrics.json written by `test`")
-    for name, r in results.items():
-        for k in METRICS:
-            v = r[k]
-            if v is not None and (type(v) not in (int, float) or not 0 <= v <= 1):
-                raise UserError(f"{path}: key '{name}.{k}' holds {json.dumps(v)[:40]}, not a number in [0, 1] "
-                                f"or null")
+    for (name, r), k in itertools.product(results.items(), METRICS):
+        if r[k] is not None and (type(r[k]) not in (int, float) or not 0 <= r[k] <= 1):
+            raise UserError(f"{path}: key '{name}.{k}' holds {json.dumps(r[k])[:40]}, not a number in [0, 1] or null")
     if not set(PAPER[args.dataset]) & set(results):
         raise UserError(f"{path}: no category in common with the paper's {args.dataset} rows")
     table = compare(results, args.dataset)
@@ -4056,7 +4058,7 @@ def test_flags(p) -> None:
                    help="write each map as a float32 TIFF at its image's original size where the official "
                         "MVTec AD / LOCO (DIR/<category>/test/<defect>/<name>.tiff) and MVTec AD 2 "
                         "(DIR/anomaly_images/..., with --alarm-rate also anomaly_images_thresholded/) evaluations read them")
-    p.add_argument("--alarm-rate", type=float, metavar="A",
+    p.add_argument("--alarm-rate", type=lambda text: parse_knob(ALARM_RATE, text), metavar="A",
                    help="also report, per category, the false-alarm and detection rates of the calibrated decision "
                         "p <= A and the pixel precision and recall of its masks")
 
@@ -4066,7 +4068,7 @@ def score_flags(p):
     p.add_argument("images", help="an image or a folder of images")
     p.add_argument("--out", help="output folder (default: scored/<name of the folder or image>)")
     p.add_argument("--category", help="category label for a class-conditional model")
-    p.add_argument("--alarm-rate", type=float, metavar="A",
+    p.add_argument("--alarm-rate", type=lambda text: parse_knob(ALARM_RATE, text), metavar="A",
                    help="decide: scores.csv gains the conformal p_value and anomalous (p <= A), masks/ a binary "
                         "defect mask per image; at most a fraction A of normal images is flagged (README)")
     scoring(p)
@@ -4083,7 +4085,7 @@ def calibrate_flags(p):
 def export_flags(p):
     p.add_argument("--ckpt", required=True, help="checkpoint of an untiled run")
     p.add_argument("--category", help="the category it scores (several-category models)")
-    p.add_argument("--alarm-rate", type=float, metavar="A",
+    p.add_argument("--alarm-rate", type=lambda text: parse_knob(ALARM_RATE, text), metavar="A",
                    help="also hold the calibration: outputs p_value, pred_label (p <= A) and pred_mask")
     p.add_argument("--data", help="a folder of images the archive is checked on against the scorer (default: the "
                                   "calibration's images, else the run's hold-out)")

@@ -699,7 +699,7 @@ def bad_invocations(d):
         (["explain", "--ckpt", ck, data / "x.png", "--out", f / "fig.png"], ("--out", "not a folder")),
         (["calibrate", "--ckpt", f / "ckpt.pt"], ("--ckpt", "not a folder")),
         (["calibrate", "--ckpt", ck, "-T", 0], "-T"),
-        (sc + ["--alarm-rate", "x"], "--alarm-rate"),  # out of range: test_library (after the checkpoint)
+        (sc + ["--alarm-rate", "x"], "--alarm-rate"),  # out of range: test_an_alarm_rate_outside_0_1_...
         (["compare", d / "none.json", "--dataset", "mvtec"], "none.json"),
         (["compare", f / "metrics.json", "--dataset", "mvtec"], "file.txt"),
         (["compare", f, "--dataset", "nope"], "--dataset"),
@@ -717,6 +717,119 @@ def test_bad_invocations_exit_2_with_one_line_and_write_nothing(mvtec, tmp_path,
         assert rc == 2 and len(err) == 1 and all(n in err[0] for n in needles), (argv, rc, err)
         assert files_under(tmp_path) == before, argv
     assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
+def nothing_read(monkeypatch, checkpoints=True):
+    """From here on, decoding an image (or, with checkpoints, loading a checkpoint) fails the test."""
+    def read(*args, **kwargs):
+        raise AssertionError("work began before the arguments were checked")
+    monkeypatch.setattr(fm, "_load", read)
+    if checkpoints:
+        monkeypatch.setattr(fm, "load_checkpoint", read)
+
+
+def refused(call, capsys):
+    """The one line `call` is refused with: str(UserError) from Python, the CLI's error line without its prefix."""
+    try:
+        rc = call()
+    except fm.UserError as e:
+        return str(e)
+    except SystemExit as e:
+        rc = e.code
+    err = said(capsys.readouterr().err.splitlines())
+    assert rc == 2 and len(err) == 1, (rc, err)
+    return err[0].split("error: ", 1)[1]
+
+
+ALARM_CALLS = {  # name: call with alarm rate A and a folder `o` to write nothing into (predict: a loaded detector)
+    "test": lambda ck, d, A, o: fm.main(["test", "--ckpt", str(ck), "--data", str(d), "--out", str(o),
+                                         "--alarm-rate", str(A)]),
+    "score": lambda ck, d, A, o: fm.main(["score", "--ckpt", str(ck), str(d / "weave" / "test" / "good"),
+                                          "--out", str(o), "--category", "weave", "--alarm-rate", str(A)]),
+    "export": lambda ck, d, A, o: fm.main(["export", "--ckpt", str(ck), "--category", "weave", "--out",
+                                           str(o / "w.pt2"), "--alarm-rate", str(A)]),
+    "evaluate": lambda ck, d, A, o: fm.evaluate(ck, d, o, fm.ScoreConfig(), "cpu", alarm_rate=A),
+    "fm.score": lambda ck, d, A, o: fm.score(ck, d / "weave" / "test" / "good", o, category="weave", alarm_rate=A),
+    "fm.export": lambda ck, d, A, o: fm.export(ck, o / "w.pt2", "weave", A),
+    "predict": lambda detector, d, A, o: detector.predict(d / "weave" / "test" / "good", "weave", A),
+}
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0, math.nan, -0.1, "abc"])
+@pytest.mark.parametrize("call", ALARM_CALLS)
+def test_a_bad_alarm_rate_is_one_line_before_any_work_from_every_command_and_python(trained, mvtec, tmp_path,
+                                                                                     monkeypatch, capsys, call, rate):
+    ckpt = fm.load(trained, "cpu") if call == "predict" else trained
+    nothing_read(monkeypatch)
+    line = refused(lambda: ALARM_CALLS[call](ckpt, mvtec, rate, tmp_path / "o"), capsys)
+    assert line == ("--alarm-rate: 'abc' is not a number" if rate == "abc" else
+                    f"--alarm-rate: must be > 0 and < 1, got {rate}")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def tiled(trained, tmp_path_factory):
+    """`trained` as if trained on 8 x 8 tiles (train --tile 8): it scores each 16 x 16 image by its tiles."""
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["train_config"]["tile"] = 8
+    path = tmp_path_factory.mktemp("tiled") / "ckpt.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+STRIDE_CALLS = {  # name: call with a tiled checkpoint, data and a folder `o` to write nothing into
+    "test": lambda ck, d, o: fm.main(["test", "--ckpt", str(ck), "--data", str(d), "--out", str(o), "--stride", "9"]),
+    "ablation": lambda ck, d, o: fm.main(["test", "--ckpt", str(ck), "--data", str(d), "--out", str(o),
+                                          "--stride", "9", "--grid-K", "1,2"]),
+    "score": lambda ck, d, o: fm.main(["score", "--ckpt", str(ck), str(d / "weave" / "test" / "good"),
+                                       "--out", str(o), "--category", "weave", "--stride", "9"]),
+    "calibrate": lambda ck, d, o: fm.main(["calibrate", "--ckpt", str(ck), "--data", str(d / "weave" / "train" / "good"),
+                                           "--category", "weave", "--stride", "9"]),
+    "explain": lambda ck, d, o: fm.main(["explain", "--ckpt", str(ck), str(next((d / "weave" / "test" / "good")
+                                         .iterdir())), "--out", str(o / "fig.png"), "--category", "weave",
+                                         "--stride", "9"]),
+    "evaluate": lambda ck, d, o: fm.evaluate(ck, d, o, fm.ScoreConfig(stride=9), "cpu"),
+    "fm.explain": lambda ck, d, o: fm.explain(ck, next((d / "weave" / "test" / "good").iterdir()), o / "fig.png",
+                                              fm.ScoreConfig(stride=9), category="weave"),
+    "predict": lambda ck, d, o: fm.load(ck, "cpu").predict(np.zeros((16, 16, 3), np.uint8), "weave", stride=9),
+}
+
+
+@pytest.mark.parametrize("call", STRIDE_CALLS)
+def test_a_stride_beyond_the_tile_is_one_line_before_any_image_is_read(tiled, mvtec, tmp_path, monkeypatch, capsys,
+                                                                        call):
+    monkeypatch.chdir(tmp_path)
+    nothing_read(monkeypatch, checkpoints=False)
+    before = tiled.read_bytes()
+    line = refused(lambda: STRIDE_CALLS[call](tiled, mvtec, tmp_path / "o"), capsys)
+    assert line == "--stride: 9 must be from 1 to the tile size 8 (0: half a tile), or pixels go unscored"
+    assert not (tmp_path / "o").exists() and tiled.read_bytes() == before
+    assert fm.load(tiled, "cpu").fit(fm.ScoreConfig(stride=8)).stride == 8  # the tile itself is a stride
+
+
+@pytest.mark.parametrize("call", [
+    lambda ck, d, o: fm.main(["test", "--ckpt", str(ck), "--data", str(d), "--out", str(o), "--aggregator",
+                              "quantile:2"]),
+    lambda ck, d, o: fm.ScoreConfig(aggregator="quantile:2"),
+    lambda ck, d, o: fm.load(ck, "cpu").predict(np.zeros((16, 16, 3), np.uint8), "weave", aggregator="quantile:2"),
+])
+def test_a_knob_whose_own_check_fails_names_its_flag_once(trained, mvtec, tmp_path, monkeypatch, capsys, call):
+    nothing_read(monkeypatch, checkpoints=False)
+    line = refused(lambda: call(trained, mvtec, tmp_path / "o"), capsys)
+    assert line == "--aggregator: 'quantile:2' is not min, mean or quantile:ALPHA with 0 < ALPHA <= 1"
+    line = refused(lambda: fm.main(["test", "--ckpt", str(trained), "--data", str(mvtec), "--out", str(tmp_path / "o"),
+                                    "--aggregators", "min,quantile:2"]), capsys)
+    assert line.startswith("--aggregators: 'quantile:2' is not") and line.count("--aggregator") == 1, line
+
+
+def test_a_calibration_rule_refused_by_its_knobs_check_names_the_record_key(trained, tmp_path):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["calibration"] = {"weave": record(ckpt, rule=dict(aggregator="quantile:2"))}
+    torch.save(ckpt, tmp_path / "edited.pt")
+    with pytest.raises(fm.UserError) as e:
+        fm.load_checkpoint(tmp_path / "edited.pt")
+    assert str(e.value).endswith(": key 'calibration.weave.rule.aggregator': 'quantile:2' is not min, mean or "
+                                 "quantile:ALPHA with 0 < ALPHA <= 1") and "--aggregator" not in str(e.value), e.value
 
 
 @pytest.fixture(scope="module")

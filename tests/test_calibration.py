@@ -240,8 +240,8 @@ def test_calibrate_refuses_training_images_and_stores_a_new_calibration(line, tm
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("rate,needles", [("0", ["--alarm-rate", "between 0 and 1"]),
-                                          ("1.5", ["--alarm-rate", "between 0 and 1"]),
+@pytest.mark.parametrize("rate,needles", [("0", ["--alarm-rate", "must be > 0 and < 1, got 0.0"]),
+                                          ("1.5", ["--alarm-rate", "must be > 0 and < 1, got 1.5"]),
                                           ("0.05", ["--alarm-rate", "1/(n+1) = 0.0769", "at least 19"])])
 def test_bad_alarm_rate(line, tmp_path, rate, needles):
     data, ckpt_path = line

@@ -103,7 +103,9 @@ def test_image_score_is_max_plus_mean_of_top_one_percent():
 
 @pytest.mark.parametrize("bad", ["max", "quantile:", "quantile:1.5", "quantile:0", "quantile:x"])
 def test_unknown_aggregator_is_a_user_error(bad):
-    with pytest.raises(fm.UserError, match="--aggregator"):
+    with pytest.raises(fm.UserError, match="^--aggregator: .* is not min, mean or quantile"):
+        fm.MethodConfig(aggregator=bad)
+    with pytest.raises(ValueError, match="is not min, mean or quantile"):  # the method's own function: why alone
         fm.aggregator_rank(bad, 10)
 
 

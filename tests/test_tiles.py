@@ -96,11 +96,6 @@ def test_tile_order_and_batch_composition_do_not_change_the_map(model):
     assert torch.allclose(backwards[1], ref[0], rtol=1e-5, atol=1e-6)
 
 
-def test_stride_beyond_the_tile_is_refused(model):
-    with pytest.raises(fm.UserError, match="--stride"):
-        score(model, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), 16, stride=17)
-
-
 def test_smooth_0_is_the_identity_and_smooth_sigma_turns_an_impulse_into_the_gaussian():
     """--smooth sigma convolves with the normalised Gaussian: a unit impulse keeps its mass 1 and its
     peak becomes 1 / (2 pi sigma^2) (the sampled kernel's peak differs from it by < 1e-4 at sigma 2)."""
