@@ -902,10 +902,9 @@ def train_loop(run: Run, stop: list, log) -> None:
             loss = cfm_step(run.ddp, run.opt, y, labels, gen)
             if run.compiled and step == step0 and run.rank == 0:
                 log(f"torch.compile: the training step compiled in {time.perf_counter() - t0:.1f} s (its first run)")
-            if not math.isfinite(loss):
-                raise UserError(f"training diverged: non-finite loss ({loss}) at step {step + 1}; {kept(out)}",
-                                status=1)
             run.step = step = step + 1
+            if not math.isfinite(loss):
+                raise UserError(f"training diverged: non-finite loss ({loss}) at step {step}; {kept(out)}", status=1)
             wall = time.time() - t_start
             rows.writerow([step, f"{loss:.6g}", run.opt.param_groups[0]["lr"],
                            f"{(step - step0) * cfg.batch_size * world / wall:.2f}", f"{wall:.2f}"])
@@ -962,18 +961,6 @@ def free_folder(out: Path, preset: str) -> Path:
     return next(path for path in paths if not (path / "ckpt.pt").exists())
 
 
-def training_data(data, cfg: TrainConfig, ckpt) -> tuple:
-    """(training images, calibration hold-out) of `data` (a folder, or a resumed run's own data)."""
-    if not isinstance(data, Dataset):
-        data = load_train(data or ckpt.get("data"), *image_geometry(asdict(cfg)))
-    if ckpt is not None and ckpt.get("data") and data.root != ckpt["data"]:
-        raise UserError(f"--data: {data.root} is not the data of this run, {ckpt['data']}; a resumed run "
-                        f"trains on what it began with (start a new run for other data)")
-    if ckpt is not None and ckpt["class_names"] != data.class_names:
-        raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
-    return split_calibration(data, cfg.calib_fraction, cfg.seed)
-
-
 def model_and_optimiser(cfg: TrainConfig, n_labels: int, ckpt, device) -> tuple:
     """The U-Net (seeded initial weights, or the checkpoint's) on `device` and its StableAdamW."""
     torch.manual_seed(cfg.seed)  # initial weights
@@ -999,9 +986,9 @@ def run_summary(run: Run) -> str:
 
 
 def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=False, given=None) -> Run:
-    """The Run to start or continue, its DDP wrapper under torch.compile with `compile` (every step has the
-    same batch shape, so it compiles once); out/train_log.csv's rows past the checkpoint's step dropped.
-    A new run refuses a folder that holds a checkpoint."""
+    """The Run to start (not in a folder that holds a checkpoint) or continue (on the run's own data), its DDP
+    wrapper under torch.compile with `compile` (every step has the same batch shape, so it compiles once);
+    out/train_log.csv's rows past the checkpoint's step dropped."""
     rank, world, local_rank = distributed()
     ckpt, said = None, []  # said: what resuming changed, said once the data is checked too
     if resume:
@@ -1012,7 +999,14 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
     elif (out / "ckpt.pt").exists():
         raise UserError(f"--out: {out} already holds a checkpoint; train into a folder of its own "
                         f"(--out {free_folder(out, cfg.preset)}), or continue that run with --resume {out}")
-    data, held = training_data(data, cfg, ckpt)
+    if not isinstance(data, Dataset):  # a folder, or the resumed run's own
+        data = load_train(data or ckpt.get("data"), *image_geometry(asdict(cfg)))
+    if ckpt is not None and ckpt.get("data") and data.root != ckpt["data"]:
+        raise UserError(f"--data: {data.root} is not the data of this run, {ckpt['data']}; a resumed run "
+                        f"trains on what it began with (start a new run for other data)")
+    if ckpt is not None and ckpt["class_names"] != data.class_names:
+        raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
+    data, held = split_calibration(data, cfg.calib_fraction, cfg.seed)
     conditional = len(data.class_names) > 1 and not cfg.pooled
     model, opt = model_and_optimiser(cfg, len(data.class_names) if conditional else 0, ckpt, device)
     mean, std = data.normalisation() if ckpt is None else (torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
@@ -1088,8 +1082,7 @@ def save_run(run: Run, path: Path) -> None:
         return
     model, data = run.model, run.data
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"training diverged before step {run.step}: weights are not finite; {kept(run.out)}",
-                        status=1)
+        raise UserError(f"training diverged before step {run.step}: weights are not finite; {kept(run.out)}", status=1)
     save_checkpoint(path, dict(model=model.state_dict(), optimizer=run.opt.state_dict(),
                                model_config=asdict(model.cfg), train_config=asdict(run.cfg), mean=run.mean.tolist(),
                                std=run.std.tolist(), class_names=data.class_names, conditional=run.conditional,
@@ -1164,8 +1157,7 @@ MANIFEST = ".flow-mismatch"  # in each output folder: the names of the entries t
 
 
 def special(path):
-    """What `path` is if a write must never go through or over it (a symbolic link, FIFO, socket or
-    device, named in words); None for a regular file, a folder or nothing."""
+    """What `path` is, in words, if a write must never go through or over it (below); else None."""
     try:
         kind = stat.S_IFMT(os.lstat(path).st_mode)
     except (FileNotFoundError, NotADirectoryError):
@@ -1360,8 +1352,7 @@ def staged(out: Path, stale=()):
         yield tmp
         names = sorted(os.listdir(tmp))
         check_ours(out, names)
-        ours = written_here(out)
-        stale = [n for n in stale if n in ours and n not in names and not special(out / n)]
+        stale = [n for n in sorted(set(stale) & written_here(out)) if n not in names and not special(out / n)]
         record(out, names)
         write_text(out / "INCOMPLETE", f"an interrupted run was replacing {', '.join(names)} here; some may be missing\n")
         trash = tmp / ".old"
@@ -1459,11 +1450,10 @@ def check_paths(outputs: dict, inputs: dict) -> None:
     or inside one, and no two outputs are the same or one inside the other. None: not given."""
     outputs = {k: Path(v) for k, v in outputs.items() if isinstance(v, (str, os.PathLike))}
     inputs = {k: Path(v) for k, v in inputs.items() if isinstance(v, (str, os.PathLike))}
-    for flag, out in outputs.items():
-        for source, src in inputs.items():
-            if within(out, src):
-                raise UserError(f"{flag}: {out} is {'' if within(src, out) else 'inside '}the input {source} {src}; "
-                                f"write the outputs elsewhere")
+    for (flag, out), (source, src) in itertools.product(outputs.items(), inputs.items()):
+        if within(out, src):
+            raise UserError(f"{flag}: {out} is {'' if within(src, out) else 'inside '}the input {source} {src}; "
+                            f"write the outputs elsewhere")
     for (flag, a), (other, b) in itertools.combinations(outputs.items(), 2):
         if within(a, b) or within(b, a):
             raise UserError(f"{other}: {b} and {flag} {a} overlap; give each its own folder")
@@ -1530,10 +1520,9 @@ def check_checkpoint(ckpt: dict, at: str) -> None:
         raise UserError(f"{at}: 'class_names' must be a non-empty list of distinct names")
     if ckpt["step"] < 0 or not all(isinstance(h, str) for h in ckpt.get("trained_on", [])):
         raise UserError(f"{at}: key '{'step' if ckpt['step'] < 0 else 'trained_on'}' holds an impossible value")
-    tc = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()}
     flags = {flag_of(f): f.name for f in fields(TrainConfig)}
-    try:
-        TrainConfig(**tc)  # its __post_init__: each field as its flag is checked, then the checks between fields
+    try:  # its __post_init__ checks each field as its flag is checked, then the checks between fields
+        TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()})
     except UserError as e:
         flag, why = str(e).split(": ", 1)
         raise UserError(f"{at}: key 'train_config' field '{flags.get(flag, flag)}': {why}")
@@ -1692,8 +1681,7 @@ def aupro(masks, heat, fpr_limit: float = 0.3) -> float:
 
 def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks, heat) -> dict:
     """Image metrics from the scores S; pixel metrics over every test pixel, normal images included
-    (masks and heat: (N, H, W) arrays or lists of 2-D arrays). A metric that cannot be computed (one
-    class only; masks None: no ground truth) is None."""
+    (masks, heat: as pro_curve's). A metric that cannot be computed (one class; masks None: no ground truth) is None."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     out = dict.fromkeys(METRICS)
