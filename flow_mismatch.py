@@ -1157,7 +1157,7 @@ MANIFEST = ".flow-mismatch"  # in each output folder: the names of the entries t
 
 
 def special(path):
-    """What `path` is, in words, if a write must never go through or over it (below); else None."""
+    """`path` in words if it is a link, FIFO, socket or device (never written through or over); else None."""
     try:
         kind = stat.S_IFMT(os.lstat(path).st_mode)
     except (FileNotFoundError, NotADirectoryError):
