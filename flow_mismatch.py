@@ -791,9 +791,7 @@ class StableAdamW(torch.optim.Optimizer):
             lr = group["lr"] / torch.clamp(rms / group["clip"], min=1.0)  # update-RMS clipping, (tensors,)
             torch._foreach_mul_(ps, list((1 - lr * group["weight_decay"]).unbind()))
             update = torch._foreach_div(m, [1 - b1 ** s["step"] for s in states])
-            denom = torch._foreach_sqrt(v_hat)
-            torch._foreach_add_(denom, group["eps"])
-            torch._foreach_div_(update, denom)
+            torch._foreach_div_(update, torch._foreach_add(torch._foreach_sqrt(v_hat), group["eps"]))
             torch._foreach_mul_(update, list((-lr).unbind()))
             torch._foreach_add_(ps, update)
 
@@ -801,10 +799,10 @@ class StableAdamW(torch.optim.Optimizer):
 RESUMABLE = ("epochs", "steps", "save_every", "save_epochs")  # how long and what to keep; not what is learnt
 
 
-def resumed_config(ckpt: dict, cfg: TrainConfig, log=note, given=None) -> TrainConfig:
-    """The run's own TrainConfig with the RESUMABLE fields of cfg that were given (given: see `given`;
-    None: each field not at TrainConfig's default), each change logged; --epochs alone trains that
-    many. Any other field given that differs from the run's is refused, naming its flag."""
+def resumed_config(ckpt: dict, cfg: TrainConfig, given=None) -> tuple:
+    """(The run's own TrainConfig with the RESUMABLE fields of cfg that were given (given: see `given`;
+    None: each field not at TrainConfig's default), the line naming each change, if any); --epochs alone
+    trains that many. Any other field given that differs from the run's is refused, naming its flag."""
     saved = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()})
     if given is None:
         given = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != f.default}
@@ -816,9 +814,7 @@ def resumed_config(ckpt: dict, cfg: TrainConfig, log=note, given=None) -> TrainC
                   **{k: getattr(cfg, k) for k in RESUMABLE if k in given})
     changed = [f"--{k.replace('_', '-')} {getattr(saved, k)} -> {getattr(new, k)}" for k in RESUMABLE
                if getattr(new, k) != getattr(saved, k)]
-    if changed:
-        log(f"resuming with {', '.join(changed)}")
-    return new
+    return new, [f"resuming with {', '.join(changed)}"] if changed else []
 
 
 @dataclass
@@ -844,8 +840,6 @@ class Run:
     trained_on: list  # see bound_record
     held_out: dict
     calibration: dict
-    train_log: object = None  # out/train_log.csv open for appending (os.devnull on other ranks)
-    rows: object = None  # its csv writer
 
 
 def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resume=False, log=note,
@@ -872,7 +866,6 @@ def train(data, cfg: TrainConfig = TrainConfig(), out=None, device="auto", resum
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-            run.train_log.close()
         if run.rank == 0:
             plot_loss(out)
     if run.world > 1:
@@ -896,38 +889,40 @@ def train_loop(run: Run, stop: list, log) -> None:
     gen, step0, t_start, per_epoch = torch.Generator(device=device), run.step, time.time(), run.steps_per_epoch
     progress = Progress(total, "step", run.step, per=cfg.batch_size * world, log=log) if run.rank == 0 else None
     run.model.train()
-    while run.step < total:
-        step = run.step
-        y, labels = train_batch(run, step)
-        torch.manual_seed(seed_mix(cfg.seed, step, run.rank))  # dropout
-        gen.manual_seed(seed_mix(cfg.seed, step, run.rank, 1))  # x0, t
-        t0 = time.perf_counter()
-        loss = cfm_step(run.ddp, run.opt, y, labels, gen)
-        if run.compiled and step == step0 and run.rank == 0:
-            log(f"torch.compile: the training step compiled in {time.perf_counter() - t0:.1f} s (its first run)")
-        if not math.isfinite(loss):
-            raise UserError(f"training diverged: non-finite loss ({loss}) at step {step + 1}; {kept(out)}", status=1)
-        run.step = step = step + 1
-        wall = time.time() - t_start
-        run.rows.writerow([step, f"{loss:.6g}", run.opt.param_groups[0]["lr"],
-                              f"{(step - step0) * cfg.batch_size * world / wall:.2f}", f"{wall:.2f}"])
-        run.train_log.flush()  # a row is readable (tail -f, a live plot) as soon as its step is done
-        signum = stop[-1] if stop else 0
-        if world > 1:  # every rank stops at the same step
-            flag = torch.tensor([signum], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            signum = int(flag.item())
-        if step % cfg.save_every == 0 or step == total or signum:
-            save_run(run, out / "ckpt.pt")
-        if step % per_epoch == 0 and step // per_epoch in cfg.save_epochs:
-            save_run(run, out / f"ckpt_epoch{step // per_epoch}.pt")
-        if signum:
-            if run.rank == 0:
-                log(f"interrupted by {signal.Signals(signum).name} at step {step}/{total}; "
-                    f"checkpoint saved, continue with: train --resume {out}")
-            raise SystemExit(128 + signum)
-        if progress:
-            progress(1, f"epoch {step / per_epoch:.1f}  loss {loss:.4f}  ")
+    with open(out / "train_log.csv" if run.rank == 0 else os.devnull, "a", newline="") as log_file:
+        rows = csv.writer(log_file)  # appended to the log train_setup left
+        while run.step < total:
+            step = run.step
+            y, labels = train_batch(run, step)
+            torch.manual_seed(seed_mix(cfg.seed, step, run.rank))  # dropout
+            gen.manual_seed(seed_mix(cfg.seed, step, run.rank, 1))  # x0, t
+            t0 = time.perf_counter()
+            loss = cfm_step(run.ddp, run.opt, y, labels, gen)
+            if run.compiled and step == step0 and run.rank == 0:
+                log(f"torch.compile: the training step compiled in {time.perf_counter() - t0:.1f} s (its first run)")
+            run.step = step = step + 1
+            if not math.isfinite(loss):
+                raise UserError(f"training diverged: non-finite loss ({loss}) at step {step}; {kept(out)}", status=1)
+            wall = time.time() - t_start
+            rows.writerow([step, f"{loss:.6g}", run.opt.param_groups[0]["lr"],
+                           f"{(step - step0) * cfg.batch_size * world / wall:.2f}", f"{wall:.2f}"])
+            log_file.flush()  # a row is readable (tail -f, a live plot) as soon as its step is done
+            signum = stop[-1] if stop else 0
+            if world > 1:  # every rank stops at the same step
+                flag = torch.tensor([signum], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                signum = int(flag.item())
+            if step % cfg.save_every == 0 or step == total or signum:
+                save_run(run, out / "ckpt.pt")
+            if step % per_epoch == 0 and step // per_epoch in cfg.save_epochs:
+                save_run(run, out / f"ckpt_epoch{step // per_epoch}.pt")
+            if signum:
+                if run.rank == 0:
+                    log(f"interrupted by {signal.Signals(signum).name} at step {step}/{total}; "
+                        f"checkpoint saved, continue with: train --resume {out}")
+                raise SystemExit(128 + signum)
+            if progress:
+                progress(1, f"epoch {step / per_epoch:.1f}  loss {loss:.4f}  ")
 
 
 def cpu_estimate(run: Run, data, given, log) -> None:
@@ -948,10 +943,9 @@ def cpu_estimate(run: Run, data, given, log) -> None:
     line = (f"preset {cfg.preset} on a CPU: about {hours:,.1f} h for {cfg.steps - run.step:,} steps "
             f"({per_image:.2f} s per image, timed before the first step)")
     if hours >= 1:
-        keep = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else " " + (
-            ",".join(map(str, v)) if isinstance(v, tuple) else str(v)))
-                        for k, v in (given or {}).items() if k not in (*CPU_RECIPES["tiny"], "epochs", "preset")
-                        and v is not False)
+        shown = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in (given or {}).items()
+                 if k not in (*CPU_RECIPES["tiny"], "epochs", "preset") and v is not False}
+        keep = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in shown.items())
         where = data.root if isinstance(data, Dataset) else data or run.data.root
         line += (f"; the CPU preset trains in minutes: python flow_mismatch.py train --data {where} --preset tiny "
                  f"{keep + ' ' if keep else ''}--out {free_folder(out, 'tiny')} (--preset small on more cores); "
@@ -961,37 +955,8 @@ def cpu_estimate(run: Run, data, given, log) -> None:
 
 def free_folder(out: Path, preset: str) -> Path:
     """A folder beside `out` that holds no run: OUT_PRESET, or OUT_PRESET2, 3, ..."""
-    path, i = out.with_name(f"{out.name}_{preset}"), 1
-    while (path / "ckpt.pt").exists():
-        i += 1
-        path = out.with_name(f"{out.name}_{preset}{i}")
-    return path
-
-
-def checkpoint_to_resume(out: Path, cfg: TrainConfig, resume, given) -> tuple:
-    """(checkpoint or None, the run's TrainConfig, the lines that say what resuming changed); a new
-    run refuses a folder that holds a checkpoint."""
-    if resume and not (out / "ckpt.pt").is_file():
-        raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
-    ckpt, said = load_checkpoint(out / "ckpt.pt") if resume else None, []
-    if ckpt is not None:
-        cfg = resumed_config(ckpt, cfg, said.append, given)  # said later, once the data is checked too
-    elif (out / "ckpt.pt").exists():
-        raise UserError(f"--out: {out} already holds a checkpoint; train into a folder of its own "
-                        f"(--out {free_folder(out, cfg.preset)}), or continue that run with --resume {out}")
-    return ckpt, cfg, said
-
-
-def training_data(data, cfg: TrainConfig, ckpt) -> tuple:
-    """(training images, calibration hold-out) of `data` (a folder, or a resumed run's own data)."""
-    if not isinstance(data, Dataset):
-        data = load_train(data or ckpt.get("data"), *image_geometry(asdict(cfg)))
-    if ckpt is not None and ckpt.get("data") and data.root != ckpt["data"]:
-        raise UserError(f"--data: {data.root} is not the data of this run, {ckpt['data']}; a resumed run "
-                        f"trains on what it began with (start a new run for other data)")
-    if ckpt is not None and ckpt["class_names"] != data.class_names:
-        raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
-    return split_calibration(data, cfg.calib_fraction, cfg.seed)
+    paths = (out.with_name(f"{out.name}_{preset}{i if i > 1 else ''}") for i in itertools.count(1))
+    return next(path for path in paths if not (path / "ckpt.pt").exists())
 
 
 def model_and_optimiser(cfg: TrainConfig, n_labels: int, ckpt, device) -> tuple:
@@ -1019,11 +984,27 @@ def run_summary(run: Run) -> str:
 
 
 def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=False, given=None) -> Run:
-    """The Run to start or continue, its DDP wrapper under torch.compile with `compile` (every step has the
-    same batch shape, so it compiles once); out/train_log.csv opened, rows past the checkpoint's step dropped."""
+    """The Run to start (not in a folder that holds a checkpoint) or continue (on the run's own data), its DDP
+    wrapper under torch.compile with `compile` (every step has the same batch shape, so it compiles once);
+    out/train_log.csv's rows past the checkpoint's step dropped."""
     rank, world, local_rank = distributed()
-    ckpt, cfg, said = checkpoint_to_resume(out, cfg, resume, given)
-    data, held = training_data(data, cfg, ckpt)
+    ckpt, said = None, []  # said: what resuming changed, said once the data is checked too
+    if resume:
+        if not (out / "ckpt.pt").is_file():
+            raise UserError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
+        ckpt = load_checkpoint(out / "ckpt.pt")
+        cfg, said = resumed_config(ckpt, cfg, given)
+    elif (out / "ckpt.pt").exists():
+        raise UserError(f"--out: {out} already holds a checkpoint; train into a folder of its own "
+                        f"(--out {free_folder(out, cfg.preset)}), or continue that run with --resume {out}")
+    if not isinstance(data, Dataset):  # a folder, or the resumed run's own
+        data = load_train(data or ckpt.get("data"), *image_geometry(asdict(cfg)))
+    if ckpt is not None and ckpt.get("data") and data.root != ckpt["data"]:
+        raise UserError(f"--data: {data.root} is not the data of this run, {ckpt['data']}; a resumed run "
+                        f"trains on what it began with (start a new run for other data)")
+    if ckpt is not None and ckpt["class_names"] != data.class_names:
+        raise UserError(f"--data: categories {data.class_names} differ from the run's {ckpt['class_names']}")
+    data, held = split_calibration(data, cfg.calib_fraction, cfg.seed)
     conditional = len(data.class_names) > 1 and not cfg.pooled
     model, opt = model_and_optimiser(cfg, len(data.class_names) if conditional else 0, ckpt, device)
     mean, std = data.normalisation() if ckpt is None else (torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
@@ -1040,15 +1021,13 @@ def train_setup(data, cfg: TrainConfig, out: Path, device, resume, log, compile=
             log(line)
     path, flag = out / "train_log.csv", "--resume" if resume else "--out"
     names = ["train_log.csv", "loss.png", *(f"ckpt_epoch{e}.pt" for e in cfg.save_epochs)]
-    check_ours(out, names + ["ckpt.pt"] * (ckpt is None), flag=flag)
-    check_target(out / "ckpt.pt", flag)  # resumed: replaced by design, never a link
+    check_ours(out, names, flag=flag)
+    check_target(out / "ckpt.pt", flag)  # new: nothing there (checked above); resumed: replaced, never a link
     if rank == 0:  # the log up to the checkpoint's step, replaced atomically; then appended to
         record(out, names + ["ckpt.pt"])
         rows = [r for r in log_rows(path) if int(r[0]) <= step] if resume and path.is_file() else []
         with atomic_write(path, newline="") as f:
             csv.writer(f).writerows([LOG_HEAD] + rows)
-    run.train_log = open(path if rank == 0 else os.devnull, "a", newline="")
-    run.rows = csv.writer(run.train_log)
     return run
 
 
@@ -1101,8 +1080,7 @@ def save_run(run: Run, path: Path) -> None:
         return
     model, data = run.model, run.data
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"training diverged before step {run.step}: weights are not finite; {kept(run.out)}",
-                        status=1)
+        raise UserError(f"training diverged before step {run.step}: weights are not finite; {kept(run.out)}", status=1)
     save_checkpoint(path, dict(model=model.state_dict(), optimizer=run.opt.state_dict(),
                                model_config=asdict(model.cfg), train_config=asdict(run.cfg), mean=run.mean.tolist(),
                                std=run.std.tolist(), class_names=data.class_names, conditional=run.conditional,
@@ -1144,8 +1122,7 @@ LOG_HEAD = ["step", "loss", "lr", "images_per_s", "wall_s"]  # the columns of tr
 def log_rows(path: Path) -> list:
     """The rows of a train_log.csv that read as meant: five cells, a step >= 1 and four finite numbers.
     Any other line (a damaged or edited file, bytes that are not text) is dropped, with one warning."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     rows = []
     for line in lines[1:]:
         with contextlib.suppress(csv.Error, ValueError, StopIteration):
@@ -1178,8 +1155,7 @@ MANIFEST = ".flow-mismatch"  # in each output folder: the names of the entries t
 
 
 def special(path):
-    """What `path` is if a write must never go through or over it (a symbolic link, FIFO, socket or
-    device, named in words); None for a regular file, a folder or nothing."""
+    """`path` in words if it is a link, FIFO, socket or device (never written through or over); else None."""
     try:
         kind = stat.S_IFMT(os.lstat(path).st_mode)
     except (FileNotFoundError, NotADirectoryError):
@@ -1188,10 +1164,10 @@ def special(path):
             stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}.get(kind)
 
 
-def check_target(path, flag=None) -> None:
+def check_target(path, flag=None, refusing="write through or over it") -> None:
     """A file we are about to write: nothing yet, or a regular file (never followed if a link)."""
     if what := special(path) or ("a folder" if os.path.isdir(path) else None):
-        raise UserError(f"{flag + ': ' if flag else ''}{path} is {what}; refusing to write through or over it")
+        raise UserError(f"{flag + ': ' if flag else ''}{path} is {what}; refusing to {refusing}")
 
 
 def disk_error(path: Path, e: Exception) -> UserError:
@@ -1274,12 +1250,12 @@ def open_lock(path: Path, flag):
     """The lock file, opened for reading and writing without following a link (O_NOFOLLOW): only a
     regular file of one name (no hard link to another file) that is empty or names a holder as
     run_lock writes it; anything else is refused by name, untouched."""
-    what, f = special(path) or ("a folder" if os.path.isdir(path) else None), None
-    if not what:
-        nofollow = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO opens without waiting
-        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | nofollow, 0o666), "r+")
-        st = os.fstat(f.fileno())
-        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else "a hard link" if st.st_nlink > 1 else None
+    refusing = "lock through it (remove it if it is not yours)"
+    check_target(path, flag, refusing)
+    nofollow = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO opens without waiting
+    f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | nofollow, 0o666), "r+")
+    st = os.fstat(f.fileno())
+    what = "not a regular file" if not stat.S_ISREG(st.st_mode) else "a hard link" if st.st_nlink > 1 else None
     if not what:
         try:
             words = f.read(200).split()
@@ -1289,9 +1265,8 @@ def open_lock(path: Path, flag):
         except OSError:  # Windows: a holder's locked byte cannot be read
             pass
     if what:
-        if f is not None:
-            f.close()
-        raise UserError(f"{flag}: {path} is {what}; refusing to lock through it (remove it if it is not yours)")
+        f.close()
+        raise UserError(f"{flag}: {path} is {what}; refusing to {refusing}")
     return f
 
 
@@ -1375,8 +1350,7 @@ def staged(out: Path, stale=()):
         yield tmp
         names = sorted(os.listdir(tmp))
         check_ours(out, names)
-        ours = written_here(out)
-        stale = [n for n in stale if n in ours and n not in names and not special(out / n)]
+        stale = [n for n in sorted(set(stale) & written_here(out)) if n not in names and not special(out / n)]
         record(out, names)
         write_text(out / "INCOMPLETE", f"an interrupted run was replacing {', '.join(names)} here; some may be missing\n")
         trash = tmp / ".old"
@@ -1384,13 +1358,11 @@ def staged(out: Path, stale=()):
         for name in [*names, *stale]:
             if os.path.lexists(out / name):
                 os.replace(out / name, trash / name)
-        moved = []
         try:
             for name in names:
                 os.replace(tmp / name, out / name)
-                moved.append(name)
-        except BaseException:
-            write_text(out / "INCOMPLETE", f"missing: {', '.join(n for n in names if n not in moved)} "
+        except BaseException:  # each name not yet moved in: the old ones are all in the trash
+            write_text(out / "INCOMPLETE", f"missing: {', '.join(n for n in names if not os.path.lexists(out / n))} "
                                            f"(an interrupted run); run it again\n")
             raise
         (out / "INCOMPLETE").unlink()
@@ -1462,14 +1434,12 @@ def within(path, folder) -> bool:
     p, f = Path(path).resolve(), Path(folder).resolve()
     if p == f or f in p.parents:
         return True
-    try:
+    with contextlib.suppress(OSError):  # no folder: nothing is inside it
         target = os.stat(f)
-    except OSError:
-        return False
-    for q in (p, *p.parents):
-        with contextlib.suppress(OSError):
-            if os.path.samestat(os.stat(q), target):
-                return True
+        for q in (p, *p.parents):
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.stat(q), target):
+                    return True
     return False
 
 
@@ -1478,11 +1448,10 @@ def check_paths(outputs: dict, inputs: dict) -> None:
     or inside one, and no two outputs are the same or one inside the other. None: not given."""
     outputs = {k: Path(v) for k, v in outputs.items() if isinstance(v, (str, os.PathLike))}
     inputs = {k: Path(v) for k, v in inputs.items() if isinstance(v, (str, os.PathLike))}
-    for flag, out in outputs.items():
-        for source, src in inputs.items():
-            if within(out, src):
-                raise UserError(f"{flag}: {out} is {'' if within(src, out) else 'inside '}the input {source} {src}; "
-                                f"write the outputs elsewhere")
+    for (flag, out), (source, src) in itertools.product(outputs.items(), inputs.items()):
+        if within(out, src):
+            raise UserError(f"{flag}: {out} is {'' if within(src, out) else 'inside '}the input {source} {src}; "
+                            f"write the outputs elsewhere")
     for (flag, a), (other, b) in itertools.combinations(outputs.items(), 2):
         if within(a, b) or within(b, a):
             raise UserError(f"{other}: {b} and {flag} {a} overlap; give each its own folder")
@@ -1505,19 +1474,18 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise UserError(f"--ckpt: no checkpoint at {path}")
     try:
+        damaged = None
         if zipfile.is_zipfile(path):  # torch.load does not verify the archive's CRCs
             with zipfile.ZipFile(path) as z:
                 damaged = z.testzip()
-            if damaged is not None:
-                raise UserError(f"--ckpt: {path} is damaged: its part {damaged} fails the archive's CRC check")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if damaged is None else None
     except pickle.UnpicklingError:
         raise UserError(f"--ckpt: {path} refused: it holds objects other than tensors and plain data "
                         f"(loading it could run code)")
-    except UserError:
-        raise
     except Exception as e:
         raise UserError(f"--ckpt: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:80]})")
+    if damaged is not None:
+        raise UserError(f"--ckpt: {path} is damaged: its part {damaged} fails the archive's CRC check")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"--ckpt: {path} is not a flow-mismatch checkpoint")
     for key, kind in (*CKPT_KEYS.items(), *CKPT_OPTIONAL.items()):
@@ -1550,12 +1518,9 @@ def check_checkpoint(ckpt: dict, at: str) -> None:
         raise UserError(f"{at}: 'class_names' must be a non-empty list of distinct names")
     if ckpt["step"] < 0 or not all(isinstance(h, str) for h in ckpt.get("trained_on", [])):
         raise UserError(f"{at}: key '{'step' if ckpt['step'] < 0 else 'trained_on'}' holds an impossible value")
-    tc = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()}
     flags = {flag_of(f): f.name for f in fields(TrainConfig)}
-    try:
-        for f in fields(TrainConfig):
-            check_knob(f, tc[f.name], f"--{f.name.replace('_', '-')}")
-        TrainConfig(**tc)  # the checks between fields
+    try:  # its __post_init__ checks each field as its flag is checked, then the checks between fields
+        TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()})
     except UserError as e:
         flag, why = str(e).split(": ", 1)
         raise UserError(f"{at}: key 'train_config' field '{flags.get(flag, flag)}': {why}")
@@ -1636,17 +1601,15 @@ def distributed() -> tuple[int, int, int]:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device: cuda requested but no GPU is visible")
-        torch.backends.cuda.matmul.allow_tf32 = True  # App. C.2: TF32
-        torch.backends.cudnn.allow_tf32 = True
-        return torch.device("cuda", local_rank)
-    if name != "cpu":
+    if name not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device: unknown device {name!r} (auto, cpu or cuda)")
-    return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device: cuda requested but no GPU is visible")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True  # App. C.2: TF32
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda", local_rank)
 
 
 def inference_model(model: UNet, device, compile=False, channels_last=None):
@@ -1684,10 +1647,8 @@ def pro_curve(masks, heat):
     for mask in masks:
         mask = np.asarray(mask, bool)
         comp, n = label(mask, structure=np.ones((3, 3)))
-        sizes = np.bincount(comp.ravel())
-        r = np.zeros(mask.shape)
-        r[mask] = 1.0 / sizes[comp[mask]]
-        region.append(r.ravel())
+        inverse_size = 1.0 / np.maximum(np.bincount(comp.ravel()), 1)  # per component; 0: the normal pixels
+        region.append(np.where(mask, inverse_size[comp], 0.0).ravel())
         n_regions += n
     region = np.concatenate(region)
     normal = region == 0
@@ -1718,8 +1679,7 @@ def aupro(masks, heat, fpr_limit: float = 0.3) -> float:
 
 def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks, heat) -> dict:
     """Image metrics from the scores S; pixel metrics over every test pixel, normal images included
-    (masks and heat: (N, H, W) arrays or lists of 2-D arrays). A metric that cannot be computed (one
-    class only; masks None: no ground truth) is None."""
+    (masks, heat: as pro_curve's). A metric that cannot be computed (one class; masks None: no ground truth) is None."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     out = dict.fromkeys(METRICS)
