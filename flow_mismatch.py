@@ -2106,18 +2106,17 @@ def image_hashes(images: torch.Tensor) -> list:
 
 
 def read_masks(files, mask_files, sizes, size, scale=1.0) -> list:
-    """The union of each image's masks at size x size (size None: as stored, times scale), None for
+    """The union of each image's masks at size x size (size None: as stored, times scale), zeros for
     an image without masks; each mask must have its image's original size (sizes)."""
     flat = [m for ms in mask_files for m in ms]
     masks = iter(zip(flat, _load(flat, size, mode="mask", scale=scale)))
     out = []
-    for f, ms, isize in zip(files, mask_files, sizes):
-        union = None
+    for f, ms, (w, h) in zip(files, mask_files, sizes):
+        out.append(np.zeros((size, size) if size else (round(scale * h), round(scale * w)), np.uint8))
         for m, (a, msize) in itertools.islice(masks, len(ms)):
-            if msize != isize:
-                raise UserError(f"{m}: mask is {msize[0]}x{msize[1]} but its image {f} is {isize[0]}x{isize[1]}")
-            union = a if union is None else union | a
-        out.append(union)
+            if msize != (w, h):
+                raise UserError(f"{m}: mask is {msize[0]}x{msize[1]} but its image {f} is {w}x{h}")
+            out[-1] |= a
     return out
 
 
@@ -2136,13 +2135,11 @@ def load_test(root, size: int, scale=1.0, tile=0) -> dict:
         if other := next((f for f, (a, _) in zip(files, loaded) if a.shape != loaded[0][0].shape), None):
             raise UserError(f"{other}: {sizes[files.index(other)]} differs from {files[0]}'s {sizes[0]}; "
                             f"a tiled model tests one image size per category (score takes any)")
-        gt = np.zeros((len(files), *loaded[0][0].shape[:2]), np.uint8)
-        for i, m in enumerate(read_masks(files, mask_files, sizes, size, scale)):
-            if m is not None:
-                gt[i] = m
-                if not m.any():
-                    note(f"warning: {mask_files[i][0]}: the mask of defect image {files[i]} reads empty "
-                         f"at {gt.shape[2]}x{gt.shape[1]} (no non-zero pixel); it adds no anomalous pixel")
+        gt = np.stack(read_masks(files, mask_files, sizes, size, scale))
+        for f, ms, m in zip(files, mask_files, gt):
+            if ms and not m.any():
+                note(f"warning: {ms[0]}: the mask of defect image {f} reads empty "
+                     f"at {gt.shape[2]}x{gt.shape[1]} (no non-zero pixel); it adds no anomalous pixel")
         if not cat.has_masks:
             note(f"{cat.name}: no ground_truth folder, so image metrics only; pixel metrics are n/a")
         out[cat.name] = Dataset(uint8_batch([a for a, _ in loaded]), torch.zeros(len(files), dtype=torch.long),
@@ -2291,7 +2288,6 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> 
     model's size; enlarged by the nearest pixel to OVERLAY_HEIGHT[0]. span: the colour range (lo, hi),
     by default the heatmaps' minimum and 99.9th percentile, shared by the category; returns it."""
     from matplotlib import colormaps
-    from PIL import Image
 
     flat = np.concatenate([np.ravel(h) for h in heat])
     lo, hi = span or (float(flat.min()), float(np.percentile(flat, 99.9)))
@@ -2301,11 +2297,9 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> 
         W, H = data.sizes[i] if data.sizes else img.shape[1::-1]
         if H > img.shape[0] and path is not None:
             f = min(1.0, OVERLAY_HEIGHT[1] / H)
-            size = (round(f * W), round(f * H))
-            img = np.asarray(Image.fromarray(read_image(Path(path), None)[0]).resize(size, Image.BILINEAR))
-            if data.mask_files and data.mask_files[i]:
-                [mask] = read_masks([path], [data.mask_files[i]], [(W, H)], None)
-            mask, h = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)), upsample(h, size)
+            img = read_image(Path(path), None, scale=f)[0]
+            [mask] = read_masks([path], [data.mask_files[i] if data.mask_files else []], [(W, H)], None, f)
+            h = upsample(h, img.shape[1::-1])
         k = -(-OVERLAY_HEIGHT[0] // img.shape[0])
         img, mask, h = (np.repeat(np.repeat(a, k, 0), k, 1) for a in (img, mask, h))
         if len(img) not in bars:
@@ -2450,8 +2444,7 @@ def at_eval_size(data: Dataset, heat: np.ndarray, size) -> tuple:
     heatmaps upsampled bilinearly, the masks read again at that size (nearest neighbour)."""
     sizes = data.sizes if size == "original" else [(size, size)] * len(data)  # (w, h)
     masks = read_masks(data.paths, data.mask_files, data.sizes, None if size == "original" else size)
-    up = [upsample(h, s) for h, s in zip(heat, sizes)]
-    return [np.zeros((hh, w), np.uint8) if m is None else m for m, (w, hh) in zip(masks, sizes)], up
+    return masks, [upsample(h, s) for h, s in zip(heat, sizes)]
 
 
 def map_names(category: str, path) -> tuple:
