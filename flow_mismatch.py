@@ -1904,10 +1904,10 @@ def mask_index(folder: Path) -> dict:
     return index
 
 
-def match_masks(images: list, index: dict) -> list:
-    """Each image's masks from a mask_index: of its exact name; else of its name up to case, when
-    that is the only such mask and no other image has its name exactly; else an error naming both."""
-    by_name, out = {f.stem: f for f in images}, []
+def match_masks(images: list, folder: Path) -> list:
+    """Each image's masks in the ground-truth folder (mask_index): of its exact name; else of its name up
+    to case, when that is the only such mask and no other image has its name exactly; else an error."""
+    index, by_name, out = mask_index(folder), {f.stem: f for f in images}, []
     for f in images:
         near = [k for k in index if k.lower() == f.stem.lower()]
         if f.stem in index:
@@ -1920,6 +1920,8 @@ def match_masks(images: list, index: dict) -> list:
                             f"{by_name[near[0]]}, not of both")
         else:
             out.append(index[near[0]] if near else [])
+    if missing := next((f for f, ms in zip(images, out) if not ms), None):
+        raise UserError(f"{missing}: no mask at {folder / (missing.stem + '_mask.png')}")
     return out
 
 
@@ -1959,16 +1961,10 @@ def folder_category(cat: Path):
     train_dir, test_dir = folders
     gt = next((d for d in (cat / "ground_truth", test_dir / "ground_truth") if d.is_dir()), None)
     test = []
-    for defect in subfolders(test_dir):
-        if defect.name == "ground_truth":
-            continue
-        files = image_files(defect)
-        normal = defect.name.lower() in NORMAL
-        masks = match_masks(files, mask_index(gt / defect.name)) if gt and not normal else [[]] * len(files)
-        for f, ms in zip(files, masks):
-            if gt and not normal and not ms:
-                raise UserError(f"{f}: no mask at {gt / defect.name / (f.stem + '_mask.png')}")
-            test.append((f, int(not normal), ms))
+    for defect in (d for d in subfolders(test_dir) if d.name != "ground_truth"):
+        files, anomalous = image_files(defect), defect.name.lower() not in NORMAL
+        masks = match_masks(files, gt / defect.name) if gt and anomalous else [[]] * len(files)
+        test += [(f, int(anomalous), ms) for f, ms in zip(files, masks)]
     return Category(cat.resolve().name, train_dir, test_dir,  # `--data .` is the folder's own name
                     image_files(train_dir) if train_dir.is_dir() else [], test, has_masks=gt is not None)
 
@@ -2023,8 +2019,8 @@ def find_categories(root: Path) -> list:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--data: {root} is not a folder")
-    if (root / "Data" / "Images").is_dir():  # one object of raw VisA
-        return visa_categories(root.resolve().parent, only=root.resolve().name) or [folder_category(root)]
+    if (root / "Data" / "Images").is_dir() and (visa := visa_categories(root.resolve().parent, root.resolve().name)):
+        return visa  # one object of raw VisA
     if (own := folder_category(root)) is not None:
         return [own]
     cats = {c.name: c for c in visa_categories(root)}
@@ -2076,17 +2072,16 @@ def image_geometry(train_config: dict) -> tuple:
 def load_train(root, size: int, scale=1.0, tile=0) -> Dataset:
     """Every category's normal images, resized to size x size; size None (tiles): at their own size
     times `scale`, each at least tile x tile."""
-    images, labels, paths, names = [], [], [], []
-    for c, cat in enumerate(find_categories(root)):
+    cats, images = find_categories(root), []
+    for cat in cats:
         if not cat.train_dir.is_dir():
             raise UserError(f"--data: {cat.train_dir} is missing (every category needs train/good)")
         if not cat.train:
             raise UserError(f"--data: {cat.train_dir} holds no images")
         images += [a for a, _ in _load(cat.train, size, scale=scale, tile=tile)]
-        labels += [c] * len(cat.train)
-        paths += [str(f) for f in cat.train]
-        names.append(cat.name)
-    return Dataset(uint8_batch(images), torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
+    paths = [str(f) for cat in cats for f in cat.train]
+    return Dataset(uint8_batch(images), torch.tensor([c for c, cat in enumerate(cats) for _ in cat.train]),
+                   [cat.name for cat in cats], paths, root=str(Path(root).resolve()))
 
 
 def split_calibration(data: Dataset, fraction: float, seed: int) -> tuple:
