@@ -2008,10 +2008,7 @@ def visa_categories(root: Path, only=None) -> list:
             raise UserError(f"{table}: {files[0]} is an anomaly without a mask")
         else:
             cat.test.append((files[0], int(row["label"] == "anomaly"), files[1:]))
-    for cat in cats.values():
-        cat.train.sort()
-        cat.test.sort(key=lambda e: e[0])
-    return list(cats.values())
+    return [replace(c, train=sorted(c.train), test=sorted(c.test, key=lambda e: e[0])) for c in cats.values()]
 
 
 def find_categories(root: Path) -> list:
@@ -2045,8 +2042,8 @@ def _load(files, size, mode="RGB", skip=False, scale=1.0, tile=0):
                 raise
             return e
         if min(a.shape[:2]) < tile:
-            at = f" at --tile-scale {scale}" if scale != 1 else ""
-            raise UserError(f"{f if isinstance(f, (str, os.PathLike)) else 'image'}: {a.shape[1]}x{a.shape[0]}{at} "
+            raise UserError(f"{f if isinstance(f, (str, os.PathLike)) else 'image'}: {a.shape[1]}x{a.shape[0]}"
+                            f"{f' at --tile-scale {scale}' * (scale != 1)} "
                             f"is smaller than the tile ({tile}x{tile}); use a smaller --tile or a larger --tile-scale")
         return a, original
 
@@ -2156,7 +2153,7 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
         else:  # "grid"
             v = ((np.sin(2 * np.pi * 6 * xx + phase[0]) > 0.6) | (np.sin(2 * np.pi * 6 * yy + phase[1]) > 0.6))
             rgb = 0.35 + 0.4 * v[..., None] * np.array([0.6, 0.7, 0.9])
-        return np.clip(rgb + jitter, 0, 1)
+        return (np.clip(rgb + jitter, 0, 1) * 255).round().astype(np.uint8)
 
     def defect(img, kind):
         cx, cy = rng.uniform(0.2, 0.8, 2)
@@ -2168,21 +2165,18 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
         else:  # "stain"
             rx, ry = rng.uniform(0.05, 0.12, 2)
             mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
-        img[mask] = rng.uniform(0, 1, 3)
+        img[mask] = (rng.uniform(0, 1, 3) * 255).round()
         return img, mask
-
-    def write(path, arr):
-        save_image(path, (arr * 255).round().astype(np.uint8))
 
     for cat in ("weave", "grid"):
         for split, n in (("train", n_train), ("test", n_test)):
             for i in range(n):
-                write(root / cat / split / "good" / f"{i:03d}.png", texture(cat))
+                save_image(root / cat / split / "good" / f"{i:03d}.png", texture(cat))
         for kind in ("scratch", "stain"):
             for i in range(n_test // 2):
                 img, mask = defect(texture(cat), kind)
-                write(root / cat / "test" / kind / f"{i:03d}.png", img)
-                write(root / cat / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(float))
+                save_image(root / cat / "test" / kind / f"{i:03d}.png", img)
+                save_image(root / cat / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
     return root
 
 
@@ -2410,9 +2404,8 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
 def score_tests(detector, tests: dict, cfg: ScoreConfig) -> dict:
     """{category: (heat (N, S, S) float32, scores (N,))} by the Detector, on rank 0; {} on other ranks."""
     ckpt = detector.ckpt
-    for name in tests:
-        if name not in ckpt["class_names"]:
-            raise UserError(f"--data: category {name!r} is not among the checkpoint's classes {ckpt['class_names']}")
+    if unknown := [name for name in tests if name not in ckpt["class_names"]]:
+        raise UserError(f"--data: category {unknown[0]!r} is not among the checkpoint's classes {ckpt['class_names']}")
     rank = dist.get_rank() if dist.is_initialized() else 0
     progress = Progress(sum(len(d) for d in tests.values())) if rank == 0 else None
     out = {}
