@@ -1845,9 +1845,7 @@ def read_image(path, size, mode="RGB", scale=1.0):
             if mode == "RGB":
                 im = im.convert("RGB")
             to = (size, size) if size is not None else (round(scale * im.width), round(scale * im.height))
-            if to != im.size:
-                im = im.resize(to, Image.BILINEAR if mode == "RGB" else Image.NEAREST)
-            return np.asarray(im), original
+            return np.asarray(im.resize(to, Image.BILINEAR if mode == "RGB" else Image.NEAREST)), original
     except UserError:
         raise
     except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, ...)
@@ -1955,10 +1953,9 @@ LAYOUTS = [mvtec_ad2, btad, mvtec]  # in order: the first that recognises a fold
 
 def folder_category(cat: Path):
     """A category in the first of LAYOUTS that recognises `cat`, or None if none does."""
-    folders = next((f for layout in LAYOUTS if (f := layout(cat))), None)
-    if folders is None:
+    train_dir, test_dir = next((f for layout in LAYOUTS if (f := layout(cat))), (None, None))
+    if train_dir is None:
         return None
-    train_dir, test_dir = folders
     gt = next((d for d in (cat / "ground_truth", test_dir / "ground_truth") if d.is_dir()), None)
     test = []
     for defect in (d for d in subfolders(test_dir) if d.name != "ground_truth"):
@@ -2296,8 +2293,7 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> 
         colour = (colormaps[COLOURS](np.clip((h - lo) / max(hi - lo, 1e-12), 0, 1))[..., :3] * 255).astype(np.uint8)
         gap = np.full((len(img), max(2, len(img) // 128), 3), 255, np.uint8)
         save_image(folder / overlay_name(path), np.concatenate(
-            [img, gap, np.repeat(mask[..., None] * 255, 3, 2).astype(np.uint8), gap, colour,
-             bars[len(img)]], axis=1))
+            [img, gap, np.repeat(mask[..., None] * 255, 3, 2).astype(np.uint8), gap, colour, bars[len(img)]], axis=1))
     return lo, hi
 
 
