@@ -1888,10 +1888,11 @@ def uint8_batch(arrays) -> torch.Tensor:
     return [torch.tensor(a).permute(2, 0, 1).contiguous() for a in arrays]
 
 
-def mask_index(folder: Path) -> dict:
-    """{image name: [mask files]} of a ground-truth folder: <name>.ext, <name>_mask.ext (_mask in any
-    case) or a folder <name>/ of several masks (MVTec LOCO)."""
-    index = {}
+def match_masks(images: list, folder: Path) -> list:
+    """Each image's masks in a ground-truth folder, named <name>.ext, <name>_mask.ext (_mask in any case) or
+    in a folder <name>/ of several masks (MVTec LOCO): of its exact name; else of its name up to case, when
+    that is the only such mask and no other image has its name exactly; else an error."""
+    index, by_name, out = {}, {f.stem: f for f in images}, []  # index: {image name: [mask files]}
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if hidden(p):
             continue
@@ -1899,13 +1900,6 @@ def mask_index(folder: Path) -> dict:
             index[p.name] = image_files(p)
         elif p.suffix.lower() in IMAGE_EXTS:
             index.setdefault(p.stem[:-5] if p.stem.lower().endswith("_mask") else p.stem, [p])
-    return index
-
-
-def match_masks(images: list, folder: Path) -> list:
-    """Each image's masks in the ground-truth folder (mask_index): of its exact name; else of its name up
-    to case, when that is the only such mask and no other image has its name exactly; else an error."""
-    index, by_name, out = mask_index(folder), {f.stem: f for f in images}, []
     for f in images:
         near = [k for k in index if k.lower() == f.stem.lower()]
         if f.stem in index:
@@ -1925,7 +1919,7 @@ def match_masks(images: list, folder: Path) -> list:
 
 # The layouts, each a recogniser beside its row: a category folder -> its (train, test) folders if it
 # looks like that layout, else None. A new layout is one more in LAYOUTS. Ground truth, in any of
-# them, is <cat>/ground_truth or <test>/ground_truth, its masks named as mask_index reads them.
+# them, is <cat>/ground_truth or <test>/ground_truth, its masks named as match_masks reads them.
 
 #   MVTec AD 2          <cat>/test_public/{good,bad}  <cat>/test_public/ground_truth/bad/<name>_mask.png
 def mvtec_ad2(cat: Path):
@@ -2269,10 +2263,9 @@ def colour_bar(height: int, lo: float, hi: float) -> np.ndarray:
 
 def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> tuple:
     """image | ground-truth mask | heatmap H | its colour scale, one PNG per image named by overlay_name;
-    the metrics never see it. At the image's own resolution (at most OVERLAY_HEIGHT[1] high) where the
-    model's input is smaller, the mask read again there and the heat upsampled (bilinear), else at the
-    model's size; enlarged by the nearest pixel to OVERLAY_HEIGHT[0]. span: the colour range (lo, hi),
-    by default the heatmaps' minimum and 99.9th percentile, shared by the category; returns it."""
+    the metrics never see it. At the image's own resolution where the model's input is smaller (the heat
+    upsampled bilinearly), within OVERLAY_HEIGHT. span: the colour range (lo, hi), by default the
+    heatmaps' minimum and 99.9th percentile, shared by the category; returns it."""
     from matplotlib import colormaps
 
     flat = np.concatenate([np.ravel(h) for h in heat])
@@ -2341,9 +2334,8 @@ def format_table(results: dict, html=False) -> str:
 def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict, cfg: ScoreConfig,
                  overlays=True) -> None:
     """out/report.html, headed `title`, a static page to read the evaluation by eye: the metrics table, each
-    category's image ROC, pixel ROC and PRO curves (out/report/CATEGORY.png) and its overlays,
-    worst first: defective images by rising score (those the model found least), then normal images
-    by falling score (its false alarms)."""
+    category's image ROC, pixel ROC and PRO curves (out/report/CATEGORY.png) and its overlays, worst
+    first (the defects the model found least, then its false alarms)."""
     from html import escape
     from urllib.parse import quote
 
