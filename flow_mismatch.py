@@ -2079,8 +2079,7 @@ def split_calibration(data: Dataset, fraction: float, seed: int) -> tuple:
     for c in range(len(data.class_names)):
         idx = np.flatnonzero(data.labels.numpy() == c)
         held += np.random.default_rng([seed, c]).permutation(idx)[:math.floor(fraction * len(idx) + 1e-9)].tolist()
-    keep = sorted(set(range(len(data))) - set(held))
-    return data.subset(keep), data.subset(sorted(held))
+    return data.subset(sorted(set(range(len(data))) - set(held))), data.subset(sorted(held))
 
 
 def image_hashes(images: torch.Tensor) -> list:
@@ -2385,8 +2384,7 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
                 page.append(f"<figure><a href='{link}'><img src='{link}' loading='lazy' alt='{rel}'></a>"
                             f"<figcaption>S = {scores[i]:.4g} &middot; {rel}</figcaption></figure>")
             page.append("</div>")
-    page.append("</body></html>")
-    write_text(out / "report.html", "\n".join(page) + "\n")
+    write_text(out / "report.html", "\n".join(page + ["</body></html>"]) + "\n")
 
 
 def score_tests(detector, tests: dict, cfg: ScoreConfig) -> dict:
