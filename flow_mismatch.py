@@ -1803,9 +1803,7 @@ def read_image(path, size, mode="RGB", scale=1.0):
             if mode == "RGB":
                 im = im.convert("RGB")
             to = (size, size) if size is not None else (round(scale * im.width), round(scale * im.height))
-            if to != im.size:
-                im = im.resize(to, Image.BILINEAR if mode == "RGB" else Image.NEAREST)
-            return np.asarray(im), original
+            return np.asarray(im.resize(to, Image.BILINEAR if mode == "RGB" else Image.NEAREST)), original
     except UserError:
         raise
     except Exception as e:  # PIL raises many kinds on broken files (OSError, SyntaxError, ...)
@@ -1848,10 +1846,11 @@ def uint8_batch(arrays) -> torch.Tensor:
     return [torch.tensor(a).permute(2, 0, 1).contiguous() for a in arrays]
 
 
-def mask_index(folder: Path) -> dict:
-    """{image name: [mask files]} of a ground-truth folder: <name>.ext, <name>_mask.ext (_mask in any
-    case) or a folder <name>/ of several masks (MVTec LOCO)."""
-    index = {}
+def match_masks(images: list, folder: Path) -> list:
+    """Each image's masks in a ground-truth folder, named <name>.ext, <name>_mask.ext (_mask in any case) or
+    in a folder <name>/ of several masks (MVTec LOCO): of its exact name; else of its name up to case, when
+    that is the only such mask and no other image has its name exactly; else an error."""
+    index, by_name, out = {}, {f.stem: f for f in images}, []  # index: {image name: [mask files]}
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         if hidden(p):
             continue
@@ -1859,13 +1858,6 @@ def mask_index(folder: Path) -> dict:
             index[p.name] = image_files(p)
         elif p.suffix.lower() in IMAGE_EXTS:
             index.setdefault(p.stem[:-5] if p.stem.lower().endswith("_mask") else p.stem, [p])
-    return index
-
-
-def match_masks(images: list, index: dict) -> list:
-    """Each image's masks from a mask_index: of its exact name; else of its name up to case, when
-    that is the only such mask and no other image has its name exactly; else an error naming both."""
-    by_name, out = {f.stem: f for f in images}, []
     for f in images:
         near = [k for k in index if k.lower() == f.stem.lower()]
         if f.stem in index:
@@ -1878,12 +1870,14 @@ def match_masks(images: list, index: dict) -> list:
                             f"{by_name[near[0]]}, not of both")
         else:
             out.append(index[near[0]] if near else [])
+    if missing := next((f for f, ms in zip(images, out) if not ms), None):
+        raise UserError(f"{missing}: no mask at {folder / (missing.stem + '_mask.png')}")
     return out
 
 
 # The layouts, each a recogniser beside its row: a category folder -> its (train, test) folders if it
 # looks like that layout, else None. A new layout is one more in LAYOUTS. Ground truth, in any of
-# them, is <cat>/ground_truth or <test>/ground_truth, its masks named as mask_index reads them.
+# them, is <cat>/ground_truth or <test>/ground_truth, its masks named as match_masks reads them.
 
 #   MVTec AD 2          <cat>/test_public/{good,bad}  <cat>/test_public/ground_truth/bad/<name>_mask.png
 def mvtec_ad2(cat: Path):
@@ -1911,22 +1905,15 @@ LAYOUTS = [mvtec_ad2, btad, mvtec]  # in order: the first that recognises a fold
 
 def folder_category(cat: Path):
     """A category in the first of LAYOUTS that recognises `cat`, or None if none does."""
-    folders = next((f for layout in LAYOUTS if (f := layout(cat))), None)
-    if folders is None:
+    train_dir, test_dir = next((f for layout in LAYOUTS if (f := layout(cat))), (None, None))
+    if train_dir is None:
         return None
-    train_dir, test_dir = folders
     gt = next((d for d in (cat / "ground_truth", test_dir / "ground_truth") if d.is_dir()), None)
     test = []
-    for defect in subfolders(test_dir):
-        if defect.name == "ground_truth":
-            continue
-        files = image_files(defect)
-        normal = defect.name.lower() in NORMAL
-        masks = match_masks(files, mask_index(gt / defect.name)) if gt and not normal else [[]] * len(files)
-        for f, ms in zip(files, masks):
-            if gt and not normal and not ms:
-                raise UserError(f"{f}: no mask at {gt / defect.name / (f.stem + '_mask.png')}")
-            test.append((f, int(not normal), ms))
+    for defect in (d for d in subfolders(test_dir) if d.name != "ground_truth"):
+        files, anomalous = image_files(defect), defect.name.lower() not in NORMAL
+        masks = match_masks(files, gt / defect.name) if gt and anomalous else [[]] * len(files)
+        test += [(f, int(anomalous), ms) for f, ms in zip(files, masks)]
     return Category(cat.resolve().name, train_dir, test_dir,  # `--data .` is the folder's own name
                     image_files(train_dir) if train_dir.is_dir() else [], test, has_masks=gt is not None)
 
@@ -1970,10 +1957,7 @@ def visa_categories(root: Path, only=None) -> list:
             raise UserError(f"{table}: {files[0]} is an anomaly without a mask")
         else:
             cat.test.append((files[0], int(row["label"] == "anomaly"), files[1:]))
-    for cat in cats.values():
-        cat.train.sort()
-        cat.test.sort(key=lambda e: e[0])
-    return list(cats.values())
+    return [replace(c, train=sorted(c.train), test=sorted(c.test, key=lambda e: e[0])) for c in cats.values()]
 
 
 def find_categories(root: Path) -> list:
@@ -1981,8 +1965,8 @@ def find_categories(root: Path) -> list:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--data: {root} is not a folder")
-    if (root / "Data" / "Images").is_dir():  # one object of raw VisA
-        return visa_categories(root.resolve().parent, only=root.resolve().name) or [folder_category(root)]
+    if (root / "Data" / "Images").is_dir() and (visa := visa_categories(root.resolve().parent, root.resolve().name)):
+        return visa  # one object of raw VisA
     if (own := folder_category(root)) is not None:
         return [own]
     cats = {c.name: c for c in visa_categories(root)}
@@ -2007,8 +1991,8 @@ def _load(files, size, mode="RGB", skip=False, scale=1.0, tile=0):
                 raise
             return e
         if min(a.shape[:2]) < tile:
-            at = f" at --tile-scale {scale}" if scale != 1 else ""
-            raise UserError(f"{f if isinstance(f, (str, os.PathLike)) else 'image'}: {a.shape[1]}x{a.shape[0]}{at} "
+            raise UserError(f"{f if isinstance(f, (str, os.PathLike)) else 'image'}: {a.shape[1]}x{a.shape[0]}"
+                            f"{f' at --tile-scale {scale}' * (scale != 1)} "
                             f"is smaller than the tile ({tile}x{tile}); use a smaller --tile or a larger --tile-scale")
         return a, original
 
@@ -2034,17 +2018,16 @@ def image_geometry(train_config: dict) -> tuple:
 def load_train(root, size: int, scale=1.0, tile=0) -> Dataset:
     """Every category's normal images, resized to size x size; size None (tiles): at their own size
     times `scale`, each at least tile x tile."""
-    images, labels, paths, names = [], [], [], []
-    for c, cat in enumerate(find_categories(root)):
+    cats, images = find_categories(root), []
+    for cat in cats:
         if not cat.train_dir.is_dir():
             raise UserError(f"--data: {cat.train_dir} is missing (every category needs train/good)")
         if not cat.train:
             raise UserError(f"--data: {cat.train_dir} holds no images")
         images += [a for a, _ in _load(cat.train, size, scale=scale, tile=tile)]
-        labels += [c] * len(cat.train)
-        paths += [str(f) for f in cat.train]
-        names.append(cat.name)
-    return Dataset(uint8_batch(images), torch.tensor(labels), names, paths, root=str(Path(root).resolve()))
+    paths = [str(f) for cat in cats for f in cat.train]
+    return Dataset(uint8_batch(images), torch.tensor([c for c, cat in enumerate(cats) for _ in cat.train]),
+                   [cat.name for cat in cats], paths, root=str(Path(root).resolve()))
 
 
 def split_calibration(data: Dataset, fraction: float, seed: int) -> tuple:
@@ -2054,8 +2037,7 @@ def split_calibration(data: Dataset, fraction: float, seed: int) -> tuple:
     for c in range(len(data.class_names)):
         idx = np.flatnonzero(data.labels.numpy() == c)
         held += np.random.default_rng([seed, c]).permutation(idx)[:math.floor(fraction * len(idx) + 1e-9)].tolist()
-    keep = sorted(set(range(len(data))) - set(held))
-    return data.subset(keep), data.subset(sorted(held))
+    return data.subset(sorted(set(range(len(data))) - set(held))), data.subset(sorted(held))
 
 
 def image_hashes(images: torch.Tensor) -> list:
@@ -2064,18 +2046,17 @@ def image_hashes(images: torch.Tensor) -> list:
 
 
 def read_masks(files, mask_files, sizes, size, scale=1.0) -> list:
-    """The union of each image's masks at size x size (size None: as stored, times scale), None for
+    """The union of each image's masks at size x size (size None: as stored, times scale), zeros for
     an image without masks; each mask must have its image's original size (sizes)."""
     flat = [m for ms in mask_files for m in ms]
     masks = iter(zip(flat, _load(flat, size, mode="mask", scale=scale)))
     out = []
-    for f, ms, isize in zip(files, mask_files, sizes):
-        union = None
+    for f, ms, (w, h) in zip(files, mask_files, sizes):
+        out.append(np.zeros((size, size) if size else (round(scale * h), round(scale * w)), np.uint8))
         for m, (a, msize) in itertools.islice(masks, len(ms)):
-            if msize != isize:
-                raise UserError(f"{m}: mask is {msize[0]}x{msize[1]} but its image {f} is {isize[0]}x{isize[1]}")
-            union = a if union is None else union | a
-        out.append(union)
+            if msize != (w, h):
+                raise UserError(f"{m}: mask is {msize[0]}x{msize[1]} but its image {f} is {w}x{h}")
+            out[-1] |= a
     return out
 
 
@@ -2094,13 +2075,11 @@ def load_test(root, size: int, scale=1.0, tile=0) -> dict:
         if other := next((f for f, (a, _) in zip(files, loaded) if a.shape != loaded[0][0].shape), None):
             raise UserError(f"{other}: {sizes[files.index(other)]} differs from {files[0]}'s {sizes[0]}; "
                             f"a tiled model tests one image size per category (score takes any)")
-        gt = np.zeros((len(files), *loaded[0][0].shape[:2]), np.uint8)
-        for i, m in enumerate(read_masks(files, mask_files, sizes, size, scale)):
-            if m is not None:
-                gt[i] = m
-                if not m.any():
-                    note(f"warning: {mask_files[i][0]}: the mask of defect image {files[i]} reads empty "
-                         f"at {gt.shape[2]}x{gt.shape[1]} (no non-zero pixel); it adds no anomalous pixel")
+        gt = np.stack(read_masks(files, mask_files, sizes, size, scale))
+        for f, ms, m in zip(files, mask_files, gt):
+            if ms and not m.any():
+                note(f"warning: {ms[0]}: the mask of defect image {f} reads empty "
+                     f"at {gt.shape[2]}x{gt.shape[1]} (no non-zero pixel); it adds no anomalous pixel")
         if not cat.has_masks:
             note(f"{cat.name}: no ground_truth folder, so image metrics only; pixel metrics are n/a")
         out[cat.name] = Dataset(uint8_batch([a for a, _ in loaded]), torch.zeros(len(files), dtype=torch.long),
@@ -2122,7 +2101,7 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
         else:  # "grid"
             v = ((np.sin(2 * np.pi * 6 * xx + phase[0]) > 0.6) | (np.sin(2 * np.pi * 6 * yy + phase[1]) > 0.6))
             rgb = 0.35 + 0.4 * v[..., None] * np.array([0.6, 0.7, 0.9])
-        return np.clip(rgb + jitter, 0, 1)
+        return (np.clip(rgb + jitter, 0, 1) * 255).round().astype(np.uint8)
 
     def defect(img, kind):
         cx, cy = rng.uniform(0.2, 0.8, 2)
@@ -2134,21 +2113,18 @@ def make_demo_dataset(root: Path, size: int = 64, n_train: int = 120, n_test: in
         else:  # "stain"
             rx, ry = rng.uniform(0.05, 0.12, 2)
             mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
-        img[mask] = rng.uniform(0, 1, 3)
+        img[mask] = (rng.uniform(0, 1, 3) * 255).round()
         return img, mask
-
-    def write(path, arr):
-        save_image(path, (arr * 255).round().astype(np.uint8))
 
     for cat in ("weave", "grid"):
         for split, n in (("train", n_train), ("test", n_test)):
             for i in range(n):
-                write(root / cat / split / "good" / f"{i:03d}.png", texture(cat))
+                save_image(root / cat / split / "good" / f"{i:03d}.png", texture(cat))
         for kind in ("scratch", "stain"):
             for i in range(n_test // 2):
                 img, mask = defect(texture(cat), kind)
-                write(root / cat / "test" / kind / f"{i:03d}.png", img)
-                write(root / cat / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(float))
+                save_image(root / cat / "test" / kind / f"{i:03d}.png", img)
+                save_image(root / cat / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
     return root
 
 
@@ -2244,12 +2220,10 @@ def colour_bar(height: int, lo: float, hi: float) -> np.ndarray:
 
 def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> tuple:
     """image | ground-truth mask | heatmap H | its colour scale, one PNG per image named by overlay_name;
-    the metrics never see it. At the image's own resolution (at most OVERLAY_HEIGHT[1] high) where the
-    model's input is smaller, the mask read again there and the heat upsampled (bilinear), else at the
-    model's size; enlarged by the nearest pixel to OVERLAY_HEIGHT[0]. span: the colour range (lo, hi),
-    by default the heatmaps' minimum and 99.9th percentile, shared by the category; returns it."""
+    the metrics never see it. At the image's own resolution where the model's input is smaller (the heat
+    upsampled bilinearly), within OVERLAY_HEIGHT. span: the colour range (lo, hi), by default the
+    heatmaps' minimum and 99.9th percentile, shared by the category; returns it."""
     from matplotlib import colormaps
-    from PIL import Image
 
     flat = np.concatenate([np.ravel(h) for h in heat])
     lo, hi = span or (float(flat.min()), float(np.percentile(flat, 99.9)))
@@ -2259,11 +2233,9 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> 
         W, H = data.sizes[i] if data.sizes else img.shape[1::-1]
         if H > img.shape[0] and path is not None:
             f = min(1.0, OVERLAY_HEIGHT[1] / H)
-            size = (round(f * W), round(f * H))
-            img = np.asarray(Image.fromarray(read_image(Path(path), None)[0]).resize(size, Image.BILINEAR))
-            if data.mask_files and data.mask_files[i]:
-                [mask] = read_masks([path], [data.mask_files[i]], [(W, H)], None)
-            mask, h = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)), upsample(h, size)
+            img = read_image(Path(path), None, scale=f)[0]
+            [mask] = read_masks([path], [data.mask_files[i] if data.mask_files else []], [(W, H)], None, f)
+            h = upsample(h, img.shape[1::-1])
         k = -(-OVERLAY_HEIGHT[0] // img.shape[0])
         img, mask, h = (np.repeat(np.repeat(a, k, 0), k, 1) for a in (img, mask, h))
         if len(img) not in bars:
@@ -2271,8 +2243,7 @@ def write_overlays(folder: Path, data: Dataset, heat: np.ndarray, span=None) -> 
         colour = (colormaps[COLOURS](np.clip((h - lo) / max(hi - lo, 1e-12), 0, 1))[..., :3] * 255).astype(np.uint8)
         gap = np.full((len(img), max(2, len(img) // 128), 3), 255, np.uint8)
         save_image(folder / overlay_name(path), np.concatenate(
-            [img, gap, np.repeat(mask[..., None] * 255, 3, 2).astype(np.uint8), gap, colour,
-             bars[len(img)]], axis=1))
+            [img, gap, np.repeat(mask[..., None] * 255, 3, 2).astype(np.uint8), gap, colour, bars[len(img)]], axis=1))
     return lo, hi
 
 
@@ -2320,9 +2291,8 @@ def format_table(results: dict, html=False) -> str:
 def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict, cfg: ScoreConfig,
                  overlays=True) -> None:
     """out/report.html, headed `title`, a static page to read the evaluation by eye: the metrics table, each
-    category's image ROC, pixel ROC and PRO curves (out/report/CATEGORY.png) and its overlays,
-    worst first: defective images by rising score (those the model found least), then normal images
-    by falling score (its false alarms)."""
+    category's image ROC, pixel ROC and PRO curves (out/report/CATEGORY.png) and its overlays, worst
+    first (the defects the model found least, then its false alarms)."""
     from html import escape
     from urllib.parse import quote
 
@@ -2372,16 +2342,14 @@ def write_report(out: Path, title: str, tests: dict, scored: dict, results: dict
                 page.append(f"<figure><a href='{link}'><img src='{link}' loading='lazy' alt='{rel}'></a>"
                             f"<figcaption>S = {scores[i]:.4g} &middot; {rel}</figcaption></figure>")
             page.append("</div>")
-    page.append("</body></html>")
-    write_text(out / "report.html", "\n".join(page) + "\n")
+    write_text(out / "report.html", "\n".join(page + ["</body></html>"]) + "\n")
 
 
 def score_tests(detector, tests: dict, cfg: ScoreConfig) -> dict:
     """{category: (heat (N, S, S) float32, scores (N,))} by the Detector, on rank 0; {} on other ranks."""
     ckpt = detector.ckpt
-    for name in tests:
-        if name not in ckpt["class_names"]:
-            raise UserError(f"--data: category {name!r} is not among the checkpoint's classes {ckpt['class_names']}")
+    if unknown := [name for name in tests if name not in ckpt["class_names"]]:
+        raise UserError(f"--data: category {unknown[0]!r} is not among the checkpoint's classes {ckpt['class_names']}")
     rank = dist.get_rank() if dist.is_initialized() else 0
     progress = Progress(sum(len(d) for d in tests.values())) if rank == 0 else None
     out = {}
@@ -2408,8 +2376,7 @@ def at_eval_size(data: Dataset, heat: np.ndarray, size) -> tuple:
     heatmaps upsampled bilinearly, the masks read again at that size (nearest neighbour)."""
     sizes = data.sizes if size == "original" else [(size, size)] * len(data)  # (w, h)
     masks = read_masks(data.paths, data.mask_files, data.sizes, None if size == "original" else size)
-    up = [upsample(h, s) for h, s in zip(heat, sizes)]
-    return [np.zeros((hh, w), np.uint8) if m is None else m for m, (w, hh) in zip(masks, sizes)], up
+    return masks, [upsample(h, s) for h, s in zip(heat, sizes)]
 
 
 def map_names(category: str, path) -> tuple:
