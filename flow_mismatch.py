@@ -498,12 +498,14 @@ class Compiled(nn.Module):
     call (the scorer's first forward, a full forward batch) fix `batch`; every later call is cut into pieces of
     `batch` rows, the last padded with zeros (each row is computed on its own, so padding changes no other row).
     The first call prints the compile time. Inductor keeps what it compiled on disk (TORCHINDUCTOR_CACHE_DIR, by
-    default under /tmp): the next run on the same machine compiles in seconds (BENCHMARKS.md)."""
+    default under /tmp): the next run on the same machine compiles in seconds (BENCHMARKS.md). mode "reduce-overhead"
+    (`bench --graphs`): on CUDA each piece replays one recorded CUDA graph (it needs the fixed batch), its output
+    copied out before the next replay overwrites it; on a CPU, plain compiled code."""
 
-    def __init__(self, model: UNet):
+    def __init__(self, model: UNet, mode=None):
         super().__init__()
-        self.model, self.cfg, self.batch, self.compile_s = model, model.cfg, 0, 0.0
-        self.compiled = torch.compile(model, fullgraph=True, dynamic=False)
+        self.model, self.cfg, self.batch, self.compile_s, self.mode = model, model.cfg, 0, 0.0, mode
+        self.compiled = torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
 
     def forward(self, x, t, labels=None):
         first = not self.batch
@@ -514,7 +516,10 @@ class Compiled(nn.Module):
             pad = self.batch - (sl.stop - sl.start)
             xs, ts = F.pad(x[sl], (0, 0, 0, 0, 0, 0, 0, pad)).contiguous(), F.pad(t[sl], (0, pad))
             ls = None if labels is None else F.pad(labels[sl], (0, pad))
-            out.append(self.compiled(xs, ts, ls)[:self.batch - pad])
+            if self.mode:
+                torch.compiler.cudagraph_mark_step_begin()
+            v = self.compiled(xs, ts, ls)[:self.batch - pad]
+            out.append(v.clone() if self.mode else v)
         if first:
             self.compile_s = time.perf_counter() - t0
             note(f"torch.compile: the U-Net at batch {self.batch} compiled in {self.compile_s:.1f} s")
@@ -3247,25 +3252,9 @@ class BF16Weights(nn.Module):
             return self.model(x.to(torch.bfloat16), t, labels)
 
 
-class Replayed(nn.Module):
-    """`model` under torch.compile(mode="reduce-overhead"): on CUDA each call replays one recorded
-    CUDA graph (it needs fixed shapes: Compiled's fixed batch), its output copied out before the next
-    replay overwrites it; on a CPU, plain compiled code."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.graphed = torch.compile(model, fullgraph=True, dynamic=False, mode="reduce-overhead")
-
-    def forward(self, x, t, labels=None):
-        torch.compiler.cudagraph_mark_step_begin()
-        return self.graphed(x, t, labels).clone()
-
-
 def graphed(model: nn.Module) -> Compiled:
     """Compiled whose every forward of the fixed batch is one CUDA graph replay (`bench --graphs`)."""
-    c = Compiled(model)
-    c.compiled = Replayed(model)
-    return c
+    return Compiled(model, mode="reduce-overhead")
 
 
 @dataclass(frozen=True)
