@@ -546,18 +546,11 @@ def run_mismatch_heat(model, y, labels, cfg: ScoreConfig, places=None) -> torch.
 # from K noisy copies y_t0 = (1 - t0) x0 + t0 y of the image, with x0 = path_noise(seed, i, k),
 # and keep the order statistic of `aggregator` over the K per-path maps (min by default).
 
-def aggregate_paths(h: torch.Tensor, aggregator: str, K: int) -> torch.Tensor:
-    """Path-major maps (K*B, H, W) -> (B, H, W): mean, min or the ceil(alpha K)-th smallest over paths."""
-    m, acc = aggregator_rank(aggregator, K), None
-    for hk in h.view(K, -1, *h.shape[1:]):
-        acc = fold_path(acc, hk, m)
-    return path_aggregate(acc, m, K)
-
-
 @torch.no_grad()
-def reconstruction_error(model, y, labels, cfg: ScoreConfig, places, steps: int) -> torch.Tensor:
-    """y - y_hat, (K*B, C, H, W) path-major (labels: one per image): y_hat integrates the learned ODE in `steps`
-    Euler steps from y_t0 = (1 - t0) x0 + t0 y (Eq. 28) to t = 1, the velocities in fp32 and in forward batches."""
+def reconstruction_error(model, y, labels, cfg: ScoreConfig, places, steps: int, edges=False) -> torch.Tensor:
+    """The error map of y_hat, (B, C, H, W) -> (B, H, W) (labels: one per image): y_hat integrates the learned ODE
+    in `steps` Euler steps from y_t0 (Eq. 28) to t = 1, the velocities in fp32 and in forward batches; the map is
+    ||y - y_hat||_2 over channels (Eq. 29), with `edges` plus the same norm of the difference of Sobel gradients."""
     B, C, H, W = y.shape
     places = [0] * B if places is None else places
     x0 = torch.cat([path_noise(cfg.seed, places, k, (C, H, W), y.device) for k in range(cfg.K)])
@@ -569,21 +562,26 @@ def reconstruction_error(model, y, labels, cfg: ScoreConfig, places, steps: int)
             v = torch.cat([model(x[sl], t[sl], None if labels is None else labels[sl]).float()
                            for sl in chunks(len(x), forward_batch(cfg, model, y))])
         x, t = x + dt * v, t + dt
-    return y.repeat(cfg.K, 1, 1, 1) - x
+    d = y.repeat(cfg.K, 1, 1, 1) - x  # (K*B, C, H, W), path-major
+    h = d.square().sum(1).sqrt()  # Eq. (29)
+    if edges:
+        h = h + sobel(d).square().sum(1).sqrt()
+    m, acc = aggregator_rank(cfg.aggregator, cfg.K), None
+    for hk in h.view(cfg.K, B, H, W):
+        acc = fold_path(acc, hk, m)
+    return path_aggregate(acc, m, cfg.K)
 
 
 def recon_heat(model, y, labels, cfg: ScoreConfig, places=None) -> torch.Tensor:
     """ReconFlow (App. C.2): the error map of y_hat after cfg.ode_steps Euler steps, (B, C, H, W) -> (B, H, W)."""
-    d = reconstruction_error(model, y, labels, cfg, places, cfg.ode_steps)
-    return aggregate_paths(d.square().sum(1).sqrt(), cfg.aggregator, cfg.K)  # Eq. (29): ||y - y_hat||_2 over channels
+    return reconstruction_error(model, y, labels, cfg, places, cfg.ode_steps)
 
 
 def onestep_heat(model, y, labels, cfg: ScoreConfig, places=None) -> torch.Tensor:
     """RADAR-style, reconstruction-free: one velocity at t0 gives the clean-image estimate y_hat = x_t + (1 - t) v
-    (on a straight path y = x_t + (1 - t)(y - x0), with v in place of y - x0), one Euler step of ReconFlow's ODE;
-    the map is ||y - y_hat||_2 plus the same norm of the difference of Sobel gradients, (B, C, H, W) -> (B, H, W)."""
-    d = reconstruction_error(model, y, labels, cfg, places, steps=1)
-    return aggregate_paths(d.square().sum(1).sqrt() + sobel(d).square().sum(1).sqrt(), cfg.aggregator, cfg.K)
+    (on a straight path y = x_t + (1 - t)(y - x0), with v in place of y - x0), one Euler step of ReconFlow's ODE,
+    and the Sobel gradients' term in the map, (B, C, H, W) -> (B, H, W)."""
+    return reconstruction_error(model, y, labels, cfg, places, 1, edges=True)
 
 
 def sobel(x: torch.Tensor) -> torch.Tensor:
