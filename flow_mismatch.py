@@ -695,10 +695,8 @@ class ScoreConfig(MethodConfig):
 
 def tile_grid(H: int, W: int, N: int, stride: int) -> list:
     """(top, left) of the N x N tiles covering an H x W image, stride apart, edge tiles at the border."""
-    def starts(L):
-        s = list(range(0, L - N + 1, stride))
-        return s if s[-1] == L - N else s + [L - N]
-    return [(top, left) for top in starts(H) for left in starts(W)]
+    tops, lefts = (sorted({*range(0, L - N + 1, stride), L - N}) for L in (H, W))
+    return [(top, left) for top in tops for left in lefts]
 
 
 def tile_window(N: int) -> torch.Tensor:
@@ -3116,20 +3114,19 @@ def explain_figure(e: dict, image: np.ndarray, mask, mean, std, shown: list, sha
     axes[-1].imshow(heat, cmap=COLOURS, alpha=0.55)
     top.colorbar(im, ax=axes[-2:], shrink=0.8, label="H").ax.tick_params(labelsize=7)
     hi = float(maps.max())
-    grid = middle.subplots(rows, cols, squeeze=False).flat
-    for j, ax in enumerate(grid):
-        if j >= T:
-            ax.remove()
-            continue
+    grid = list(middle.subplots(rows, cols, squeeze=False).flat)
+    for ax in grid[T:]:
+        ax.remove()
+    for j, ax in enumerate(grid[:T]):
         im = show(ax, maps[j], f"w·δ, t={e['t'][j]:.2f}\n{100 * share[j]:.0f}% of H", cmap=COLOURS, vmin=0, vmax=hi)
     middle.colorbar(im, ax=middle.axes, shrink=0.8, label="w(t) δ_t, one scale").ax.tick_params(labelsize=7)
     low, avg = e["spread"][aggregator].numpy(), e["spread"]["mean"].numpy()
     ts, top_value = f"t={e['t'][e['t_star']]:.2f}", float(avg.max())
     left, right = bottom.subfigures(1, 2, width_ratios=[3.4, max(2.0, width - 3.4)])
     trio = left.subplots(1, 3)
-    show(trio[0], low, f"δ_t, {aggregator} over K, {ts}", cmap=COLOURS, vmin=0, vmax=top_value)
-    show(trio[1], avg, f"δ_t, mean over K, {ts}", cmap=COLOURS, vmin=0, vmax=top_value)
-    im = show(trio[2], avg - low, f"mean - {aggregator}, {ts}", cmap=COLOURS, vmin=0, vmax=top_value)
+    for ax, a, what in zip(trio, (low, avg, avg - low), (f"δ_t, {aggregator} over K", "δ_t, mean over K",
+                                                          f"mean - {aggregator}")):
+        im = show(ax, a, f"{what}, {ts}", cmap=COLOURS, vmin=0, vmax=top_value)
     left.colorbar(im, ax=trio, shrink=0.8, label="δ_t").ax.tick_params(labelsize=7)
     ax = right.subplots()
     ax.plot(e["t"], maps.mean((1, 2)), "o-", ms=3, label="mean over pixels")
@@ -3375,12 +3372,10 @@ def bench_score(model: UNet, y, cfg: ScoreConfig, device, bc: BenchConfig, faste
         if v != "before":
             out.update({f"{v}_{task}_vs_before": best["before", task] / best[v, task] for task in tasks})
             out[f"{v}_max_abs_diff_vs_before"] = float((heats[v] - heats["before"]).abs().max())
-    for v, e in (("compiled", "eager"), (f"compiled_{other}", f"eager_{other}"), ("compiled_bf16w", "eager_bf16w"),
-                 ("graphs", "eager")):  # against eager, same precision and weights
-        if v in variants:
-            gain = best[e, "latency"] - best[v, "latency"]  # seconds saved per image
-            c = variants[v][0].compile_s
-            out.update({f"{v}_compile_s": c, f"{v}_pays_after_images": c / gain if gain > 0 else None})
+    for v, c in [(v, m.compile_s) for v, (m, _) in variants.items() if isinstance(m, Compiled)]:
+        e = "eager" + v.removeprefix("compiled").removeprefix("graphs")  # same precision and weights
+        gain = best[e, "latency"] - best[v, "latency"]  # seconds saved per image
+        out.update({f"{v}_compile_s": c, f"{v}_pays_after_images": c / gain if gain > 0 else None})
     if peak:
         out["fraction_of_bf16_peak"] = out["achieved_tflops"] / peak
     out.update(bf16_drift(heats, main))
@@ -3441,12 +3436,10 @@ def bench_train(model: UNet, y, device, bc: BenchConfig, fastest, out: dict) -> 
     batches = [len(y)]
     if device.type == "cuda":  # the largest batch that fits, by doubling
         b = len(y)
-        while True:
-            try:
+        with contextlib.suppress(torch.cuda.OutOfMemoryError):
+            while True:
                 steps(model, y[:1].expand(2 * b, -1, -1, -1).clone(), n=1)
-            except torch.cuda.OutOfMemoryError:
-                break
-            b *= 2
+                b *= 2
         torch.cuda.empty_cache()
         batches.append(b)
     out.update(layout=layout, batch=len(y), batches=batches)
