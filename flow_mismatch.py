@@ -3022,24 +3022,22 @@ def parity(archive, detector: Detector, cfg: ScoreConfig, images, label, cal, A)
     such ties are counted (on calibration images one image's score is the threshold itself)."""
     data = Dataset(images, torch.zeros(len(images), dtype=torch.long), [], [""] * len(images))
     heat, scores = score_dataset(detector.model, data, cfg, detector.mean, detector.std, detector.device, label)
-    batch = min(16, len(images))
-    figures = dict(images=len(images), batch=batch, map_max_rel_diff=0.0, score_max_rel_diff=0.0)
-    if cal is not None:
-        tau, decided = conformal_threshold(cal["maxima"], A), p_values(cal["scores"], scores.numpy()) <= A
-        figures.update(decisions_by_rule=True, labels_differing_at_ties=0, mask_pixels_differing_at_ties=0)
+    batch, runs = min(16, len(images)), []
     for b in (1, batch):
         got = [archive.run(images[i:i + b]) for i in range(0, len(images), b)]
-        got = {k: torch.cat([g[k] for g in got]) for k in got[0]}
-        h, s = got["anomaly_map"], got["pred_score"]
-        figures["map_max_rel_diff"] = max(figures["map_max_rel_diff"], float(
-            ((h - heat).abs().flatten(1).amax(1) / heat.flatten(1).amax(1)).max()))
-        figures["score_max_rel_diff"] = max(figures["score_max_rel_diff"], float(((s - scores).abs() / scores).max()))
-        if cal is not None:
-            p = p_values(cal["scores"], s.numpy())
-            figures["decisions_by_rule"] &= bool(np.array_equal(got["p_value"].numpy(), p) and np.array_equal(
-                got["pred_label"].numpy(), p <= A) and torch.equal(got["pred_mask"], h > tau))
-            figures["labels_differing_at_ties"] += int((torch.from_numpy(decided) != got["pred_label"]).sum())
-            figures["mask_pixels_differing_at_ties"] += int(((heat > tau) != got["pred_mask"]).sum())
+        runs.append({k: torch.cat([g[k] for g in got]) for k in got[0]})
+    got = {k: torch.stack([r[k] for r in runs]) for k in runs[0]}  # (2, N, ...): at batch 1, at `batch`
+    h, s = got["anomaly_map"], got["pred_score"]
+    figures = dict(images=len(images), batch=batch, map_max_rel_diff=float(
+        ((h - heat).abs().flatten(2).amax(2) / heat.flatten(1).amax(1)).max()),
+        score_max_rel_diff=float(((s - scores).abs() / scores).max()))
+    if cal is not None:
+        tau, p = conformal_threshold(cal["maxima"], A), p_values(cal["scores"], s.numpy())
+        decided = torch.from_numpy(p_values(cal["scores"], scores.numpy()) <= A)  # the scorer's decisions
+        same = np.array_equal(got["p_value"].numpy(), p) and np.array_equal(got["pred_label"].numpy(), p <= A)
+        figures.update(decisions_by_rule=same and torch.equal(got["pred_mask"], h > tau),
+                       labels_differing_at_ties=int((decided != got["pred_label"]).sum()),
+                       mask_pixels_differing_at_ties=int(((heat > tau) != got["pred_mask"]).sum()))
     agree = figures.get("decisions_by_rule", True)
     if max(figures["map_max_rel_diff"], figures["score_max_rel_diff"]) > 1e-5 or not agree:
         raise UserError(f"export: the archive disagrees with the scorer ({figures}); nothing written", status=1)
