@@ -81,11 +81,12 @@ import torch.nn.functional as F
 
 class UserError(Exception):
     """Reported as one line without a traceback; exit status 2 for bad input. keyword: the argument
-    at fault, named `keyword=` from Python and --keyword by the command line (see cli_line)."""
+    at fault, named `keyword=` from Python and --keyword by the command line (see cli_line); flag: the
+    flag a knob's check names, as "flag: message" for both."""
 
-    def __init__(self, message, status=2, keyword=None):
-        super().__init__(f"{keyword}=: {message}" if keyword else message)
-        self.status, self.keyword, self.message = status, keyword, message
+    def __init__(self, message, status=2, keyword=None, flag=None):
+        super().__init__(f"{keyword}=: {message}" if keyword else f"{flag}: {message}" if flag else message)
+        self.status, self.keyword, self.flag, self.message = status, keyword, flag, message
 
     def cli_line(self) -> str:
         return f"--{self.keyword.replace('_', '-')}: {self.message}" if self.keyword else str(self)
@@ -115,21 +116,21 @@ def check_knob(f, value, flag=None):
     if value is None and f.default is None:  # not set
         return value
     if isinstance(value, tuple) != isinstance(f.default, tuple):
-        raise UserError(f"{flag}: {value!r} is not {'a tuple' if isinstance(f.default, tuple) else 'one value'}")
+        raise UserError(f"{value!r} is not {'a tuple' if isinstance(f.default, tuple) else 'one value'}", flag=flag)
     for v in value if isinstance(value, tuple) else (value,):
         ok = isinstance(v, (int, float) if m["kind"] is float else m["kind"])
         if not ok or (isinstance(v, bool) and m["kind"] is not bool):
-            raise UserError(f"{flag}: {v!r} is not {KIND_NAMES[m['kind']]}")
+            raise UserError(f"{v!r} is not {KIND_NAMES[m['kind']]}", flag=flag)
         if m.get("choices") and v not in m["choices"]:
-            raise UserError(f"{flag}: {v!r} is not one of {', '.join(m['choices'])}")
+            raise UserError(f"{v!r} is not one of {', '.join(m['choices'])}", flag=flag)
         if not all(ok(v, b) for op, b in m.get("bounds", {}).items() for _, ok in [BOUNDS[op]]):
             rule = " and ".join(f"{BOUNDS[op][0]} {b}" for op, b in m["bounds"].items())
-            raise UserError(f"{flag}: must be {rule}, got {v}")
+            raise UserError(f"must be {rule}, got {v}", flag=flag)
         try:
             if m["check"]:
                 m["check"](v)
         except ValueError as e:  # the check says why; the flag is named here, once
-            raise UserError(f"{flag}: {e}")
+            raise UserError(str(e), flag=flag)
     return value
 
 
@@ -651,11 +652,11 @@ class TrainConfig:
         for flag, size in (("--image-size", self.image_size), ("--tile", self.tile or factor)):
             if size % factor:
                 below = factor * max(1, size // factor)
-                raise UserError(f"{flag}: {size} is not a positive multiple of {factor}, the total "
-                                f"downsampling of preset {self.preset} ({below} or {below + factor} would work)")
+                raise UserError(f"{size} is not a positive multiple of {factor}, the total downsampling of preset "
+                                f"{self.preset} ({below} or {below + factor} would work)", flag=flag)
         for flag, value, default in (("--tile-scale", self.tile_scale, 1.0), ("--tile-grid", self.tile_grid, 0)):
             if value != default and not self.tile:
-                raise UserError(f"{flag}: give it with --tile N")
+                raise UserError("give it with --tile N", flag=flag)
 
 
 def train_config(preset="paper", **overrides) -> TrainConfig:
@@ -1519,8 +1520,7 @@ def check_checkpoint(ckpt: dict, at: str) -> None:
     try:  # its __post_init__ checks each field as its flag is checked, then the checks between fields
         TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["train_config"].items()})
     except UserError as e:
-        flag, why = str(e).split(": ", 1)
-        raise UserError(f"{at}: key 'train_config' field '{flags.get(flag, flag)}': {why}")
+        raise UserError(f"{at}: key 'train_config' field '{flags.get(e.flag, e.flag)}': {e.message}")
     check_model_config(ckpt, at)
     for name, record in ckpt.get("held_out", {}).items():
         paths, hashes = (record.get(k) if isinstance(record, dict) else None for k in ("paths", "sha256"))
@@ -2798,8 +2798,9 @@ def check_archive(path) -> dict:
             raise UserError(refuse % name)
     try:
         meta = json.loads(entries["extra/metadata.json"])
-        assert meta["format"] == EXPORT_FORMAT
-    except Exception:
+        if meta["format"] != EXPORT_FORMAT:
+            raise ValueError(meta["format"])
+    except (KeyError, TypeError, ValueError):
         raise UserError(f"--ckpt: {path} is not a flow-mismatch export (no metadata.json of format "
                         f"{EXPORT_FORMAT!r}); write one with: export --ckpt RUN/ckpt.pt")
     return meta
@@ -2948,9 +2949,9 @@ def parity(archive, detector: Detector, cfg: ScoreConfig, images, label, cal, A)
         runs.append({k: torch.cat([g[k] for g in got]) for k in got[0]})
     got = {k: torch.stack([r[k] for r in runs]) for k in runs[0]}  # (2, N, ...): at batch 1, at `batch`
     h, s = got["anomaly_map"], got["pred_score"]
-    figures = dict(images=len(images), batch=batch, map_max_rel_diff=float(
-        ((h - heat).abs().flatten(2).amax(2) / heat.flatten(1).amax(1)).max()),
-        score_max_rel_diff=float(((s - scores).abs() / scores).max()))
+    figures = dict(images=len(images), batch=batch, map_max_rel_diff=float(  # an all-zero map: 0 / tiny, not 0 / 0
+        ((h - heat).abs().flatten(2).amax(2) / heat.flatten(1).amax(1).clamp_min(1e-30)).max()),
+        score_max_rel_diff=float(((s - scores).abs() / scores.abs().clamp_min(1e-30)).max()))
     if cal is not None:
         tau, p = conformal_threshold(cal["maxima"], A), p_values(cal["scores"], s.numpy())
         decided = torch.from_numpy(p_values(cal["scores"], scores.numpy()) <= A)  # the scorer's decisions
@@ -2959,7 +2960,7 @@ def parity(archive, detector: Detector, cfg: ScoreConfig, images, label, cal, A)
                        labels_differing_at_ties=int((decided != got["pred_label"]).sum()),
                        mask_pixels_differing_at_ties=int(((heat > tau) != got["pred_mask"]).sum()))
     agree = figures.get("decisions_by_rule", True)
-    if max(figures["map_max_rel_diff"], figures["score_max_rel_diff"]) > 1e-5 or not agree:
+    if not (figures["map_max_rel_diff"] <= 1e-5 and figures["score_max_rel_diff"] <= 1e-5 and agree):  # NaN fails
         raise UserError(f"export: the archive disagrees with the scorer ({figures}); nothing written", status=1)
     return figures
 

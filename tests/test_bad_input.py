@@ -269,6 +269,8 @@ EDITS = {  # id: (edit of the loaded checkpoint, what the one line must name)
     "image_size 0": (lambda c: c["train_config"].update(image_size=0), "field 'image_size': must be >= 1"),
     "image_size abc": (lambda c: c["train_config"].update(image_size="abc"), "field 'image_size': 'abc' is not"),
     "tile -8": (lambda c: c["train_config"].update(tile=-8), "field 'tile': must be >= 0"),
+    "tile_scale untiled": (lambda c: c["train_config"].update(tile=0, tile_scale=0.5),
+                           "field 'tile_scale': give it with --tile N"),
     "lr inf": (lambda c: c["train_config"].update(lr=math.inf), "'train_config.lr'"),
     "preset other": (lambda c: c["train_config"].update(preset="huge"), "field 'preset': 'huge' is not one of"),
     "in_channels 1": (lambda c: c["model_config"].update(in_channels=1), "field 'in_channels'"),

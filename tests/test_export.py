@@ -3,6 +3,7 @@ or how it is called, and the exported archive gives `score --alarm-rate`'s numbe
 
 import csv
 import json
+import math
 import os
 import pickle
 import shutil
@@ -154,6 +155,40 @@ def test_an_archive_with_pickled_entries_is_refused_before_anything_is_loaded(ex
     with pytest.raises(fm.UserError, match="refused"):
         fm.load(bad)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("metadata", ['{"format": "other"}', '["a list"]', "not json"])
+def test_an_archive_of_another_format_is_refused_even_under_python_O(exported, tmp_path, metadata):
+    """The format check is a test of ours, not an assert: `python -O` (which drops asserts) refuses too."""
+    archive, _ = exported
+    bad = tmp_path / "other.pt2"
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, metadata if item.filename.endswith("extra/metadata.json") else src.read(item))
+    run = subprocess.run([sys.executable, "-O", "-c", f"import flow_mismatch as fm; fm.load({str(bad)!r})"],
+                         capture_output=True, text=True, cwd=Path(fm.__file__).parent)
+    assert run.returncode == 1 and "UserError" in run.stderr and "is not a flow-mismatch export" in run.stderr
+
+
+class NaNMaps:
+    """An archive whose maps came out NaN (a broken kernel): parity must refuse it, not pass it."""
+
+    def __init__(self, archive):
+        self.archive = archive
+
+    def run(self, images):
+        out = self.archive.run(images)
+        return {**out, "anomaly_map": torch.full_like(out["anomaly_map"], math.nan)}
+
+
+def test_parity_refuses_an_archive_whose_maps_are_nan(calibrated, exported):
+    ckpt, new = calibrated
+    detector, images = fm.load(ckpt, "cpu"), fm.uint8_batch([a for a, _ in fm._load(fm.image_files(new), 16)])
+    archive = NaNMaps(fm.load(exported[0]))
+    label = fm.category_label(detector.ckpt, "weave")
+    with pytest.raises(fm.UserError, match="disagrees") as e:
+        fm.parity(archive, detector, RULE, images, label, None, None)
+    assert e.value.status == 1
 
 
 @pytest.mark.skipif(not os.environ.get("FM_INDUCTOR_TESTS"),
