@@ -1855,15 +1855,19 @@ def match_masks(images: list, folder: Path) -> list:
             index[p.name] = image_files(p)
         elif p.suffix.lower() in IMAGE_EXTS:
             index.setdefault(p.stem[:-5] if p.stem.lower().endswith("_mask") else p.stem, [p])
+
+    def first(name):  # a mask of this name, or its folder when that is empty (MVTec LOCO)
+        return (index[name] or [folder / name])[0]
+
     for f in images:
         near = [k for k in index if k.lower() == f.stem.lower()]
         if f.stem in index:
             out.append(index[f.stem])
         elif len(near) > 1:
-            raise UserError(f"{f}: no mask of exactly its name, and two up to case: {index[near[0]][0]}, "
-                            f"{index[near[1]][0]}")
+            raise UserError(f"{f}: no mask of exactly its name, and two up to case: {first(near[0])}, "
+                            f"{first(near[1])}")
         elif near and near[0] in by_name:
-            raise UserError(f"{f}: no mask of exactly its name; {index[near[0]][0]} is the mask of "
+            raise UserError(f"{f}: no mask of exactly its name; {first(near[0])} is the mask of "
                             f"{by_name[near[0]]}, not of both")
         else:
             out.append(index[near[0]] if near else [])

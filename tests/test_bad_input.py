@@ -909,6 +909,15 @@ def test_masks_match_their_image_by_exact_name_then_by_a_unique_name_up_to_case(
         fm.find_categories(cat)
 
 
+def test_two_mask_folders_up_to_case_one_empty_are_one_line_naming_both(tmp_path):
+    """MVTec LOCO keeps an image's masks in a folder <name>/; an empty one is named, not indexed into."""
+    gt = tmp_path / "ground_truth"
+    (gt / "Ab").mkdir(parents=True)
+    write_png(gt / "aB" / "000.png", 255)
+    with pytest.raises(fm.UserError, match=r"ab\.png: no mask of exactly its name, and two up to case: .*Ab, .*aB"):
+        fm.match_masks([tmp_path / "x" / "ab.png"], gt)
+
+
 def test_float_images_are_read_by_their_range(tmp_path, capsys):
     ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     Image.fromarray(ramp, mode="F").save(tmp_path / "unit.tif")
