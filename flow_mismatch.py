@@ -2386,10 +2386,10 @@ def map_names(category: str, path) -> tuple:
     other test/ layouts; no mask); anomaly_images/<category>/<split>/<good|bad>/<name>.tiff and
     anomaly_images_thresholded/.../<name>.png (MVTec AD 2, split test_public)."""
     p = Path(os.path.abspath(path))
-    rel = Path(category, p.parent.parent.name, p.parent.name, p.stem)
+    rel = Path(category, p.parent.parent.name, p.parent.name)  # then the image's stem, dots and all, and a suffix
     if p.parent.parent.name.startswith("test_"):  # MVTec AD 2: test_public, test_private, test_private_mixed
-        return Path("anomaly_images", rel).with_suffix(".tiff"), Path("anomaly_images_thresholded", rel).with_suffix(".png")
-    return rel.with_suffix(".tiff"), None
+        return Path("anomaly_images", rel, p.stem + ".tiff"), Path("anomaly_images_thresholded", rel, p.stem + ".png")
+    return rel / (p.stem + ".tiff"), None
 
 
 def map_tops(names, threshold=None) -> dict:

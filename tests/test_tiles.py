@@ -166,6 +166,9 @@ def test_map_names_follow_the_official_layouts(tmp_path):
     tiff, png = fm.map_names("can", tmp_path / "can/test_public/bad/003_regular.png")
     assert tiff == fm.Path("anomaly_images/can/test_public/bad/003_regular.tiff")
     assert png == fm.Path("anomaly_images_thresholded/can/test_public/bad/003_regular.png")
+    # a dot in the name stays: the evaluation looks for <image stem>.tiff, not a name cut at the dot
+    assert fm.map_names("pill", tmp_path / "pill/test/crack/v1.2.png")[0] == fm.Path("pill/test/crack/v1.2.tiff")
+    assert fm.map_names("can", tmp_path / "can/test_public/bad/a.b.png")[1].name == "a.b.png"
 
 
 def test_written_maps_have_the_original_size_and_reopen_with_the_same_values(tmp_path):
