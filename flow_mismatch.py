@@ -2530,9 +2530,10 @@ def run_sweep(ckpt_paths, data_root, out: Path, base: ScoreConfig, grid: dict, d
         rank, world, local_rank = distributed()
         device = pick_device(device, local_rank)
         rows, tests = [], {}
+        for path in ckpt_paths:  # each checkpoint and its --stride checked before the first is scored
+            load(path, "cpu").fit(base)  # (the grid never varies --stride)
         for path in ckpt_paths:
             detector = load(path, device, compile)
-            detector.fit(base)  # grid never varies --stride
             size = detector.geometry
             if size not in tests:
                 tests[size] = load_test(data_root, *size)

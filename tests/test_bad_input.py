@@ -809,6 +809,17 @@ def test_a_stride_beyond_the_tile_is_one_line_before_any_image_is_read(tiled, mv
     assert fm.load(tiled, "cpu").fit(fm.ScoreConfig(stride=8)).stride == 8  # the tile itself is a stride
 
 
+def test_an_ablation_checks_every_checkpoint_before_it_scores_the_first(trained, tiled, mvtec, tmp_path, monkeypatch,
+                                                                         capsys):
+    nothing_read(monkeypatch, checkpoints=False)
+    ablation = ["test", "--ckpt", str(trained), "--data", str(mvtec), "--out", str(tmp_path / "o")]
+    line = refused(lambda: fm.main([*ablation, "--ckpt", str(tiled), "--stride", "9"]), capsys)
+    assert line == "--stride: 9 must be from 1 to the tile size 8 (0: half a tile), or pixels go unscored"
+    line = refused(lambda: fm.main([*ablation, "--ckpt", str(tmp_path / "missing.pt")]), capsys)
+    assert "missing.pt" in line
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("call", [
     lambda ck, d, o: fm.main(["test", "--ckpt", str(ck), "--data", str(d), "--out", str(o), "--aggregator",
                               "quantile:2"]),
