@@ -3540,6 +3540,12 @@ def image_chunks(images, chunk: int, geometry, skip=False, progress=None):
                       sizes=[s for (_, s), _ in read])
 
 
+def check_chunk(chunk) -> int:
+    if type(chunk) is not int or chunk < 1:
+        raise UserError(f"chunk: images scored at a time must be a positive integer, got {chunk!r}")
+    return chunk
+
+
 class Detector:
     """A trained model ready to score, from fm.load(ckpt): in eval mode on its device, with its
     categories, training normalisation and size, and its calibration."""
@@ -3564,9 +3570,8 @@ class Detector:
         scored, so memory does not grow with the number of images; data: the chunk at the model's
         size, heat: its maps there, as score_dataset returns them. With skip, an unreadable file is
         named and left out. Every argument is checked by this call, before any image is read."""
-        if type(chunk) is not int or chunk < 1:
-            raise UserError(f"chunk: images scored at a time must be a positive integer, got {chunk!r}")
         A, cfg = check_knob(ALARM_RATE, alarm_rate), self.fit(ScoreConfig(**overrides))
+        check_chunk(chunk)
         label = category_label(self.ckpt, category)
         cal = None if A is None else calibration_of(self.ckpt, category, cfg, self.path, A)
         return (self.predicted(data, progress, A, cfg, label, cal)
@@ -3616,16 +3621,19 @@ class Archive(Detector):
     def stream(self, images, category=None, alarm_rate=None, chunk=32, skip=False, progress=None, **overrides):
         """As Detector.stream, by the program; a category, rule or alarm rate other than the archive's is refused."""
         meta, flags, A = self.meta, {f.name: f for f in fields(ScoreConfig)}, check_knob(ALARM_RATE, alarm_rate)
+        check_chunk(chunk)
+        ScoreConfig(**overrides)  # every value checked as its flag is
         if category not in (None, meta["category"]):
             raise UserError(f"--category: {self.path} scores {meta['category']} only")
         if A is not None and A != meta["alarm_rate"]:
             raise UserError(f"--alarm-rate: {self.path} decides at " + (
                 f"{meta['alarm_rate']}, fixed when it was exported" if meta["alarm_rate"] else
                 "no rate: export it with --alarm-rate"))
-        for f in EXPORT_RULE:
-            if f in overrides and overrides[f] != meta["rule"][f]:
+        for f in (*EXPORT_RULE, "smooth"):  # what changes its numbers; it holds no smoothing
+            fixed = meta["rule"].get(f, getattr(ScoreConfig, f))
+            if f in overrides and overrides[f] != fixed:
                 flag = flag_of(flags[f])
-                raise UserError(f"{flag}: {self.path} scores with {flag} {meta['rule'][f]}, fixed when it was exported")
+                raise UserError(f"{flag}: {self.path} scores with {flag} {fixed}, fixed when it was exported")
         return (self.predicted(data, progress, A)
                 for data in image_chunks(images, chunk, self.geometry, skip, progress))
 

@@ -170,6 +170,16 @@ def test_an_archive_of_another_format_is_refused_even_under_python_O(exported, t
     assert run.returncode == 1 and "UserError" in run.stderr and "is not a flow-mismatch export" in run.stderr
 
 
+@pytest.mark.parametrize("kwargs, flag", [(dict(smooth=2.0), "--smooth"), (dict(K=3), "-K"), (dict(chunk=0), "chunk"),
+                                          (dict(ode_steps=0), "--ode-steps")])
+def test_an_archive_refuses_what_it_would_not_do_before_any_image_is_read(exported, tmp_path, kwargs, flag):
+    """An archive holds one rule and no smoothing: a different rule, a smoothing it would silently skip, or a
+    bad value of any flag is one line naming the flag, from the call itself (no image is read: none exists)."""
+    with pytest.raises(fm.UserError) as e:
+        fm.load(exported[0]).stream([tmp_path / "absent.png"], **kwargs)
+    assert str(e.value).startswith(flag + ":"), e.value
+
+
 class NaNMaps:
     """An archive whose maps came out NaN (a broken kernel): parity must refuse it, not pass it."""
 
