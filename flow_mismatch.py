@@ -2194,6 +2194,9 @@ def overlay_name(path) -> str:
     (test/scratch/000.png -> scratch/000.png.png), so a.png and a.jpg, or the 000.png of two defect
     folders, never share one; from the absolute path, so `..` never leads out."""
     p = Path(os.path.abspath(path))
+    name = os.fsencode(p.name)
+    if len(name) > 250:  # a file name holds 255 bytes, with .tiff too: a longer one keeps its start and a digest
+        return str(Path(p.parent.name, os.fsdecode(name[:200]) + "~" + hashlib.sha256(name).hexdigest()[:16] + ".png"))
     return str(Path(p.parent.name, p.name + ".png"))
 
 

@@ -477,6 +477,19 @@ def test_a_long_input_name_scores_and_its_temp_names_stay_within_the_limit(train
     assert (tmp_path / "out" / "maps" / "line" / (long.name + ".tiff")).is_file()
 
 
+def test_input_names_too_long_for_an_overlay_name_score_each_under_a_name_of_its_own(trained, tmp_path, mvtec, capsys):
+    """A name of 255 bytes, the most a file system allows, would overflow with .png or .tiff added: it is
+    kept to its first 200 bytes and a digest of the whole, so two that differ only at the end stay apart."""
+    line = tmp_path / "line"
+    line.mkdir()
+    for end in "ab":
+        shutil.copy(mvtec / "grid" / "test" / "good" / "000.png", line / ("y" * 250 + end + ".png"))
+    rc, err = cli(["score", "--ckpt", trained, line, "--out", tmp_path / "out", "--category", "grid", *K1], capsys)
+    assert rc == 0, err
+    maps = sorted(p.name for p in (tmp_path / "out" / "maps" / "line").iterdir())
+    assert len(maps) == 2 and all(m.startswith("y" * 200 + "~") and m.endswith(".tiff") for m in maps), maps
+
+
 # Further cases of the same principles -------------------------------------------------------------
 
 def test_an_output_hard_linked_to_the_users_file_is_replaced_without_touching_it(trained, tmp_path, mvtec, victim,
